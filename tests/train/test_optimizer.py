@@ -1,0 +1,148 @@
+"""The two-group optimizer: regex labelling, coverage errors, per-group schedules and freezing."""
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+
+from ki.train import optimizer
+
+
+def _params():
+  """A hand-made tree with the names of every kind of pi0.5 parameter."""
+  z = lambda *shape: jnp.ones(shape, jnp.float32)
+  return {
+    "PaliGemma": {
+      "img": {
+        "embedding": {"kernel": z(2, 2, 3, 4)},
+        "Transformer": {"encoderblock": {"MlpBlock_0": {"Dense_1": {"kernel": z(2, 4, 4)}}}},
+      },
+      "llm": {
+        "embedder": {"input_embedding": z(16, 4)},
+        "final_norm": {"scale": z(4)},
+        "final_norm_1": {"Dense_0": {"kernel": z(4, 12)}},
+        "layers": {
+          "attn": {"q_einsum": {"w": z(2, 1, 4, 4)}, "q_einsum_1": {"w": z(2, 1, 4, 4)}},
+          "mlp": {"linear": z(2, 8, 4)},
+          "mlp_1": {"linear": z(2, 8, 4)},
+        },
+      },
+    },
+    "action_in_proj": {"kernel": z(8, 4), "bias": z(4)},
+    "action_out_proj": {"kernel": z(4, 8), "bias": z(8)},
+    "time_mlp_in": {"kernel": z(4, 4)},
+    "time_mlp_out": {"kernel": z(4, 4)},
+  }
+
+
+def _group(**overrides):
+  settings = dict(
+    peak_lr=1e-2, warmup_steps=2, decay_steps=10, end_lr=1e-3, b1=0.9, b2=0.95, eps=1e-8,
+    weight_decay=0.0, clip_norm=1.0, frozen=False,
+  )
+  settings.update(overrides)
+  return settings
+
+
+def _config(vlm=None, expert=None, rules=optimizer.PI05_GROUP_RULES):
+  return ml_collections.ConfigDict(dict(
+    group_rules=rules,
+    groups=dict(vlm=vlm or _group(), action_expert=expert or _group()),
+  ))
+
+
+def test_pi05_rules_split_expert_from_vlm():
+  labels = dict(optimizer.named_leaves(optimizer.label_params(_params(), optimizer.PI05_GROUP_RULES)))
+  assert labels["PaliGemma/llm/layers/attn/q_einsum_1/w"] == "action_expert"
+  assert labels["PaliGemma/llm/final_norm_1/Dense_0/kernel"] == "action_expert"
+  assert labels["PaliGemma/llm/layers/mlp_1/linear"] == "action_expert"
+  assert labels["action_in_proj/bias"] == "action_expert"
+  assert labels["time_mlp_out/kernel"] == "action_expert"
+  assert labels["PaliGemma/llm/layers/attn/q_einsum/w"] == "vlm"
+  assert labels["PaliGemma/llm/embedder/input_embedding"] == "vlm"
+  assert labels["PaliGemma/llm/final_norm/scale"] == "vlm"
+  # SigLIP's Dense_1 ends in "_1" but is part of the VLM.
+  assert labels["PaliGemma/img/Transformer/encoderblock/MlpBlock_0/Dense_1/kernel"] == "vlm"
+
+
+def test_pi05_rules_cover_the_openpi_checkpoint_layout():
+  rows = open("/work/shared/reference/openpi_pi05_params.tsv").read().splitlines()
+  names = [r.split("\t")[0] for r in rows if r and not r.startswith("#") and not r.startswith("path")]
+  tree = {}
+  for name in names:
+    node = tree
+    *parents, leaf = name.split("/")
+    for p in parents:
+      node = node.setdefault(p, {})
+    node[leaf] = 0
+  labels = dict(optimizer.named_leaves(optimizer.label_params(tree, optimizer.PI05_GROUP_RULES)))
+  expert = sorted(n for n, g in labels.items() if g == "action_expert")
+  assert len(labels) == len(names) == 51
+  assert all("_1/" in n or n.split("/")[0] in ("action_in_proj", "action_out_proj",
+             "time_mlp_in", "time_mlp_out") for n in expert)
+  assert all(n.startswith("PaliGemma/") for n, g in labels.items() if g == "vlm")
+
+
+def test_uncovered_parameter_is_named_in_the_error():
+  params = _params()
+  params["new_head"] = {"kernel": jnp.ones((2,))}
+  with pytest.raises(ValueError, match="new_head/kernel"):
+    optimizer.label_params(params, optimizer.PI05_GROUP_RULES)
+
+
+def test_rule_matching_nothing_is_an_error():
+  with pytest.raises(ValueError, match="nothing_here"):
+    optimizer.label_params(_params(), [("nothing_here", "vlm"), (".*", "vlm")])
+
+
+def test_first_matching_rule_wins():
+  tree = {"a": {"b": 1.0}, "c": 1.0}
+  labels = optimizer.label_params(tree, [("a/.*", "first"), (".*", "second")])
+  assert labels == {"a": {"b": "first"}, "c": "second"}
+
+
+def test_frozen_group_gets_zero_updates_and_other_group_moves():
+  params = _params()
+  tx, labels, schedules = optimizer.make_optimizer(_config(vlm=_group(frozen=True)), params)
+  state = tx.init(params)
+  grads = jax.tree.map(jnp.ones_like, params)
+  updates, _ = tx.update(grads, state, params)
+  names = dict(optimizer.named_leaves(labels))
+  for name, update in optimizer.named_leaves(updates):
+    if names[name] == "vlm":
+      np.testing.assert_array_equal(update, 0.0)
+    else:
+      assert np.all(np.asarray(update) < 0), name
+  assert float(schedules["vlm"](5)) == 0.0
+
+
+def test_each_group_follows_its_own_schedule():
+  params = {"PaliGemma": {"w": jnp.zeros(3)}, "action_in_proj": {"kernel": jnp.zeros(3)}}
+  rules = (("action_in_proj/.*", "action_expert"), ("PaliGemma/.*", "vlm"))
+  config = _config(vlm=_group(peak_lr=1e-1, clip_norm=None), expert=_group(peak_lr=1e-3,
+                   clip_norm=None), rules=rules)
+  tx, _, schedules = optimizer.make_optimizer(config, params)
+  # After warmup the schedule is at peak; Adam's first step moves each weight by ~lr.
+  np.testing.assert_allclose(schedules["vlm"](2), 1e-1, rtol=1e-6)
+  np.testing.assert_allclose(schedules["action_expert"](2), 1e-3, rtol=1e-6)
+  np.testing.assert_allclose(schedules["vlm"](10), 1e-3, rtol=1e-6)
+  state = tx.init(params)
+  updates, _ = tx.update(jax.tree.map(jnp.ones_like, params), state, params)
+  np.testing.assert_allclose(updates["PaliGemma"]["w"], -1e-1 / 3, rtol=1e-4)
+  np.testing.assert_allclose(updates["action_in_proj"]["kernel"], -1e-3 / 3, rtol=1e-4)
+
+
+def test_group_without_settings_is_an_error():
+  config = _config()
+  del config.groups["action_expert"]
+  with pytest.raises(ValueError, match="action_expert"):
+    optimizer.make_optimizer(config, _params())
+
+
+def test_group_norms_split_by_label():
+  params = {"PaliGemma": {"w": jnp.full(4, 3.0)}, "action_in_proj": {"kernel": jnp.full(1, 2.0)}}
+  labels = optimizer.label_params(params, optimizer.PI05_GROUP_RULES[:1] + (("PaliGemma/.*", "vlm"),))
+  norms = optimizer.group_norms(params, labels)
+  np.testing.assert_allclose(norms["vlm"], 6.0)
+  np.testing.assert_allclose(norms["action_expert"], 2.0)
