@@ -255,6 +255,24 @@ def _text(value) -> str:
   return value.decode("utf-8") if isinstance(value, bytes) else str(value)
 
 
+def _stack_steps(steps) -> dict[str, Any]:
+  """TFDS's numpy decoding gives an episode's steps as a sequence of step dicts; stack them into
+  one dict of [T, ...] arrays (text and JPEG fields stay lists of bytes)."""
+  steps = [steps[i] for i in range(len(steps))]
+  if not steps:
+    return {}
+
+  def stack(values):
+    first = values[0]
+    if isinstance(first, dict):
+      return {key: stack([value[key] for value in values]) for key in first}
+    if isinstance(first, bytes):
+      return values
+    return np.stack(values)
+
+  return stack(steps)
+
+
 def _rlds_decoders():
   import tensorflow_datasets as tfds
 
@@ -288,6 +306,8 @@ class RldsEpisodeToFrames:
     if not droid.is_success(file_path):
       return []
     steps = episode["steps"]
+    if not isinstance(steps, dict):
+      steps = _stack_steps(steps)
     observation, action_dict = steps["observation"], steps["action_dict"]
     length = len(steps["is_first"])
     if self.keep_ranges is not None:
