@@ -228,14 +228,15 @@ class Pi05Tokenizer:
     if length > self.max_token_len:
       self.num_dropped += 1
       return None
-    padding = self.max_token_len - length
+    tokens = np.zeros(self.max_token_len, np.int32)  # Right-padded with 0.
+    tokens[:length] = prefix + postfix
+    positions = np.arange(self.max_token_len)
+    is_postfix = (positions >= len(prefix)) & (positions < length)
     return {
-      "tokenized_prompt": np.asarray(prefix + postfix + [0] * padding, np.int32),
-      "tokenized_prompt_mask": np.arange(self.max_token_len) < length,
-      "token_ar_mask": np.asarray([0] * len(prefix) + [1] * len(postfix) + [0] * padding, np.int32),
-      "token_loss_mask": np.asarray(
-        [False] * len(prefix) + [True] * len(postfix) + [False] * padding, bool
-      ),
+      "tokenized_prompt": tokens,
+      "tokenized_prompt_mask": positions < length,
+      "token_ar_mask": is_postfix.astype(np.int32),
+      "token_loss_mask": is_postfix,
     }
 
   def fast_postfix(self, actions: np.ndarray) -> list[int]:
