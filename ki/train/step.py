@@ -1,0 +1,125 @@
+"""The pure train step: one forward for both losses, optional gradient accumulation, per-group
+gradient/update norms.
+
+`train_step` is a module-level function of (settings, tx, labels, schedules, state, batch); the
+trainer binds the first four with functools.partial and jits it once with explicit shardings and
+a donated state. Everything that branches (accumulation, EMA, loss weights) is fixed by the
+settings at trace time.
+"""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from ki.model import pi05
+from ki.train import optimizer as optimizer_lib
+from ki.train.state import TrainState
+
+
+@dataclasses.dataclass(frozen=True)
+class StepSettings:
+  """What the step needs from the experiment config (hashable, so it can be static)."""
+
+  model: pi05.Config
+  # total = flow_weight * flow_mse + fast_weight * fast_ce per example, averaged over the batch.
+  # The KI paper uses 1 and 1 (alpha = 1 once the stop-gradient insulates the VLM).
+  flow_weight: float = 1.0
+  fast_weight: float = 1.0
+  # The batch is split into this many micro-batches whose gradients are averaged.
+  grad_accum_steps: int = 1
+  ema_decay: float | None = None
+
+
+def _masked_mean(values: jax.Array, mask: jax.Array) -> jax.Array:
+  """Mean of values [B] over examples where mask [B] is True (0 when none)."""
+  mask = mask.astype(jnp.float32)
+  return jnp.sum(values * mask) / jnp.maximum(jnp.sum(mask), 1.0)
+
+
+def loss_and_metrics(params, settings: StepSettings, batch, rng, *, train: bool):
+  """Total loss (scalar) and its terms for one (micro-)batch.
+
+  The logged terms are averaged over the examples they apply to: flow_mse over examples with
+  actions, fast_ce / fast_accuracy over examples with any loss token (FAST or co-training text).
+  """
+  observation = pi05.Observation.from_dict(batch)
+  losses = pi05.compute_losses(params, settings.model, observation, batch["actions"], rng,
+                               train=train)
+  per_example = settings.flow_weight * losses["flow_mse"] + settings.fast_weight * losses["fast_ce"]
+  has_tokens = jnp.any(batch["token_loss_mask"], axis=-1)
+  metrics = {
+    "loss": jnp.mean(per_example),
+    "flow_mse": _masked_mean(losses["flow_mse"], batch["has_actions"]),
+    "fast_ce": _masked_mean(losses["fast_ce"], has_tokens),
+    "fast_accuracy": _masked_mean(losses["fast_accuracy"], has_tokens),
+  }
+  return metrics["loss"], metrics
+
+
+def _split_micro_batches(batch, num: int):
+  """[B, ...] -> [num, B / num, ...], micro-batch i holding examples i, i + num, ...
+
+  Taking every num-th example keeps each device's rows on that device: a device's contiguous
+  block of B rows becomes a contiguous block along the second axis, so no data moves.
+  """
+  def split(x):
+    x = x.reshape(x.shape[0] // num, num, *x.shape[1:])
+    return jnp.swapaxes(x, 0, 1)
+
+  return jax.tree.map(split, batch)
+
+
+def _grads_and_metrics(params, settings: StepSettings, batch, rng):
+  grad_fn = jax.grad(loss_and_metrics, has_aux=True)
+  if settings.grad_accum_steps == 1:
+    return grad_fn(params, settings, batch, rng, train=True)
+
+  micro_batches = _split_micro_batches(batch, settings.grad_accum_steps)
+
+  def accumulate(carry, xs):
+    index, micro_batch = xs
+    grads, metrics = grad_fn(params, settings, micro_batch, jax.random.fold_in(rng, index),
+                             train=True)
+    return jax.tree.map(jnp.add, carry, (grads, metrics)), None
+
+  zeros = jax.tree.map(jnp.zeros_like, params)
+  zero_metrics = jax.eval_shape(
+    lambda: grad_fn(params, settings, jax.tree.map(lambda x: x[0], micro_batches), rng,
+                    train=True)[1])
+  zero_metrics = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), zero_metrics)
+  indices = jnp.arange(settings.grad_accum_steps)
+  (grads, metrics), _ = jax.lax.scan(accumulate, (zeros, zero_metrics), (indices, micro_batches))
+  scale = 1.0 / settings.grad_accum_steps
+  return jax.tree.map(lambda x: x * scale, (grads, metrics))
+
+
+def train_step(settings: StepSettings, tx: optax.GradientTransformation, labels, schedules,
+               state: TrainState, batch) -> tuple[TrainState, dict]:
+  """One optimizer update. batch: the host-batch dict as global arrays [B, ...].
+
+  Returns the new state and scalar metrics: loss terms, learning rate, gradient and update norm
+  per optimizer group, global gradient norm, parameter norm.
+  """
+  rng = jax.random.fold_in(state.rng, state.step)
+  grads, metrics = _grads_and_metrics(state.params, settings, batch, rng)
+  updates, opt_state = tx.update(grads, state.opt_state, state.params)
+  params = optax.apply_updates(state.params, updates)
+
+  for group, norm in optimizer_lib.group_norms(grads, labels).items():
+    metrics[f"grad_norm/{group}"] = norm
+  for group, norm in optimizer_lib.group_norms(updates, labels).items():
+    metrics[f"update_norm/{group}"] = norm
+  for group, schedule in schedules.items():
+    metrics[f"learning_rate/{group}"] = schedule(state.step)
+  metrics["grad_norm"] = optax.global_norm(grads)
+  metrics["param_norm"] = optax.global_norm(params)
+
+  ema_params = state.ema_params
+  if settings.ema_decay is not None:
+    decay = settings.ema_decay
+    ema_params = jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p, ema_params, params)
+  new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state,
+                            ema_params=ema_params)
+  return new_state, metrics

@@ -1,0 +1,114 @@
+"""The pure train step: gradient accumulation mechanics, loss weighting, EMA, and the same losses
+on 1 device and on an 8-device (data=2, fsdp=4) mesh."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from ki.model import pi05
+from ki.train import optimizer, sharding, state as state_lib, step as step_lib
+
+from tests.train.fake_data import FakeIterator
+from tests.train.tiny import group_settings, tiny_model_config
+
+
+def _quadratic_losses(params, config, observation, actions, rng, *, train):
+  """A stand-in for pi05.compute_losses that ignores rng, so accumulation is exactly testable."""
+  del config, rng, train
+  x = observation.state
+  flow = jnp.sum(jnp.square(x @ params["action_in_proj"]["kernel"] - actions[:, 0]), axis=-1)
+  fast = jnp.sum(jnp.square(x * params["PaliGemma"]["w"]), axis=-1)
+  return {"flow_mse": flow * observation.has_actions, "fast_ce": fast,
+          "fast_accuracy": jnp.zeros_like(fast)}
+
+
+def _toy_setup(monkeypatch, **settings):
+  monkeypatch.setattr(pi05, "compute_losses", _quadratic_losses)
+  params = {"PaliGemma": {"w": jnp.linspace(0.5, 1.5, 8)},
+            "action_in_proj": {"kernel": jnp.eye(8) * 0.5}}
+  rules = (("action_in_proj/.*", "action_expert"), ("PaliGemma/.*", "vlm"))
+  config = ml_collections.ConfigDict(dict(
+    group_rules=rules, groups=dict(vlm=group_settings(), action_expert=group_settings())))
+  tx, labels, schedules = optimizer.make_optimizer(config, params)
+  state = state_lib.state_from_params(params, jax.random.PRNGKey(0), tx=tx,
+                                      use_ema=settings.get("ema_decay") is not None)
+  model = tiny_model_config()
+  step_settings = step_lib.StepSettings(model=model, **settings)
+  batch = FakeIterator(batch_size=8, action_dim=8, action_horizon=2, max_token_len=8,
+                       vocab_size=16, image_size=4, vlm_fraction=0.3, seed=1).batch(0)
+  step = jax.jit(functools.partial(step_lib.train_step, step_settings, tx, labels, schedules))
+  return step, state, batch
+
+
+def test_grad_accumulation_matches_one_big_batch(monkeypatch):
+  step, state, batch = _toy_setup(monkeypatch)
+  reference, reference_metrics = step(state, batch)
+  step4, state4, _ = _toy_setup(monkeypatch, grad_accum_steps=4)
+  accumulated, metrics = step4(state4, batch)
+  for a, b in zip(jax.tree.leaves(reference.params), jax.tree.leaves(accumulated.params)):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(metrics["loss"], reference_metrics["loss"], rtol=1e-5)
+  np.testing.assert_allclose(metrics["grad_norm/vlm"], reference_metrics["grad_norm/vlm"],
+                             rtol=1e-5)
+
+
+def test_loss_weights_and_logged_terms(monkeypatch):
+  step, state, batch = _toy_setup(monkeypatch, flow_weight=0.0, fast_weight=2.0)
+  _, metrics = step(state, batch)
+  losses = _quadratic_losses(state.params, None, pi05.Observation.from_dict(batch),
+                             batch["actions"], None, train=True)
+  np.testing.assert_allclose(metrics["loss"], 2.0 * np.mean(losses["fast_ce"]), rtol=1e-5)
+  # flow_mse is logged as the mean over robot examples only.
+  has_actions = batch["has_actions"]
+  np.testing.assert_allclose(metrics["flow_mse"], np.mean(losses["flow_mse"][has_actions]),
+                             rtol=1e-5)
+  # With flow_weight 0 the expert's only parameter gets no gradient.
+  assert float(metrics["grad_norm/action_expert"]) == 0.0
+  assert float(metrics["grad_norm/vlm"]) > 0.0
+  assert set(metrics) >= {"learning_rate/vlm", "update_norm/action_expert", "param_norm"}
+
+
+def test_ema_tracks_params(monkeypatch):
+  step, state, batch = _toy_setup(monkeypatch, ema_decay=0.5)
+  new_state, _ = step(state, batch)
+  expected = jax.tree.map(lambda old, new: 0.5 * old + 0.5 * new, state.params, new_state.params)
+  for a, b in zip(jax.tree.leaves(expected), jax.tree.leaves(new_state.ema_params)):
+    np.testing.assert_allclose(a, b, rtol=1e-6)
+  assert int(new_state.step) == 1
+
+
+def _run_tiny(mesh_config, devices, steps=2):
+  model = tiny_model_config()
+  config = ml_collections.ConfigDict(dict(
+    group_rules=optimizer.PI05_GROUP_RULES,
+    groups=dict(vlm=group_settings(), action_expert=group_settings())))
+  tx, labels, schedules = optimizer.make_optimizer(config, state_lib.abstract_params(model))
+  mesh = sharding.make_mesh(mesh_config, devices)
+  state, shardings = state_lib.create_train_state(model, tx, mesh, seed=0, use_ema=False,
+                                                  fsdp_min_size_bytes=0)
+  settings = step_lib.StepSettings(model=model)
+  step = jax.jit(functools.partial(step_lib.train_step, settings, tx, labels, schedules),
+                 in_shardings=(shardings, sharding.batch_sharding(mesh)),
+                 out_shardings=(shardings, sharding.replicated(mesh)), donate_argnums=0)
+  iterator = FakeIterator(batch_size=8, action_dim=model.action_dim, image_size=model.image_size,
+                          action_horizon=model.action_horizon, max_token_len=model.max_token_len,
+                          vocab_size=model.vocab_size, data_action_dim=model.data_action_dim)
+  losses = []
+  for _ in range(steps):
+    state, metrics = step(state, sharding.global_batch(next(iterator), mesh))
+    losses.append({k: float(metrics[k]) for k in ("loss", "flow_mse", "fast_ce")})
+  return losses, state
+
+
+def test_fsdp_on_8_devices_gives_the_same_losses_as_1_device():
+  single, _ = _run_tiny((("data", 1), ("fsdp", 1)), jax.devices()[:1])
+  sharded, state = _run_tiny((("data", 2), ("fsdp", 4)), None)
+  # The FSDP rule really split something.
+  specs = {leaf.sharding.spec for leaf in jax.tree.leaves(state.params)}
+  assert any("fsdp" in spec for spec in specs)
+  for a, b in zip(single, sharded):
+    for key in a:
+      np.testing.assert_allclose(a[key], b[key], rtol=2e-4, err_msg=key)
