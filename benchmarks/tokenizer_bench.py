@@ -114,7 +114,9 @@ def run(quick: bool) -> dict:
   batch_chunks = np.stack([chunk for _, _, chunk in batch])
   repeats = 3 if quick else 20
   encode_ms = _median_ms(lambda: fast_tokenizer.encode(batch_chunks), repeats)
-  prompts_ms = _median_ms(lambda: [tokenizer.tokenize_robot(*example) for example in batch], repeats)
+  prompts_ms = _median_ms(
+    lambda: [tokenizer.tokenize_robot(*example) for example in batch], repeats
+  )
 
   lengths = {"prefix": [], "fast": [], "total": []}
   for instruction, state, chunk in held_out:
@@ -146,13 +148,12 @@ def run(quick: bool) -> dict:
 def markdown(results: dict) -> str:
   rows = [
     ("FAST encode, 256 chunks [16, 8]", f"{results['fast_encode_batch_ms']:.1f} ms"),
-    ("pi0.5 prompts + FAST postfix, 256 examples", f"{results['prompts_with_fast_batch_ms']:.1f} ms"),
+    ("pi0.5 prompts + FAST, 256 examples", f"{results['prompts_with_fast_batch_ms']:.1f} ms"),
     (f"FAST fit, {results['fast_fit_chunks']} chunks", f"{results['fast_fit_seconds']:.2f} s"),
   ]
   for name, stats in results["lengths"].items():
-    rows.append(
-      (f"{name} tokens (p50 / p99 / max)", f"{stats['p50']:.0f} / {stats['p99']:.0f} / {stats['max']}")
-    )
+    value = f"{stats['p50']:.0f} / {stats['p99']:.0f} / {stats['max']}"
+    rows.append((f"{name} tokens (p50 / p99 / max)", value))
   lines = [f"Tokenizers on {results['device']}", "", "| measure | value |", "|---|---|"]
   return "\n".join(lines + [f"| {name} | {value} |" for name, value in rows])
 

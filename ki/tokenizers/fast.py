@@ -50,7 +50,8 @@ def _dct_coefficients(chunks: np.ndarray, scale: float) -> np.ndarray:
 def _check_chunks(chunks, ndims: Sequence[int], what: str) -> np.ndarray:
   array = np.asarray(chunks, dtype=np.float64)
   if array.ndim not in ndims:
-    raise ValueError(f"{what} must have {' or '.join(map(str, ndims))} dims, got shape {array.shape}")
+    allowed = " or ".join(map(str, ndims))
+    raise ValueError(f"{what} must have {allowed} dims, got shape {array.shape}")
   if array.shape[-1] == 0 or array.shape[-2] == 0:
     raise ValueError(f"{what} must have a non-empty time axis and action axis, got {array.shape}")
   if not np.all(np.isfinite(array)):

@@ -22,7 +22,7 @@ class FastTokenMapping:
   Attributes:
     scheme: "pi0_fast": k -> lm_vocab_size - 1 - skip_tokens - k (openpi's pi0-FAST, the default);
       "offset": k -> offset + k (e.g. onto rows appended after the SentencePiece vocabulary).
-    skip_tokens: ids left free at the top of the vocabulary by "pi0_fast" (PaliGemma's <seg> pieces).
+    skip_tokens: ids "pi0_fast" leaves free at the top of the vocabulary (PaliGemma's <seg>s).
     offset: the language-model id of FAST id 0 under "offset".
   """
 

@@ -221,6 +221,25 @@ class Pi05Tokenizer:
     self.fast_mapping = fast_mapping
     self.num_dropped = 0
     self._end_of_actions = prompt_tokenizer.encode(END_OF_ACTIONS) + [prompt_tokenizer.eos_id]
+    self._fast_lm_range = None
+    if fast_tokenizer is not None:
+      self._fast_lm_range = fast_mapping.lm_range(fast_tokenizer.vocab_size, lm_vocab_size)
+
+  def _encode_text(self, text: str) -> list[int]:
+    """Text -> ids, refusing text that spells out pieces on the FAST range (e.g. "<loc0042>" in
+    detection-style co-training answers): the model could not tell them from action tokens."""
+    ids = self.prompt_tokenizer.encode(text)
+    if self._fast_lm_range is not None and ids:
+      low, high = self._fast_lm_range
+      array = np.asarray(ids)
+      clashes = array[(array >= low) & (array < high)]
+      if clashes.size:
+        pieces = [self.prompt_tokenizer.id_to_piece(int(i)) for i in clashes[:3]]
+        raise ValueError(
+          f"Text {text[:80]!r} encodes to pieces {pieces} inside the FAST id range [{low}, "
+          f"{high}); remove them from the data or map FAST ids elsewhere"
+        )
+    return ids
 
   def _pack(self, prefix: list[int], postfix: list[int]) -> dict[str, np.ndarray] | None:
     """prefix (ar 0, no loss) + postfix (ar 1, loss) -> padded arrays [L], or None if too long."""
@@ -255,14 +274,34 @@ class Pi05Tokenizer:
     state = np.asarray(state)
     if state.ndim != 1 or not np.all(np.isfinite(state)):
       raise ValueError(f"state must be a finite vector [S], got shape {state.shape}")
-    prefix = [self.prompt_tokenizer.bos_id] + self.prompt_tokenizer.encode(
-      robot_prompt_text(instruction, state)
-    )
+    text = robot_prompt_text(instruction, state)
+    prefix = [self.prompt_tokenizer.bos_id] + self._encode_text(text)
     postfix = [] if actions is None else self.fast_postfix(actions)
     return self._pack(prefix, postfix)
 
   def tokenize_vlm(self, prompt: str, answer: str) -> dict[str, np.ndarray] | None:
     """A VLM co-training example: BOS + prompt (ar 0, no loss) + answer + EOS (ar 1, loss)."""
-    prefix = [self.prompt_tokenizer.bos_id] + self.prompt_tokenizer.encode(prompt)
-    postfix = self.prompt_tokenizer.encode(answer) + [self.prompt_tokenizer.eos_id]
+    prefix = [self.prompt_tokenizer.bos_id] + self._encode_text(prompt)
+    postfix = self._encode_text(answer) + [self.prompt_tokenizer.eos_id]
     return self._pack(prefix, postfix)
+
+  def decode_actions(
+    self, lm_ids, *, time_horizon: int | None = None, action_dim: int | None = None
+  ) -> tuple[np.ndarray, bool]:
+    """Generated LM ids [N] (the FAST postfix, up to EOS) -> (normalised chunk [H, D], valid).
+
+    Reads ids up to the first one outside the FAST range (the "|" that closes the actions, EOS or
+    padding); like `FastTokenizer.decode`, never raises on the ids and flags what does not decode.
+    """
+    if self.fast_tokenizer is None:
+      raise ValueError("Pi05Tokenizer has no FAST tokenizer: it cannot decode actions")
+    low, high = self._fast_lm_range
+    ids = np.asarray(lm_ids).reshape(-1)
+    if ids.dtype.kind not in "iu":
+      ids = np.zeros((0,), np.int64)  # Not token ids: decodes to the invalid zero chunk.
+    outside = np.flatnonzero((ids < low) | (ids >= high))
+    fast_ids = self.fast_mapping.to_fast(ids[: outside[0] if outside.size else ids.size],
+                                         self.lm_vocab_size)
+    return self.fast_tokenizer.decode(
+      fast_ids, time_horizon=time_horizon, action_dim=action_dim
+    )

@@ -111,7 +111,8 @@ def _write_public_format(directory, chunks, scale=10.0, vocab_size=256):
   )
   bpe.train_from_iterator(strings, trainer=trainer)
   bpe.save(str(directory / "tokenizer.json"))
-  (directory / "tokenizer_config.json").write_text(json.dumps({"clean_up_tokenization_spaces": False}))
+  tokenizer_config = {"clean_up_tokenization_spaces": False}
+  (directory / "tokenizer_config.json").write_text(json.dumps(tokenizer_config))
   (directory / "processor_config.json").write_text(json.dumps({
     "action_dim": None,
     "auto_map": {"AutoProcessor": "processing_action_tokenizer.UniversalActionProcessor"},

@@ -71,10 +71,12 @@ def test_training_postfix_is_fast_then_bar_then_eos(prompt_tokenizer, fast_token
   np.testing.assert_array_equal(out["token_loss_mask"], expected_ar.astype(bool))
   np.testing.assert_array_equal(out["tokenized_prompt_mask"], np.arange(128) < length)
   # The FAST part maps back to the actions, within the quantisation bound.
-  recovered = tokenizer.fast_mapping.to_fast(tokens[prefix_length:length - len(bar) - 1], VOCAB_SIZE)
-  decoded, valid = fast_tokenizer.decode(recovered)
+  decoded, valid = tokenizer.decode_actions(tokens[prefix_length:])  # Stops at "|".
   assert valid
   assert np.linalg.norm(decoded - actions, axis=0).max() <= 0.5 * np.sqrt(HORIZON) / 10 + 1e-6
+  # Generated ids that stop early, or hold text, do not decode.
+  assert not tokenizer.decode_actions(tokens[prefix_length:length - 5])[1]
+  assert not tokenizer.decode_actions(tokens[:length])[1]
 
 
 def test_vlm_example_masks(prompt_tokenizer):
@@ -95,7 +97,9 @@ def test_over_long_examples_are_dropped_and_counted(prompt_tokenizer, fast_token
   actions = smooth_chunks(np.random.default_rng(21), 1)[0]
   prefix_length = 1 + len(prompt_tokenizer.encode(PROMPT))
   # Room for the whole prefix but not the postfix: the example goes, it is never truncated.
-  tokenizer = prompt.Pi05Tokenizer(prompt_tokenizer, fast_tokenizer, max_token_len=prefix_length + 2)
+  tokenizer = prompt.Pi05Tokenizer(
+    prompt_tokenizer, fast_tokenizer, max_token_len=prefix_length + 2
+  )
   assert tokenizer.tokenize_robot("Pick up the red cup", STATE, actions) is None
   assert tokenizer.tokenize_vlm("a long question " * 20, "answer") is None
   assert tokenizer.num_dropped == 2
@@ -114,3 +118,13 @@ def test_bad_inputs_are_named(prompt_tokenizer, fast_tokenizer):
       prompt_tokenizer, fast_tokenizer, max_token_len=64,
       fast_mapping=fast_mapping.FastTokenMapping(scheme="offset", offset=3),
     )
+
+
+def test_text_spelling_out_fast_range_pieces_is_refused(prompt_tokenizer, fast_tokenizer):
+  # Detection-style answers ("<loc0042>") would alias FAST action tokens on the <loc> pieces.
+  tokenizer = prompt.Pi05Tokenizer(prompt_tokenizer, fast_tokenizer, max_token_len=64)
+  with pytest.raises(ValueError, match="inside the FAST id range"):
+    tokenizer.tokenize_vlm("Detect the cup", "<loc1020><loc1021> cup")
+  # Without FAST tokens nothing lives there, and the text is ordinary.
+  no_fast = prompt.Pi05Tokenizer(prompt_tokenizer, None, max_token_len=64)
+  assert no_fast.tokenize_vlm("Detect the cup", "<loc1020><loc1021> cup") is not None
