@@ -128,21 +128,26 @@ def build_sentencepiece_model(
     text_vocab_size: size of the text part; >= 300 leaves room for the 256 byte pieces.
   """
   writer = io.BytesIO()
-  sentencepiece.SentencePieceTrainer.train(
-    sentence_iterator=iter(texts),
-    model_writer=writer,
-    model_type="bpe",
-    vocab_size=text_vocab_size,
-    hard_vocab_limit=False,
-    normalization_rule_name="identity",
-    add_dummy_prefix=False,
-    remove_extra_whitespaces=False,
-    split_digits=True,
-    byte_fallback=True,
-    pad_id=0, eos_id=1, bos_id=2, unk_id=3,
-    num_threads=1,
-    minloglevel=2,
-  )
+  try:
+    sentencepiece.SentencePieceTrainer.train(
+      sentence_iterator=iter(texts),
+      model_writer=writer,
+      model_type="bpe",
+      vocab_size=text_vocab_size,
+      hard_vocab_limit=False,
+      normalization_rule_name="identity",
+      add_dummy_prefix=False,
+      remove_extra_whitespaces=False,
+      split_digits=True,
+      byte_fallback=True,
+      pad_id=0, eos_id=1, bos_id=2, unk_id=3,
+      num_threads=1,
+      minloglevel=2,
+    )
+  except RuntimeError as error:  # SentencePiece reports bad sizes as RuntimeError.
+    raise ValueError(
+      f"SentencePiece could not build a {text_vocab_size}-piece text vocabulary: {error}"
+    ) from error
   proto = sentencepiece_model_pb2.ModelProto.FromString(writer.getvalue())
   for i in range(text_vocab_size - len(proto.pieces)):
     proto.pieces.add(piece=f"<unused{i}>", score=0.0, type=_Piece.UNUSED)

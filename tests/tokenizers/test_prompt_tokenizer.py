@@ -23,6 +23,11 @@ def test_built_model_has_paligemma_layout(sentencepiece_path, prompt_tokenizer):
   assert pieces[-1].piece == "<seg127>"
 
 
+def test_too_small_text_vocabulary_is_named(tmp_path):
+  with pytest.raises(ValueError, match="could not build a 100-piece text vocabulary"):
+    prompt.build_sentencepiece_model(["hello world"] * 10, tmp_path / "x.model", text_vocab_size=100)
+
+
 def test_vocab_size_must_match_the_model_config(sentencepiece_path):
   with pytest.raises(ValueError, match=f"has {VOCAB_SIZE} pieces but the model config expects"):
     prompt.PromptTokenizer(sentencepiece_path, expected_vocab_size=257152)
