@@ -83,10 +83,13 @@ class FastTokenizer:
     if scale <= 0:
       raise ValueError(f"FAST scale must be positive, got {scale}")
     if bpe.get_vocab_size() > vocab_size:
-      raise ValueError(
-        f"The BPE holds {bpe.get_vocab_size()} tokens, more than the configured "
-        f"vocab_size={vocab_size}"
+      # The public fit allows an alphabet one larger than vocab_size; every id the BPE can emit
+      # must still get a slot in the language-model vocabulary, so the larger number wins.
+      logging.warning(
+        "FAST BPE holds %d tokens, more than its config's vocab_size=%d; using %d",
+        bpe.get_vocab_size(), vocab_size, bpe.get_vocab_size(),
       )
+      vocab_size = bpe.get_vocab_size()
     self.bpe = bpe
     self.scale = float(scale)
     self.vocab_size = int(vocab_size)
