@@ -20,11 +20,12 @@ The iterator is a grain DatasetIterator, so its state goes into the checkpoint w
 handler (`checkpoint_handler`, `checkpoint_save_args`, `checkpoint_restore_args`).
 """
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from typing import Any
 
 import grain
 import ml_collections
+from absl import flags
 import numpy as np
 
 from ki.data import droid
@@ -90,6 +91,8 @@ def default_config() -> ml_collections.ConfigDict:
   config.num_epochs = 0
   config.robot_weight = 1.0
   config.vlm_sources = ()
+  # Locked: a misspelt field in an experiment file fails where it is written.
+  config.lock()
   return config
 
 
@@ -331,6 +334,13 @@ def _vlm_dataset(entry, transform, *, seed, process_index, process_count,
   return examples.random_map(transform, seed=_seed(seed, 1))
 
 
+def _ensure_absl_flags_parsed() -> None:
+  """Grain's worker processes read Grain's absl flags, which raise when unparsed. Under
+  ki.main (an absl app) they are parsed; in pytest, notebooks and scripts take the defaults."""
+  if not flags.FLAGS.is_parsed():
+    flags.FLAGS.mark_as_parsed()
+
+
 def make_iterator(
   config: ml_collections.ConfigDict,
   *,
@@ -420,6 +430,7 @@ def make_iterator(
   dataset = _DropCountingIterDataset(dataset)
   dataset = dataset.batch(per_host_batch_size, drop_remainder=True)
   if config.num_workers > 0:
+    _ensure_absl_flags_parsed()
     dataset = dataset.mp_prefetch(
       grain.MultiprocessingOptions(
         num_workers=config.num_workers, per_worker_buffer_size=config.worker_buffer_size
@@ -453,6 +464,3 @@ def checkpoint_restore_args(iterator: HostBatchIterator) -> grain.checkpoint.Che
   (build a fresh one with make_iterator and the same arguments first)."""
   return grain.checkpoint.CheckpointRestore(iterator)
 
-
-def drop_reasons() -> Sequence[str]:
-  return DROP_REASONS
