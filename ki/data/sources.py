@@ -193,12 +193,26 @@ class _ShardedTfdsIterator(grain.DatasetIterator):
   def _shard_order(self, epoch: int) -> np.ndarray:
     return np.random.default_rng([self._dataset._seed, epoch]).permutation(len(self._files))
 
+  def _current_path(self) -> str:
+    return self._files[self._shard_order(self._epoch)[self._shard]]
+
   def _open_shard(self):
     import tensorflow as tf
 
-    path = self._files[self._shard_order(self._epoch)[self._shard]]
-    dataset = tf.data.TFRecordDataset(path).skip(self._record)
+    dataset = tf.data.TFRecordDataset(self._current_path()).skip(self._record)
     self._records = dataset.as_numpy_iterator()
+
+  def _next_serialized(self) -> bytes:
+    """The next record of the open shard; an unreadable shard is an error naming the file."""
+    import tensorflow as tf
+
+    try:
+      return next(self._records)
+    except tf.errors.OpError as error:
+      raise OSError(
+        f"{self._dataset._what}: cannot read shard {self._current_path()} at record "
+        f"{self._record}: {error.message}"
+      ) from None
 
   def __next__(self):
     while True:
@@ -213,7 +227,7 @@ class _ShardedTfdsIterator(grain.DatasetIterator):
       if self._records is None:
         self._open_shard()
       try:
-        serialized = next(self._records)
+        serialized = self._next_serialized()
       except StopIteration:
         self._records, self._record = None, 0
         self._shard += 1
@@ -238,7 +252,7 @@ class _ShardedTfdsIterator(grain.DatasetIterator):
     if item:
       # Re-expand the half-used record so the next item is exactly the one that was due.
       self._open_shard()
-      serialized = next(self._records)
+      serialized = self._next_serialized()
       try:
         self._items = list(self._dataset._expand(self._dataset.parse(serialized)))
       except Exception:

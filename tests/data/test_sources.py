@@ -1,0 +1,143 @@
+"""The RLDS streaming reader on synthetic DROID (data_prep's writer, DROID's exact feature spec):
+frames match the filters and the record contract, hosts get disjoint shards, the stream and the
+full streaming pipeline resume exactly, and missing/unreadable shards are errors naming them."""
+
+import os
+import shutil
+
+import jax
+import numpy as np
+import pytest
+
+from data_prep import make_synthetic_droid, rlds_writer
+from ki.data import droid, pipeline, records, sources
+from tests.data import pipeline_fixtures as fixtures
+
+NUM_EPISODES = 6
+
+
+@pytest.fixture(scope="module")
+def rlds_dir(tmp_path_factory):
+  root = str(tmp_path_factory.mktemp("rlds"))
+  return rlds_writer.write_rlds_dataset(
+    root,
+    lambda index: make_synthetic_droid.make_episode(0, index),
+    NUM_EPISODES,
+    num_shards=3,
+    description="ki data tests",
+  )
+
+
+def stream(rlds_dir, **kwargs):
+  return sources.rlds_frames(rlds_dir, action_horizon=fixtures.HORIZON, **kwargs)
+
+
+def episodes(rlds_dir):
+  """Every episode of the dataset, decoded (with all steps stacked), keyed by episode id."""
+  import tensorflow as tf
+
+  reader = stream(rlds_dir)
+  result = {}
+  for path in reader.reader_plan()[0]:
+    for serialized in tf.data.TFRecordDataset(path).as_numpy_iterator():
+      episode = reader.parse(serialized)
+      metadata = episode["episode_metadata"]
+      key = droid.episode_key(metadata["recording_folderpath"].decode(),
+                              metadata["file_path"].decode())
+      result[key] = sources._stack_steps(episode["steps"])
+  return result
+
+
+def test_stream_keeps_successful_non_idle_frames_as_prepared_records(rlds_dir):
+  frames = list(stream(rlds_dir, num_epochs=1))
+  all_episodes = episodes(rlds_dir)
+  assert len(all_episodes) == NUM_EPISODES
+  by_episode = {}
+  for frame in frames:
+    records.validate_frame(frame, action_horizon=fixtures.HORIZON)
+    by_episode.setdefault(frame["episode_id"], []).append(frame["step"])
+  successes = {k for k in all_episodes if droid.is_success(k.split("--")[1])}
+  assert set(by_episode) <= successes
+  for key, steps in by_episode.items():
+    episode = all_episodes[key]
+    ranges = droid.keep_ranges(episode["action_dict"]["joint_velocity"])
+    expected = np.flatnonzero(droid.ranges_to_mask(ranges, len(episode["is_first"])))
+    assert steps == expected.tolist()
+  # Images are the JPEG bytes as stored, and state/actions come from the episode's vectors.
+  frame = frames[0]
+  episode = all_episodes[frame["episode_id"]]
+  t = frame["step"]
+  assert frame["images"]["wrist_image_left"] == episode["observation"]["wrist_image_left"][t]
+  assert frame["images"]["wrist_image_left"][:2] == b"\xff\xd8"
+  np.testing.assert_allclose(frame["state"][:7], episode["observation"]["joint_position"][t],
+                             rtol=1e-6)
+
+
+def test_hosts_read_disjoint_shards(rlds_dir):
+  ids = [{f["episode_id"] for f in stream(rlds_dir, process_index=i, process_count=2,
+                                          num_epochs=1)} for i in range(2)]
+  everything = {f["episode_id"] for f in stream(rlds_dir, num_epochs=1)}
+  assert ids[0] and ids[1] and not ids[0] & ids[1]
+  assert ids[0] | ids[1] == everything
+
+
+def test_stream_state_restores_mid_episode(rlds_dir):
+  iterator = iter(stream(rlds_dir, seed=3))
+  for _ in range(37):  # Past the first episode's frames: the state points inside a record.
+    next(iterator)
+  state = iterator.get_state()
+  assert state["item"] > 0 or state["record"] > 0
+  expected = [next(iterator) for _ in range(60)]  # Crosses into the next shard and epoch.
+  restored = iter(stream(rlds_dir, seed=3))
+  restored.set_state(state)
+  for frame in expected:
+    got = next(restored)
+    assert (got["episode_id"], got["step"]) == (frame["episode_id"], frame["step"])
+
+
+def test_streaming_pipeline_resumes_exactly(rlds_dir, tmp_path):
+  c = pipeline.default_config()
+  c.update(dict(source="rlds", rlds_dir=rlds_dir, action_dim=fixtures.ACTION_DIM,
+                action_horizon=fixtures.HORIZON, image_size=fixtures.IMAGE_SIZE, shuffle_window=16))
+  all_frames = list(stream(rlds_dir, num_epochs=1))
+  kwargs = dict(tokenizer=fixtures.tokenizer(tmp_path), norm_stats=fixtures.norm_stats(all_frames),
+                split="train", seed=5, process_index=0, process_count=1, per_host_batch_size=4,
+                train=True)
+  iterator = pipeline.make_iterator(c, **kwargs)
+  for _ in range(5):
+    next(iterator)
+  state = iterator.get_state()
+  expected = [next(iterator) for _ in range(3)]
+  restored = pipeline.make_iterator(c, **kwargs)
+  restored.set_state(state)
+  for batch in expected:
+    jax.tree.map(np.testing.assert_array_equal, batch, next(restored))
+
+
+def test_window_shuffle_reorders_frames(rlds_dir):
+  import grain
+
+  plain = [(f["episode_id"], f["step"]) for f in stream(rlds_dir, num_epochs=1)]
+  shuffled = grain.experimental.WindowShuffleIterDataset(
+    stream(rlds_dir, num_epochs=1), window_size=32, seed=0
+  )
+  shuffled = [(f["episode_id"], f["step"]) for f in shuffled]
+  assert sorted(shuffled) == sorted(plain) and shuffled != plain
+
+
+def test_missing_or_unreadable_shard_is_an_error_naming_it(rlds_dir, tmp_path):
+  broken = str(tmp_path / "broken")
+  shutil.copytree(rlds_dir, broken)
+  shards = sorted(f for f in os.listdir(broken) if ".tfrecord-" in f)
+  os.remove(os.path.join(broken, shards[0]))
+  with pytest.raises(FileNotFoundError, match=shards[0]):
+    stream(broken)
+  garbled = str(tmp_path / "garbled")
+  shutil.copytree(rlds_dir, garbled)
+  with open(os.path.join(garbled, shards[1]), "r+b") as f:
+    f.seek(100)
+    f.write(b"\x00" * 64)
+  with pytest.raises(OSError, match=shards[1]):
+    list(stream(garbled, num_epochs=1))
+  with pytest.raises(FileNotFoundError, match="no dataset_info.json"):
+    stream(str(tmp_path))
