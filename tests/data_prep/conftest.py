@@ -1,0 +1,24 @@
+"""A tiny synthetic DROID, generated once per test session and shared by the data_prep tests."""
+
+import pytest
+
+from data_prep import make_synthetic_droid
+
+# 12 episodes over 3 shards: index 5 is a failure, index 3 has no instruction, and about half
+# idle at the start and/or end (make_synthetic_droid.plan_episode).
+NUM_EPISODES = 12
+EPISODES_PER_SHARD = 4
+
+
+@pytest.fixture(scope="session")
+def synthetic_droid(tmp_path_factory):
+  """(output folder, synthetic_info dict) of a freshly generated synthetic DROID."""
+  out_dir = tmp_path_factory.mktemp("synthetic_droid")
+  info = make_synthetic_droid.generate(
+    str(out_dir),
+    episodes=NUM_EPISODES,
+    episodes_per_shard=EPISODES_PER_SHARD,
+    vlm_images=10,
+    text_vocab_size=400,
+  )
+  return out_dir, info
