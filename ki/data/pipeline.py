@@ -5,8 +5,9 @@ One entry point, `make_iterator`, builds this for one host (process):
   robot frames (ArrayRecord: MapDataset with a global shuffle, then this host's slice, repeat;
                 or RLDS: IterDataset over this host's shards, then a window shuffle)
     -> RobotTransform (random_map: randomness seeded by (seed, element index))
-  [+ VLM sources (JSONL / TFDS), each -> VlmTransform]  -> IterDataset.mix(weights)
     -> drop counting (Dropped markers become a per-example count vector on the next kept example)
+  [+ VLM sources (JSONL / TFDS), each -> VlmTransform -> drop counting]
+    -> IterDataset.mix(weights)
     -> batch(per_host_batch_size, drop_remainder=True)
     -> mp_prefetch(num_workers)   (0 = in-process)
     -> HostBatchIterator: strips the counts off each batch and keeps running totals.
@@ -405,7 +406,9 @@ def make_iterator(
     train=train,
     read_options=read_options,
   )
-  dataset = robot
+  # Drops are taken out (and counted) per source, before mixing, so the mixture weights hold
+  # for the examples that reach the batch.
+  dataset = robot = _DropCountingIterDataset(robot)
   if train and vlm_entries:
     vlm_transform = transforms.VlmTransform(
       tokenizer=tokenizer,
@@ -415,19 +418,18 @@ def make_iterator(
       image_size=config.image_size,
     )
     datasets = [robot] + [
-      _vlm_dataset(
+      _DropCountingIterDataset(_vlm_dataset(
         entry,
         vlm_transform,
         seed=_seed(seed, 100 + i),
         process_index=process_index,
         process_count=process_count,
         read_options=read_options,
-      )
+      ))
       for i, entry in enumerate(vlm_entries)
     ]
     weights = [float(config.robot_weight)] + [float(entry["weight"]) for entry in vlm_entries]
     dataset = grain.IterDataset.mix(datasets, weights)
-  dataset = _DropCountingIterDataset(dataset)
   dataset = dataset.batch(per_host_batch_size, drop_remainder=True)
   if config.num_workers > 0:
     _ensure_absl_flags_parsed()
