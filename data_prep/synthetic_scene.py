@@ -120,8 +120,9 @@ def sample_trajectory(
   start = np.array([rng.uniform(0.35, 0.65), rng.uniform(0.3, 0.5), START_HEIGHT])
   above = np.array([target.x, target.y, HOVER_HEIGHT])
   grasp = np.array([target.x, target.y, GRASP_HEIGHT])
-  lifted = np.array([target.x, target.y, 0.22])
-  reach, descend, close, lift = int(rng.integers(18, 31)), int(rng.integers(6, 9)), 5, 6
+  lifted = np.array([target.x, target.y, 0.25])
+  # The lift outlasts the 10 frames the idle rule drops at the end, so grasps stay in the data.
+  reach, descend, close, lift = int(rng.integers(16, 29)), int(rng.integers(6, 9)), 5, 12
   positions = [np.repeat(start[None], idle_start + 1, axis=0)]
   positions.append(_min_jerk(start, above, reach))
   positions.append(_min_jerk(above, grasp, descend))
