@@ -14,6 +14,7 @@ the shard files across readers (hosts x worker processes) and keep their positio
 record, item within the record) in the iterator state, which makes a restore continue exactly.
 """
 
+import collections
 import json
 import os
 import posixpath
@@ -55,6 +56,9 @@ def find_arrayrecord_files(path: str) -> list[str]:
   gfile = _gfile()
   if gfile.isdir(path):
     files = sorted(gfile.glob(posixpath.join(path, "*.array_record*")))
+    # data_prep.droid_to_arrayrecord writes each shard as `<name>.incomplete` and renames it when
+    # done: a leftover one is from a crashed run, not data.
+    files = [f for f in files if not f.endswith(".incomplete")]
     if not files:
       raise FileNotFoundError(f"no *.array_record* shards in folder {path}")
   else:
@@ -269,24 +273,6 @@ def _text(value) -> str:
   return value.decode("utf-8") if isinstance(value, bytes) else str(value)
 
 
-def _stack_steps(steps) -> dict[str, Any]:
-  """TFDS's numpy decoding gives an episode's steps as a sequence of step dicts; stack them into
-  one dict of [T, ...] arrays (text and JPEG fields stay lists of bytes)."""
-  steps = [steps[i] for i in range(len(steps))]
-  if not steps:
-    return {}
-
-  def stack(values):
-    first = values[0]
-    if isinstance(first, dict):
-      return {key: stack([value[key] for value in values]) for key in first}
-    if isinstance(first, bytes):
-      return values
-    return np.stack(values)
-
-  return stack(steps)
-
-
 def _rlds_decoders():
   import tensorflow_datasets as tfds
 
@@ -298,8 +284,10 @@ def _rlds_decoders():
 class RldsEpisodeToFrames:
   """One decoded DROID episode -> its kept frames as prepared-frame dicts.
 
-  Applies the success filter and openpi's idle rule (or published keep-ranges) from
-  ki/data/droid.py, exactly as data_prep.droid_to_arrayrecord does.
+  The filters are ki.data.droid.episode_frames, the same code data_prep.droid_to_arrayrecord
+  runs. Success, idle and keep-range filtering are the dataset's definition and go uncounted;
+  bad input (a malformed episode, no instruction, non-finite vectors) becomes Dropped markers
+  placed before the episode's frames, so the pipeline counts it.
   """
 
   def __init__(
@@ -313,40 +301,25 @@ class RldsEpisodeToFrames:
     self.action_space = action_space
     self.keep_ranges = keep_ranges
 
-  def __call__(self, episode: dict[str, Any]) -> list[dict[str, Any]]:
-    metadata = episode["episode_metadata"]
-    file_path = _text(metadata["file_path"])
-    episode_id = droid.episode_key(_text(metadata["recording_folderpath"]), file_path)
-    if not droid.is_success(file_path):
-      return []
-    steps = episode["steps"]
-    if not isinstance(steps, dict):
-      steps = _stack_steps(steps)
-    observation, action_dict = steps["observation"], steps["action_dict"]
-    length = len(steps["is_first"])
-    if self.keep_ranges is not None:
-      ranges = self.keep_ranges.get(episode_id, [])
-    else:
-      ranges = droid.keep_ranges(action_dict["joint_velocity"])
-    kept = np.flatnonzero(droid.ranges_to_mask(ranges, length))
-    if kept.size == 0:
-      return []
-    states = droid.state_vector(observation["joint_position"], observation["gripper_position"])
-    actions = droid.actions_from_action_dict(action_dict, self.action_space)
-    chunks = droid.action_chunks(actions, self.action_horizon)
-    instructions = [steps[key] for key in droid.INSTRUCTION_KEYS]
-    return [
-      {
-        "episode_id": episode_id,
-        "step": int(t),
-        "episode_length": length,
-        "images": {name: bytes(observation[name][t]) for name in droid.CAMERA_NAMES},
-        "state": states[t],
-        "actions": chunks[t],
-        "instructions": [_text(texts[t]) for texts in instructions],
-      }
-      for t in kept
-    ]
+  def __call__(self, episode: dict[str, Any]) -> list[dict[str, Any] | Dropped]:
+    counts = collections.Counter()
+    try:
+      frames = droid.episode_frames(
+        episode["episode_metadata"],
+        droid.stack_steps(episode["steps"]),
+        counts,
+        action_space=self.action_space,
+        action_horizon=self.action_horizon,
+        keep_ranges_by_episode=self.keep_ranges,
+      )
+    except (droid.BadEpisodeError, KeyError, TypeError):
+      return [Dropped("bad_shape")]
+    no_instruction = (
+      counts[droid.EPISODES_DROPPED_NO_INSTRUCTION] + counts[droid.FRAMES_DROPPED_NO_INSTRUCTION]
+    )
+    drops = [Dropped("no_instruction")] * no_instruction
+    drops += [Dropped("non_finite")] * counts[droid.FRAMES_DROPPED_BAD]
+    return drops + frames
 
 
 def rlds_frames(

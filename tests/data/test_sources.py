@@ -11,6 +11,7 @@ import pytest
 
 from data_prep import make_synthetic_droid, rlds_writer
 from ki.data import droid, pipeline, records, sources
+from ki.data.transforms import Dropped
 from tests.data import pipeline_fixtures as fixtures
 
 NUM_EPISODES = 6
@@ -32,6 +33,15 @@ def stream(rlds_dir, **kwargs):
   return sources.rlds_frames(rlds_dir, action_horizon=fixtures.HORIZON, **kwargs)
 
 
+def key(element):
+  """(episode id, step) of a frame; a Dropped marker stands for itself."""
+  return element if isinstance(element, Dropped) else (element["episode_id"], element["step"])
+
+
+def frames_of(elements):
+  return [e for e in elements if not isinstance(e, Dropped)]
+
+
 def episodes(rlds_dir):
   """Every episode of the dataset, decoded (with all steps stacked), keyed by episode id."""
   import tensorflow as tf
@@ -44,12 +54,14 @@ def episodes(rlds_dir):
       metadata = episode["episode_metadata"]
       key = droid.episode_key(metadata["recording_folderpath"].decode(),
                               metadata["file_path"].decode())
-      result[key] = sources._stack_steps(episode["steps"])
+      result[key] = droid.stack_steps(episode["steps"])
   return result
 
 
 def test_stream_keeps_successful_non_idle_frames_as_prepared_records(rlds_dir):
-  frames = list(stream(rlds_dir, num_epochs=1))
+  elements = list(stream(rlds_dir, num_epochs=1))
+  frames = [e for e in elements if not isinstance(e, Dropped)]
+  dropped = [e for e in elements if isinstance(e, Dropped)]
   all_episodes = episodes(rlds_dir)
   assert len(all_episodes) == NUM_EPISODES
   by_episode = {}
@@ -57,12 +69,21 @@ def test_stream_keeps_successful_non_idle_frames_as_prepared_records(rlds_dir):
     records.validate_frame(frame, action_horizon=fixtures.HORIZON)
     by_episode.setdefault(frame["episode_id"], []).append(frame["step"])
   successes = {k for k in all_episodes if droid.is_success(k.split("--")[1])}
-  assert set(by_episode) <= successes
-  for key, steps in by_episode.items():
+  assert by_episode and set(by_episode) <= successes
+  expected_drops = 0
+  for key in successes:
     episode = all_episodes[key]
     ranges = droid.keep_ranges(episode["action_dict"]["joint_velocity"])
-    expected = np.flatnonzero(droid.ranges_to_mask(ranges, len(episode["is_first"])))
-    assert steps == expected.tolist()
+    kept = droid.ranges_to_mask(ranges, len(episode["is_first"]))
+    instructed = np.array([any(episode[k][t] for k in droid.INSTRUCTION_KEYS)
+                           for t in range(len(kept))])
+    if not instructed.any():
+      expected_drops += 1  # A whole episode without instructions counts once.
+      continue
+    assert by_episode.get(key, []) == np.flatnonzero(kept & instructed).tolist()
+    expected_drops += int((kept & ~instructed).sum())
+  # Frames without an instruction are bad input: counted, never silently gone.
+  assert dropped == [Dropped("no_instruction")] * expected_drops
   # Images are the JPEG bytes as stored, and state/actions come from the episode's vectors.
   frame = frames[0]
   episode = all_episodes[frame["episode_id"]]
@@ -74,9 +95,9 @@ def test_stream_keeps_successful_non_idle_frames_as_prepared_records(rlds_dir):
 
 
 def test_hosts_read_disjoint_shards(rlds_dir):
-  ids = [{f["episode_id"] for f in stream(rlds_dir, process_index=i, process_count=2,
-                                          num_epochs=1)} for i in range(2)]
-  everything = {f["episode_id"] for f in stream(rlds_dir, num_epochs=1)}
+  ids = [{f["episode_id"] for f in frames_of(stream(rlds_dir, process_index=i, process_count=2,
+                                                    num_epochs=1))} for i in range(2)]
+  everything = {f["episode_id"] for f in frames_of(stream(rlds_dir, num_epochs=1))}
   assert ids[0] and ids[1] and not ids[0] & ids[1]
   assert ids[0] | ids[1] == everything
 
@@ -90,16 +111,14 @@ def test_stream_state_restores_mid_episode(rlds_dir):
   expected = [next(iterator) for _ in range(60)]  # Crosses into the next shard and epoch.
   restored = iter(stream(rlds_dir, seed=3))
   restored.set_state(state)
-  for frame in expected:
-    got = next(restored)
-    assert (got["episode_id"], got["step"]) == (frame["episode_id"], frame["step"])
+  assert [key(next(restored)) for _ in expected] == [key(e) for e in expected]
 
 
 def test_streaming_pipeline_resumes_exactly(rlds_dir, tmp_path):
   c = pipeline.default_config()
   c.update(dict(source="rlds", rlds_dir=rlds_dir, action_dim=fixtures.ACTION_DIM,
                 action_horizon=fixtures.HORIZON, image_size=fixtures.IMAGE_SIZE, shuffle_window=16))
-  all_frames = list(stream(rlds_dir, num_epochs=1))
+  all_frames = frames_of(stream(rlds_dir, num_epochs=1))
   kwargs = dict(tokenizer=fixtures.tokenizer(tmp_path), norm_stats=fixtures.norm_stats(all_frames),
                 split="train", seed=5, process_index=0, process_count=1, per_host_batch_size=4,
                 train=True)
@@ -117,12 +136,12 @@ def test_streaming_pipeline_resumes_exactly(rlds_dir, tmp_path):
 def test_window_shuffle_reorders_frames(rlds_dir):
   import grain
 
-  plain = [(f["episode_id"], f["step"]) for f in stream(rlds_dir, num_epochs=1)]
+  plain = [key(f) for f in stream(rlds_dir, num_epochs=1)]
   shuffled = grain.experimental.WindowShuffleIterDataset(
     stream(rlds_dir, num_epochs=1), window_size=32, seed=0
   )
-  shuffled = [(f["episode_id"], f["step"]) for f in shuffled]
-  assert sorted(shuffled) == sorted(plain) and shuffled != plain
+  shuffled = [key(f) for f in shuffled]
+  assert sorted(map(str, shuffled)) == sorted(map(str, plain)) and shuffled != plain
 
 
 def test_missing_or_unreadable_shard_is_an_error_naming_it(rlds_dir, tmp_path):
