@@ -317,6 +317,7 @@ def compute_losses(params, config: Config, observation: Observation, actions, rn
     actions: float32 [B, H, action_dim], normalised, zero-padded past data_action_dim.
     train: accepted for API stability; pi0.5 has no dropout, so both modes compute the same thing
       (augmentation happens in the data pipeline).
+    rng: for the noise and time draws (may be None when both are given).
     noise, time: replace the random draws ([B, H, A] and [B]) when given.
 
   Returns:
@@ -326,12 +327,11 @@ def compute_losses(params, config: Config, observation: Observation, actions, rn
      count of target tokens beyond max_loss_tokens (should stay 0)}.
   """
   del train
-  noise_rng, time_rng = jax.random.split(rng)
   batch = actions.shape[0]
-  if noise is None:
-    noise = jax.random.normal(noise_rng, actions.shape)
-  if time is None:
-    time = sample_time(time_rng, batch)
+  if noise is None or time is None:
+    noise_rng, time_rng = jax.random.split(rng)
+    noise = jax.random.normal(noise_rng, actions.shape) if noise is None else noise
+    time = sample_time(time_rng, batch) if time is None else time
   t = time[:, None, None]
   x_t = t * noise + (1 - t) * actions
   target_velocity = noise - actions

@@ -1,0 +1,81 @@
+"""Knowledge insulation: the flow loss never reaches the VLM; the FAST loss never reaches the expert."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from ki.model import pi05
+
+from tests.model.tiny import perturbed, tiny_config
+
+EXPERT_ROOTS = ("action_in_proj", "action_out_proj", "time_mlp_in", "time_mlp_out")
+# The VLM's final norm only feeds the language-model head, so no flow gradient can reach it in
+# either mode; every other VLM leaf must receive one when insulation is off.
+FEEDS_ONLY_THE_LM_HEAD = ("PaliGemma/llm/final_norm/scale",)
+
+
+def _is_expert(path: str) -> bool:
+  """The action expert: its projections and the `_1` weights of the language model.
+
+  (SigLIP's `LayerNorm_1` and `Dense_1` are flax auto-names, not expert weights.)
+  """
+  parts = path.split("/")
+  if parts[0] in EXPERT_ROOTS:
+    return True
+  return parts[:2] == ["PaliGemma", "llm"] and any(p.endswith("_1") for p in parts[2:])
+
+
+def _grad_norms(config, params, term):
+  obs = pi05.fake_observation(config, 2)
+  actions = pi05.fake_actions(config, 2)
+
+  def loss(p):
+    losses = pi05.compute_losses(p, config, obs, actions, jax.random.key(3), train=True)
+    return jnp.sum(losses[term])
+
+  grads = jax.jit(jax.grad(loss))(params)
+  flat = jax.tree_util.tree_flatten_with_path(grads)[0]
+  return {"/".join(k.key for k in path): float(jnp.max(jnp.abs(g))) for path, g in flat}
+
+
+@pytest.fixture(scope="module", params=[True, False], ids=["ki_on", "ki_off"])
+def setup(request):
+  config = tiny_config(knowledge_insulation=request.param)
+  params = perturbed(pi05.init_params(config, jax.random.key(0)), jax.random.key(1))
+  return config, params
+
+
+def test_flow_loss_gradient_into_the_vlm(setup):
+  config, params = setup
+  norms = _grad_norms(config, params, "flow_mse")
+  vlm = {p: n for p, n in norms.items() if not _is_expert(p)}
+  expert = {p: n for p, n in norms.items() if _is_expert(p)}
+  assert len(vlm) == 32 and len(expert) == 19
+  assert all(n > 0 for n in expert.values()), expert
+  if config.knowledge_insulation:
+    assert {p: n for p, n in vlm.items() if n != 0.0} == {}
+  else:
+    reached = {p for p, n in vlm.items() if n > 0}
+    assert reached == set(vlm) - set(FEEDS_ONLY_THE_LM_HEAD)
+
+
+def test_fast_loss_never_reaches_the_expert(setup):
+  config, params = setup
+  norms = _grad_norms(config, params, "fast_ce")
+  assert {p: n for p, n in norms.items() if _is_expert(p) and n != 0.0} == {}
+  # ... and it does train the whole VLM, SigLIP included.
+  assert all(n > 0 for p, n in norms.items() if not _is_expert(p))
+
+
+def test_insulation_changes_gradients_not_values():
+  """The switch is a stop-gradient only: both modes compute identical losses."""
+  on, off = tiny_config(knowledge_insulation=True), tiny_config(knowledge_insulation=False)
+  params = perturbed(pi05.init_params(on, jax.random.key(0)), jax.random.key(1))
+  obs, actions = pi05.fake_observation(on, 2), pi05.fake_actions(on, 2)
+  run = functools.partial(pi05.compute_losses, observation=obs, actions=actions, rng=jax.random.key(5), train=True)
+  losses_on, losses_off = run(params, on), run(params, off)
+  for term in ("fast_ce", "flow_mse"):
+    np.testing.assert_array_equal(losses_on[term], losses_off[term])

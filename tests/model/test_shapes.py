@@ -1,0 +1,106 @@
+"""Shapes, dtypes, finiteness, the bf16 path, jit, greedy FAST decoding and config validation."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from ki.model import pi05
+from tests.model.tiny import perturbed, tiny_config
+
+
+def test_jitted_losses_and_sampling_in_bfloat16():
+  config = tiny_config(dtype="bfloat16", remat_policy="nothing_saveable")
+  params = pi05.init_params(config, jax.random.key(0))
+  assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(params))  # fp32 parameters
+  obs, actions = pi05.fake_observation(config, 3), pi05.fake_actions(config, 3)
+  losses = jax.jit(functools.partial(pi05.compute_losses, config=config, train=True))(
+    params, observation=obs, actions=actions, rng=jax.random.key(1)
+  )
+  assert set(losses) == {"fast_ce", "flow_mse", "fast_accuracy", "loss_tokens_truncated"}
+  for name in ("fast_ce", "flow_mse", "fast_accuracy"):
+    assert losses[name].shape == (3,) and losses[name].dtype == jnp.float32
+    assert np.isfinite(losses[name]).all()
+  # A fresh model predicts text at chance: CE near log(vocab).
+  np.testing.assert_allclose(losses["fast_ce"], np.log(config.vocab_size), rtol=0.2)
+  sample = jax.jit(functools.partial(pi05.sample_actions, config=config, num_steps=4))
+  actions_out = sample(params, observation=obs, rng=jax.random.key(2))
+  assert actions_out.shape == (3, config.action_horizon, config.action_dim)
+  assert actions_out.dtype == jnp.float32 and np.isfinite(actions_out).all()
+
+
+def test_vlm_only_examples_have_no_flow_loss(config, params):
+  obs = pi05.fake_observation(config, 2)
+  obs = obs.replace(has_actions=jnp.array([True, False]))
+  losses = pi05.compute_losses(params, config, obs, pi05.fake_actions(config, 2), jax.random.key(0), train=True)
+  assert losses["flow_mse"][0] > 0 and losses["flow_mse"][1] == 0
+  assert losses["fast_ce"][1] > 0
+
+
+def test_flow_loss_ignores_padded_action_dims(config, params):
+  obs, actions = pi05.fake_observation(config, 1), pi05.fake_actions(config, 1)
+  # At t = 1 the network's input is the noise alone, so padded target dims change only the target.
+  run = functools.partial(
+    pi05.compute_losses, params, config, obs, rng=jax.random.key(0), train=True,
+    noise=jax.random.normal(jax.random.key(1), actions.shape), time=jnp.ones((1,)),
+  )
+  garbage = actions.at[..., config.data_action_dim :].set(100.0)
+  np.testing.assert_allclose(run(actions=garbage)["flow_mse"], run(actions=actions)["flow_mse"], rtol=1e-6)
+
+
+def test_fast_loss_switch():
+  config = tiny_config(fast_loss=False)
+  params = pi05.init_params(config, jax.random.key(0))
+  losses = pi05.compute_losses(
+    params, config, pi05.fake_observation(config, 1), pi05.fake_actions(config, 1), jax.random.key(0), train=True
+  )
+  assert losses["fast_ce"][0] == 0 and losses["flow_mse"][0] > 0
+
+
+def test_greedy_fast_decoding_agrees_with_the_training_pass(config, params):
+  """Decoded tokens, fed back as the postfix, are each the training pass's argmax (accuracy 1)."""
+  num_tokens = 6
+  obs = pi05.fake_observation(config, 2, with_fast=False)
+  tokens = pi05.sample_fast(params, config, obs, max_tokens=num_tokens)
+  assert tokens.shape == (2, num_tokens) and tokens.dtype == jnp.int32
+  start = int(obs.tokenized_prompt_mask[0].sum())
+  span = slice(start, start + num_tokens)
+  teacher = obs.replace(
+    tokenized_prompt=obs.tokenized_prompt.at[:, span].set(tokens),
+    tokenized_prompt_mask=obs.tokenized_prompt_mask.at[:, span].set(True),
+    token_ar_mask=obs.token_ar_mask.at[:, span].set(1),
+    token_loss_mask=obs.token_loss_mask.at[:, span].set(True),
+  )
+  losses = pi05.compute_losses(params, config, teacher, pi05.fake_actions(config, 2), jax.random.key(0), train=True)
+  np.testing.assert_array_equal(losses["fast_accuracy"], [1.0, 1.0])
+
+
+def test_observation_from_host_batch_dict(config):
+  batch = {
+    "image": {k: np.full((2, 224, 224, 3), 255, np.uint8) for k in config.image_keys},
+    "image_mask": {k: np.ones((2,), bool) for k in config.image_keys},
+    "state": np.zeros((2, config.action_dim), np.float32),
+    "tokenized_prompt": np.ones((2, config.max_token_len), np.int32),
+    "tokenized_prompt_mask": np.ones((2, config.max_token_len), bool),
+  }
+  obs = pi05.Observation.from_dict(batch)
+  assert obs.images["base_0_rgb"].dtype == jnp.float32 and float(obs.images["base_0_rgb"].max()) == 1.0
+  assert obs.has_actions.shape == (2,) and bool(obs.has_actions.all())
+
+
+@pytest.mark.parametrize(
+  "overrides,message",
+  [
+    (dict(data_action_dim=40), "data_action_dim 40 > action_dim"),
+    (dict(vlm_variant="gemma_2b", expert_variant="dummy"), "depth must agree"),
+    (dict(siglip_variant="Huge/14"), "Unknown SigLIP size"),
+    (dict(dtype="float16"), "dtype"),
+    (dict(remat_policy="save_everything_please"), "remat_policy"),
+    (dict(max_loss_tokens=64), "max_loss_tokens"),
+  ],
+)
+def test_invalid_configs_are_refused_with_a_reason(overrides, message):
+  with pytest.raises(ValueError, match=message):
+    tiny_config(**overrides)

@@ -1,0 +1,38 @@
+"""Tiny pi0.5 configurations for tests: small enough to compile in seconds on a CPU."""
+
+import jax
+
+from ki.model import pi05
+
+
+def tiny_config(**overrides) -> pi05.Config:
+  fields = dict(
+    vlm_variant="tiny",
+    expert_variant="tiny",
+    siglip_variant="mu/16",
+    image_keys=("base_0_rgb", "left_wrist_0_rgb"),
+    action_dim=16,
+    data_action_dim=6,
+    action_horizon=5,
+    max_token_len=24,
+    max_loss_tokens=8,
+    vocab_size=512,
+    dtype="float32",
+  )
+  fields.update(overrides)
+  return pi05.Config(**fields).validate()
+
+
+def perturbed(params, rng, scale=0.05):
+  """Fresh params with every leaf nudged, like a trained model's.
+
+  A fresh init has zero residual gates and a zero SigLIP head, which would make some gradients
+  vanish for reasons that have nothing to do with insulation.
+  """
+  leaves, treedef = jax.tree.flatten(params)
+  keys = jax.random.split(rng, len(leaves))
+  return jax.tree.unflatten(
+    treedef, [x + scale * jax.random.normal(k, x.shape, x.dtype) for x, k in zip(leaves, keys)]
+  )
+
+
