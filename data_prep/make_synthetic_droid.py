@@ -41,12 +41,6 @@ PROMPT_TEMPLATE_TEXTS = ("Task: ", ", State: ", ";", "Action: ", "Question: ", "
 NUMBER_WORDS = {2: "two", 3: "three", 4: "four"}
 
 _FLAGS = flags.FLAGS
-flags.DEFINE_string("out_dir", None, "Output folder.", required=True)
-flags.DEFINE_integer("episodes", 50, "Number of robot episodes.")
-flags.DEFINE_integer("seed", 0, "Random seed; the same arguments give the same bytes.")
-flags.DEFINE_integer("episodes_per_shard", 8, "Episodes per TFRecord shard (sets the shard count).")
-flags.DEFINE_integer("vlm_images", 200, "Number of VLM co-training images (3 questions each).")
-flags.DEFINE_integer("text_vocab_size", 1024, "Text pieces of the SentencePiece model.")
 
 
 def _instructions(
@@ -288,5 +282,16 @@ def main(argv):
   logging.info("wrote %s: %s", _FLAGS.out_dir, json.dumps(info))
 
 
+def _define_flags() -> None:
+  """Flags exist only when run as a job, so the modules import side by side (tests, pipelines)."""
+  flags.DEFINE_string("out_dir", None, "Output folder.", required=True)
+  flags.DEFINE_integer("episodes", 50, "Number of robot episodes.")
+  flags.DEFINE_integer("seed", 0, "Random seed; the same arguments give the same bytes.")
+  flags.DEFINE_integer("episodes_per_shard", 8, "Episodes per TFRecord shard (sets the shard count).")
+  flags.DEFINE_integer("vlm_images", 200, "Number of VLM co-training images (3 questions each).")
+  flags.DEFINE_integer("text_vocab_size", 1024, "Text pieces of the SentencePiece model.")
+
+
 if __name__ == "__main__":
+  _define_flags()
   app.run(main)

@@ -22,3 +22,16 @@ def synthetic_droid(tmp_path_factory):
     text_vocab_size=400,
   )
   return out_dir, info
+
+
+@pytest.fixture(scope="session")
+def prepared_droid(synthetic_droid, tmp_path_factory):
+  """(output folder, manifest) of droid_to_arrayrecord run in-process on the synthetic DROID."""
+  from data_prep import droid_to_arrayrecord
+
+  out_dir, info = synthetic_droid
+  prepared = tmp_path_factory.mktemp("prepared_droid")
+  settings = droid_to_arrayrecord.Settings(
+    rlds_dir=str(out_dir / info["dataset_dir"]), out_dir=str(prepared)
+  )
+  return prepared, droid_to_arrayrecord.run(settings, num_workers=1)
