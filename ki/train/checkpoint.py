@@ -94,9 +94,6 @@ class Checkpointer:
   def all_steps(self) -> list[int]:
     return list(self.manager.all_steps())
 
-  def should_save(self, step: int) -> bool:
-    return self.manager.should_save(step)
-
   def save(self, step: int, state, *, data_iterator=None, assets: dict[str, bytes] | None = None,
            force: bool = False) -> bool:
     """Starts saving `state` as checkpoint `step`; returns whether a save was started."""

@@ -59,25 +59,40 @@ def state_shardings(state_shapes, mesh, *, fsdp_min_size_bytes: int):
   return sharding_lib.fsdp_shardings(state_shapes, mesh, min_size_bytes=fsdp_min_size_bytes)
 
 
-def create_train_state(model_config: pi05.Config, tx: optax.GradientTransformation, mesh, *,
-                       seed: int, use_ema: bool, fsdp_min_size_bytes: int, params=None):
-  """Creates the state sharded over `mesh`. Returns (state, shardings).
-
-  params: optional already-sharded params (e.g. loaded pretrained weights, placed with
-    `shardings.params`); when None the model's initialiser runs under jit, born sharded.
-  """
-  params_key, train_key = jax.random.split(jax.random.PRNGKey(seed))
-
+def _initializer(model_config: pi05.Config, tx: optax.GradientTransformation, use_ema: bool):
   def init(params_key, train_key, params):
     if params is None:
       params = pi05.init_params(model_config, params_key)
     return state_from_params(params, train_key, tx=tx, use_ema=use_ema)
 
-  shapes = jax.eval_shape(init, params_key, train_key, params)
-  shardings = state_shardings(shapes, mesh, fsdp_min_size_bytes=fsdp_min_size_bytes)
+  return init
+
+
+def _keys(seed: int):
+  params_key, train_key = jax.random.split(jax.random.PRNGKey(seed))
+  return params_key, train_key
+
+
+def abstract_train_state(model_config: pi05.Config, tx: optax.GradientTransformation, mesh, *,
+                         seed: int, use_ema: bool, fsdp_min_size_bytes: int):
+  """(shapes, shardings) of the state create_train_state would build; allocates nothing."""
+  shapes = jax.eval_shape(_initializer(model_config, tx, use_ema), *_keys(seed), None)
+  return shapes, state_shardings(shapes, mesh, fsdp_min_size_bytes=fsdp_min_size_bytes)
+
+
+def create_train_state(model_config: pi05.Config, tx: optax.GradientTransformation, mesh, *,
+                       seed: int, use_ema: bool, fsdp_min_size_bytes: int, params=None):
+  """Creates the state sharded over `mesh`. Returns (state, shardings).
+
+  params: optional params already placed on the devices (e.g. pretrained weights put with
+    `shardings.params`); when None the model's initialiser runs under jit, born sharded.
+  """
+  init = _initializer(model_config, tx, use_ema)
+  _, shardings = abstract_train_state(model_config, tx, mesh, seed=seed, use_ema=use_ema,
+                                      fsdp_min_size_bytes=fsdp_min_size_bytes)
   if params is None:
-    state = jax.jit(init, static_argnums=2, out_shardings=shardings)(params_key, train_key, None)
+    state = jax.jit(init, static_argnums=2, out_shardings=shardings)(*_keys(seed), None)
   else:
     # Donated: the loaded params become the state's params without a second copy.
-    state = jax.jit(init, out_shardings=shardings, donate_argnums=2)(params_key, train_key, params)
+    state = jax.jit(init, out_shardings=shardings, donate_argnums=2)(*_keys(seed), params)
   return state, shardings

@@ -1,0 +1,152 @@
+"""The training loop: exact resume, non-finite loss, SIGTERM, configuration errors."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from ki.train import sharding
+from ki.train import trainer as trainer_lib
+from ki.train.trainer import Trainer
+
+from tests.train.tiny import fake_iterator, tiny_train_config
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def _train(workdir, total_steps, **iterator_overrides):
+  config = tiny_train_config(total_steps=total_steps)
+  trainer = Trainer(config, str(workdir),
+                    train_iterator=fake_iterator(config, **iterator_overrides))
+  history = trainer.run()
+  trainer.close()
+  return trainer, history
+
+
+def test_resume_is_exact(tmp_path, compilation_cache):
+  _, straight = _train(tmp_path / "straight", 4)
+  first, _ = _train(tmp_path / "resumed", 2)
+  assert first.checkpointer.latest_step() == 2
+  second, resumed = _train(tmp_path / "resumed", 4)  # a new Trainer: restores step 2
+  assert second.start_step == 2
+  assert sorted(resumed) == [3, 4]
+  for step in (3, 4):
+    for key in ("loss", "fast_ce", "flow_mse", "grad_norm"):
+      np.testing.assert_allclose(resumed[step][key], straight[step][key], rtol=1e-5,
+                                 err_msg=f"{key} at step {step}")
+  # The serving item and the assets are in the checkpoint too.
+  assert (tmp_path / "resumed" / "checkpoints" / "4" / "params").is_dir()
+  assert json.loads(second.checkpointer.restore_assets(4)["config.json"])["total_steps"] == 4
+
+
+class _PoisonedIterator:
+  """Wraps an iterator and puts a NaN into the actions of batch `at` (0-based)."""
+
+  def __init__(self, inner, at):
+    self.inner, self.at = inner, at
+
+  def __next__(self):
+    batch = next(self.inner)
+    if self.inner.index - 1 == self.at:
+      batch["actions"][0, 0, 0] = np.nan
+    return batch
+
+  def get_state(self):
+    return self.inner.get_state()
+
+  def set_state(self, state):
+    self.inner.set_state(state)
+
+  def start_prefetch(self):
+    pass
+
+
+def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, compilation_cache):
+  config = tiny_train_config(total_steps=6)
+  trainer = Trainer(config, str(tmp_path),
+                    train_iterator=_PoisonedIterator(fake_iterator(config), at=2))
+  with pytest.raises(trainer_lib.NonFiniteLossError, match=r"flow_mse.* at step 3"):
+    trainer.run()
+  assert trainer.checkpointer.all_steps() == [2]
+  trainer.close()
+
+
+def test_config_errors_are_refused_before_compiling():
+  mesh = sharding.make_mesh((("data", -1), ("fsdp", 1)))
+  with pytest.raises(ValueError, match="multiple of 8"):
+    trainer_lib.check_config(tiny_train_config(batch_size=12), mesh)
+  with pytest.raises(ValueError, match="data_action_dim 20 > action_dim 16"):
+    trainer_lib.check_config(tiny_train_config(**{"model.data_action_dim": 20}), mesh)
+  config = tiny_train_config()
+  config.unlock()
+  config.data = {"action_horizon": 3}
+  with pytest.raises(ValueError, match="data.action_horizon=3 but model.action_horizon=4"):
+    trainer_lib.check_config(config, mesh)
+
+
+def test_tokenizer_vocabulary_must_match_the_model(tmp_path):
+  from ki.tokenizers import prompt  # pylint: disable=g-import-not-at-top
+
+  model_path = prompt.build_sentencepiece_model(
+    ["pick up the red cube", "put the cup on the plate"] * 20, str(tmp_path / "sp.model"),
+    text_vocab_size=300)
+  config = tiny_train_config()
+  config.unlock()
+  config.assets = {"prompt_tokenizer": model_path, "fast_tokenizer": ""}
+  model_config = trainer_lib.check_config(config, sharding.make_mesh((("data", -1), ("fsdp", 1))))
+  with pytest.raises(ValueError, match=r"1452 pieces but model.vocab_size=256; set "
+                                       r"model.vocab_size to 1452"):
+    trainer_lib.build_tokenizer(config, model_config)
+
+
+def test_too_many_overlong_examples_are_refused(tmp_path):
+  config = tiny_train_config()
+  iterator = fake_iterator(config)
+  iterator.drop_counts = {"too_long": 5}
+  trainer = Trainer(config, str(tmp_path), train_iterator=iterator)
+  with pytest.raises(ValueError, match="raise model.max_token_len"):
+    trainer.run()
+  trainer.close()
+
+
+def _run_fake(workdir, total_steps, cache_dir, **popen):
+  command = [sys.executable, "-m", "tests.train.train_fake", f"--workdir={workdir}",
+             f"--total_steps={total_steps}", f"--cache_dir={cache_dir}"]
+  return subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                          text=True, **popen)
+
+
+def _result(output):
+  lines = [line for line in output.splitlines() if line.startswith("RESULT ")]
+  assert lines, output[-3000:]
+  return json.loads(lines[-1][len("RESULT "):])
+
+
+def test_sigterm_saves_exits_cleanly_and_resumes(tmp_path, compilation_cache):
+  process = _run_fake(tmp_path, 10_000, compilation_cache)
+  # Wait until training is under way (the step-2 checkpoint exists), then preempt.
+  deadline = time.time() + 240
+  while not (tmp_path / "checkpoints" / "2").exists():
+    assert process.poll() is None, process.stdout.read()[-3000:]
+    assert time.time() < deadline, "training did not reach step 2"
+    time.sleep(0.5)
+  process.send_signal(signal.SIGTERM)
+  output, _ = process.communicate(timeout=240)
+  assert process.returncode == 0, output[-3000:]
+  stopped = _result(output)
+  last = max(int(step) for step in stopped["losses"])
+  assert "Stopped by SIGTERM" in output
+  assert stopped["latest_checkpoint"] == last
+
+  resumed = _run_fake(tmp_path, last + 1, compilation_cache)
+  output, _ = resumed.communicate(timeout=240)
+  assert resumed.returncode == 0, output[-3000:]
+  result = _result(output)
+  assert result["start_step"] == last
+  assert list(result["losses"]) == [str(last + 1)]
