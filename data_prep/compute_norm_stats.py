@@ -59,9 +59,11 @@ def main(argv):
 
 def _define_flags() -> None:
   """Flags exist only when run as a job, so the modules import side by side (tests, pipelines)."""
-  flags.DEFINE_string("data_dir", None, "Prepared dataset (droid_to_arrayrecord output).", required=True)
+  flags.DEFINE_string(
+    "data_dir", None, "Prepared dataset (droid_to_arrayrecord output).", required=True
+  )
   flags.DEFINE_string("out", None, "Output path of norm_stats.json.", required=True)
-  flags.DEFINE_integer("max_frames", None, "Use a uniform sample of this many frames (default: all).")
+  flags.DEFINE_integer("max_frames", None, "Use a uniform sample of this many frames (else all).")
   flags.DEFINE_string(
     "delta_action_mask",
     prepared_frames.DEFAULT_DELTA_MASK_TEXT,

@@ -80,7 +80,7 @@ def open_rlds(rlds_dir: str):
     raise ValueError(f"{rlds_dir} does not have DROID's features: {'; '.join(problems)}")
   missing = [str(p) for p in builder.info.splits["train"].filepaths if not tf.io.gfile.exists(p)]
   if missing:
-    raise FileNotFoundError(f"{rlds_dir}: shards listed in dataset_info.json are missing: {missing}")
+    raise FileNotFoundError(f"{rlds_dir}: shards in dataset_info.json are missing: {missing}")
   return builder
 
 

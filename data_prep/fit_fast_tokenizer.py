@@ -6,9 +6,10 @@ r"""Fits the FAST action tokenizer on normalised action chunks sampled from a pr
 
 Each sampled chunk goes through exactly the training pipeline's action path: delta actions
 (ki.data.droid.to_delta_actions, same mask as compute_norm_stats), then quantile normalisation with
-the dataset's norm stats (ki.data.normalize). The tokenizer is saved in the physical-intelligence/fast
-processor folder format (tokenizer.json + processor_config.json) and reloads with
-ki.tokenizers.fast.FastTokenizer.load. The log reports tokens per chunk and the round-trip error.
+the dataset's norm stats (ki.data.normalize). The tokenizer is saved in the
+physical-intelligence/fast processor folder format (tokenizer.json + processor_config.json) and
+reloads with ki.tokenizers.fast.FastTokenizer.load. The log reports tokens per chunk and the
+round-trip error.
 """
 
 import time
@@ -82,7 +83,9 @@ def main(argv):
 
 def _define_flags() -> None:
   """Flags exist only when run as a job, so the modules import side by side (tests, pipelines)."""
-  flags.DEFINE_string("data_dir", None, "Prepared dataset (droid_to_arrayrecord output).", required=True)
+  flags.DEFINE_string(
+    "data_dir", None, "Prepared dataset (droid_to_arrayrecord output).", required=True
+  )
   flags.DEFINE_string("norm_stats", None, "norm_stats.json from compute_norm_stats.", required=True)
   flags.DEFINE_string("out_dir", None, "Output folder for the tokenizer.", required=True)
   flags.DEFINE_integer("vocab_size", 1024, "BPE vocabulary size.")

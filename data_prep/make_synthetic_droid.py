@@ -143,7 +143,10 @@ def make_episode(seed: int, index: int) -> dict:
         "gripper_position": gripper[following[t]],
         "gripper_velocity": (gripper[following[t]] - gripper[t]) * hz,
       },
-      "action": np.concatenate([(cartesian[following[t]] - cartesian[t]) * hz, gripper[following[t]]]),
+      # DROID documents `action` inconsistently; here: cartesian velocity + gripper position.
+      "action": np.concatenate(
+        [(cartesian[following[t]] - cartesian[t]) * hz, gripper[following[t]]]
+      ),
       "discount": np.float32(1.0),
       "reward": np.float32(t == length - 1 and not failure),
     })
@@ -287,7 +290,7 @@ def _define_flags() -> None:
   flags.DEFINE_string("out_dir", None, "Output folder.", required=True)
   flags.DEFINE_integer("episodes", 50, "Number of robot episodes.")
   flags.DEFINE_integer("seed", 0, "Random seed; the same arguments give the same bytes.")
-  flags.DEFINE_integer("episodes_per_shard", 8, "Episodes per TFRecord shard (sets the shard count).")
+  flags.DEFINE_integer("episodes_per_shard", 8, "Episodes per TFRecord shard (sets shard count).")
   flags.DEFINE_integer("vlm_images", 200, "Number of VLM co-training images (3 questions each).")
   flags.DEFINE_integer("text_vocab_size", 1024, "Text pieces of the SentencePiece model.")
 

@@ -9,7 +9,7 @@ from ki.data import droid, records
 
 
 def open_frames(data_dir: str) -> array_record_data_source.ArrayRecordDataSource:
-  """Random access to every record of the prepared dataset in `data_dir` (shards from its manifest)."""
+  """Random access to every record of the prepared dataset in `data_dir` (shards per manifest)."""
   return array_record_data_source.ArrayRecordDataSource(records.shard_paths(data_dir))
 
 

@@ -81,7 +81,7 @@ def sample_scene(rng: np.random.Generator) -> Scene:
 
 
 def joints_from_position(position: np.ndarray) -> np.ndarray:
-  """The arm's 7 joint angles for end-effector positions [..., 3] (a fixed smooth map) -> [..., 7]."""
+  """The arm's joint angles [..., 7] for end-effector positions [..., 3] (a fixed smooth map)."""
   x, y, z = position[..., 0] - 0.5, position[..., 1] - 0.5, position[..., 2] - 0.3
   features = np.stack([x, y, z, x * y, np.sin(np.pi * x), z * z], axis=-1)
   return _HOME + features @ _WEIGHTS.T

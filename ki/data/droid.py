@@ -109,7 +109,7 @@ def ranges_to_mask(ranges: Sequence[Sequence[int]], length: int) -> np.ndarray:
 
 
 def load_keep_ranges(path: str) -> dict[str, list[tuple[int, int]]]:
-  """Loads openpi's published keep-ranges JSON: {"{recording_folderpath}--{file_path}": [[s, e], ...]}.
+  """Loads openpi's published keep-ranges: {"{recording_folderpath}--{file_path}": [[s, e], ...]}.
 
   Accepts local paths and gs:// (through tf.io.gfile).
   """
@@ -130,7 +130,8 @@ def load_keep_ranges(path: str) -> dict[str, list[tuple[int, int]]]:
       pairs = [(int(start), int(end)) for start, end in value]
     except (TypeError, ValueError) as e:
       raise ValueError(
-        f"keep-ranges JSON {path}: entry {key!r} must be a list of [start, end] pairs, got {value!r}"
+        f"keep-ranges JSON {path}: entry {key!r} must be a list of [start, end] pairs, "
+        f"got {value!r}"
       ) from e
     if any(end < start for start, end in pairs):
       raise ValueError(f"keep-ranges JSON {path}: entry {key!r} has a range with end < start")
@@ -208,7 +209,7 @@ def action_chunks(actions: np.ndarray, horizon: int) -> np.ndarray:
 def _delta_mask(mask: Sequence[bool], action_dim: int) -> np.ndarray:
   mask = np.asarray(mask, bool)
   if mask.ndim != 1 or mask.shape[0] > action_dim:
-    raise ValueError(f"delta action mask {mask.tolist()} does not fit actions with {action_dim} dims")
+    raise ValueError(f"delta action mask {mask.tolist()} does not fit {action_dim} action dims")
   # Dims beyond the mask (e.g. model padding) stay absolute.
   return np.pad(mask, (0, action_dim - mask.shape[0]))
 

@@ -98,7 +98,7 @@ class RunningStats:
       raise ValueError("RunningStats.update needs an array [..., D], got a scalar")
     batch = batch.reshape(-1, batch.shape[-1])
     if self._mean is not None and batch.shape[1] != self._mean.shape[0]:
-      raise ValueError(f"batch has {batch.shape[1]} dims, earlier batches had {self._mean.shape[0]}")
+      raise ValueError(f"batch has {batch.shape[1]} dims, earlier ones {self._mean.shape[0]}")
     if not np.all(np.isfinite(batch)):
       raise ValueError("RunningStats.update got non-finite values")
     if batch.shape[0] == 0:
@@ -165,7 +165,7 @@ class RunningStats:
     self._low, self._high = low, high
 
   def _order_statistic(self, rank: float) -> np.ndarray:
-    """[D]: the value where the cumulative count reaches `rank` (1-based), interpolated in its bin."""
+    """[D]: where the cumulative count reaches `rank` (1-based), interpolated inside its bin."""
     width = np.where(self._high > self._low, self._bin_width(self._low, self._high), 0.0)
     cumulative = np.cumsum(self._histogram, axis=1)
     index = np.array([np.searchsorted(c, rank) for c in cumulative]).clip(0, self._num_bins - 1)

@@ -74,7 +74,8 @@ def test_save_load_in_openpi_format(tmp_path):
   loaded = normalize.load_norm_stats(path)
   assert set(loaded) == {"state", "actions"}
   np.testing.assert_array_equal(loaded["actions"].q99, [2.0, 5.0])
-  (tmp_path / "old.json").write_text(json.dumps({"norm_stats": {"state": {"mean": [0], "std": [1]}}}))
+  old = {"norm_stats": {"state": {"mean": [0], "std": [1]}}}  # z-score-only stats (pi0)
+  (tmp_path / "old.json").write_text(json.dumps(old))
   with pytest.raises(ValueError, match="lack \\['q01', 'q99'\\]"):
     normalize.load_norm_stats(str(tmp_path / "old.json"))
   with pytest.raises(FileNotFoundError, match="nowhere.json"):

@@ -32,7 +32,8 @@ def test_stats_match_numpy_with_delta_actions(prepared_droid, tmp_path):
   _check(stats["actions"], delta.reshape(-1, 8))
   path = str(tmp_path / "norm_stats.json")
   normalize.save_norm_stats(stats, path)
-  np.testing.assert_array_equal(normalize.load_norm_stats(path)["actions"].q99, stats["actions"].q99)
+  loaded = normalize.load_norm_stats(path)
+  np.testing.assert_array_equal(loaded["actions"].q99, stats["actions"].q99)
 
 
 def test_absolute_actions_and_sampling(prepared_droid):
