@@ -64,24 +64,67 @@ def resize_with_pad(image: Image.Image, height: int, width: int) -> Image.Image:
   return canvas
 
 
-def augment(image: Image.Image, rng: np.random.Generator, *, geometric: bool) -> Image.Image:
-  """pi0.5's training augmentation; `geometric=False` (wrist camera) gives colour jitter only."""
-  if geometric:
-    width, height = image.size
-    crop_width, crop_height = int(width * CROP_FRACTION), int(height * CROP_FRACTION)
-    left = int(rng.integers(0, width - crop_width + 1))
-    top = int(rng.integers(0, height - crop_height + 1))
-    image = image.crop((left, top, left + crop_width, top + crop_height))
-    image = image.resize((width, height), resample=Image.BILINEAR)
-    angle = float(rng.uniform(-MAX_ROTATION_DEGREES, MAX_ROTATION_DEGREES))
-    image = image.rotate(angle, resample=Image.BILINEAR, fillcolor=(0, 0, 0))
+def _random_geometry(rng: np.random.Generator, size: int) -> tuple[int, int, int, float]:
+  """(crop side, left, top, rotation degrees) of pi0.5's crop-and-rotate, on a size x size image."""
+  crop = int(size * CROP_FRACTION)
+  left = int(rng.integers(0, size - crop + 1))
+  top = int(rng.integers(0, size - crop + 1))
+  return crop, left, top, float(rng.uniform(-MAX_ROTATION_DEGREES, MAX_ROTATION_DEGREES))
+
+
+def jitter_colour(image: Image.Image, rng: np.random.Generator) -> Image.Image:
+  """Random brightness, contrast and saturation factors in [1 - s, 1 + s] (openpi's strengths)."""
   brightness, contrast, saturation = rng.uniform(
     [1 - BRIGHTNESS, 1 - CONTRAST, 1 - SATURATION], [1 + BRIGHTNESS, 1 + CONTRAST, 1 + SATURATION]
   )
   image = ImageEnhance.Brightness(image).enhance(float(brightness))
   image = ImageEnhance.Contrast(image).enhance(float(contrast))
-  image = ImageEnhance.Color(image).enhance(float(saturation))
-  return image
+  return ImageEnhance.Color(image).enhance(float(saturation))
+
+
+def augment(image: Image.Image, rng: np.random.Generator, *, geometric: bool) -> Image.Image:
+  """pi0.5's augmentation on an already resized square image, step by step as openpi orders it:
+  crop 95%, resize back, rotate, colour jitter; `geometric=False` (wrist) is colour only.
+
+  `prepare_image` fuses the geometric steps with the resize into one resampling (same random
+  draws, same geometry, a third of the time); this function is the reference it is tested against.
+  """
+  if geometric:
+    size = image.size[0]
+    crop, left, top, angle = _random_geometry(rng, size)
+    image = image.crop((left, top, left + crop, top + crop))
+    image = image.resize((size, size), resample=Image.BILINEAR)
+    image = image.rotate(angle, resample=Image.BILINEAR, fillcolor=(0, 0, 0))
+  return jitter_colour(image, rng)
+
+
+def resize_crop_rotate(
+  image: Image.Image, size: int, rng: np.random.Generator
+) -> Image.Image:
+  """resize_with_pad -> crop -> resize -> rotate as ONE affine resampling of the source image.
+
+  Output pixel u (continuous coordinates, centre of [0, size)^2) is rotated about the centre,
+  mapped into the crop window of the padded image, then from the padded image back to the source.
+  Composing the maps costs one bilinear pass instead of three, and interpolates once.
+  """
+  width, height = image.size
+  ratio = max(width / size, height / size)
+  resized_width, resized_height = int(width / ratio), int(height / ratio)
+  pad = np.array([(size - resized_width) // 2, (size - resized_height) // 2], np.float64)
+  to_source = np.diag([width / resized_width, height / resized_height])
+  crop, left, top, angle = _random_geometry(rng, size)
+  to_padded = np.eye(2) * (crop / size)
+  radians = np.deg2rad(angle)
+  # PIL's rotate(angle) (counter-clockwise on screen, y pointing down) samples its input at
+  # centre + R (u - centre) with this R.
+  rotation = np.array([[np.cos(radians), -np.sin(radians)], [np.sin(radians), np.cos(radians)]])
+  centre = np.array([size / 2, size / 2])
+  linear = to_source @ to_padded @ rotation
+  offset = to_source @ (np.array([left, top]) + to_padded @ (centre - rotation @ centre) - pad)
+  coefficients = (linear[0, 0], linear[0, 1], offset[0], linear[1, 0], linear[1, 1], offset[1])
+  return image.transform(
+    (size, size), Image.AFFINE, coefficients, resample=Image.BILINEAR, fillcolor=(0, 0, 0)
+  )
 
 
 def prepare_image(
@@ -96,7 +139,11 @@ def prepare_image(
   Raises:
     CorruptImageError: the bytes do not decode.
   """
-  image = resize_with_pad(decode_jpeg(data), size, size)
-  if rng is not None:
-    image = augment(image, rng, geometric=geometric)
+  image = decode_jpeg(data)
+  if rng is not None and geometric:
+    image = jitter_colour(resize_crop_rotate(image, size, rng), rng)
+  else:
+    image = resize_with_pad(image, size, size)
+    if rng is not None:
+      image = jitter_colour(image, rng)
   return np.asarray(image, dtype=np.uint8)

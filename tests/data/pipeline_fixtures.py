@@ -32,6 +32,13 @@ def jpeg(color, size=(64, 96)) -> bytes:
   return buffer.getvalue()
 
 
+def png(array: np.ndarray) -> bytes:
+  """Lossless image bytes of a uint8 [H, W, 3] array (the decoder accepts any PIL format)."""
+  buffer = io.BytesIO()
+  Image.fromarray(array).save(buffer, format="PNG")
+  return buffer.getvalue()
+
+
 def frame(episode: int, step: int, *, length: int = 20, instructions=None) -> dict:
   """A valid prepared-frame record whose values encode (episode, step) for identification."""
   rng = np.random.default_rng([episode, step])

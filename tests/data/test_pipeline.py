@@ -213,3 +213,15 @@ def test_empty_shard_folder_and_unknown_field_are_errors(data, tmp_path):
   c = config(data["good"])
   with pytest.raises(AttributeError):
     c.shufle_window = 3  # ConfigDict from default_config() is locked against typos.
+
+
+def test_data_benchmark_runs_in_quick_mode(tmp_path):
+  from benchmarks import data_bench
+
+  out = tmp_path / "data.json"
+  results = data_bench.main(["--quick", "--out", str(out)])
+  assert out.exists()
+  assert results["samples_per_second_one_process"] > 0
+  stages = results["breakdown_ms_per_sample"]
+  assert {"JPEG decode (2 cameras)", "tokenize (prompt + FAST)"} <= set(stages)
+  assert all(ms > 0 for ms in stages.values())

@@ -57,6 +57,22 @@ def test_augmentation_is_deterministic_and_wrist_gets_colour_only():
     assert np.all(wrist == wrist[0, 0])
 
 
+def test_fused_augmentation_matches_openpis_step_by_step_order():
+  # A smooth source so that the only differences are interpolation, which is done once (fused)
+  # instead of three times; they concentrate on the content/black borders.
+  y, x = np.mgrid[0:180, 0:320]
+  source = np.stack(
+    [128 + 100 * np.sin(x / 25), 128 + 100 * np.cos(y / 20), 128 + 60 * np.sin((x + y) / 30)], -1
+  ).astype(np.uint8)
+  data = fixtures.png(source)
+  for seed in range(4):
+    fused = images.prepare_image(data, size=224, rng=np.random.default_rng(seed), geometric=True)
+    padded = images.resize_with_pad(images.decode_jpeg(data), 224, 224)
+    reference = images.augment(padded, np.random.default_rng(seed), geometric=True)
+    difference = np.abs(fused.astype(int) - np.asarray(reference, int))
+    assert difference.mean() < 3 and (difference > 20).mean() < 0.03
+
+
 def test_robot_example_matches_contract(tokenizer, stats):
   record = fixtures.frame(1, 3)
   example = robot_transform(tokenizer, stats, augment=False)(record, np.random.default_rng(0))
