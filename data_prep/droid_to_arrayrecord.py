@@ -182,6 +182,7 @@ def run(settings: Settings, *, num_workers: int = 1) -> dict:
   start = time.time()
   results = {}
   progress = tqdm(total=len(tasks), desc="DROID shards", unit="shard")
+  pool = None
   if num_workers <= 1:
     _worker.update(builder=builder, settings=settings, keep_ranges=keep_ranges)
     outputs = map(_convert_indexed, tasks)
@@ -198,8 +199,9 @@ def run(settings: Settings, *, num_workers: int = 1) -> dict:
       progress.set_postfix(frames=sum(w for w, _ in results.values()))
   finally:
     progress.close()
-    if num_workers > 1:
-      pool.close()
+    if pool is not None:
+      # Every result is in, or an error is on its way up: either way the workers can stop now.
+      pool.terminate()
       pool.join()
   total = collections.Counter()
   for _, counts in results.values():
@@ -260,7 +262,7 @@ def main(argv):
 def _define_flags() -> None:
   """Flags exist only when run as a job, so the modules import side by side (tests, pipelines)."""
   flags.DEFINE_string("rlds_dir", None, "DROID version folder (local or gs://).", required=True)
-  flags.DEFINE_string("out_dir", None, "Output folder for the ArrayRecord shards.", required=True)
+  flags.DEFINE_string("out_dir", None, "Local output folder for the ArrayRecord shards.", required=True)
   flags.DEFINE_string("keep_ranges_json", None, "openpi's keep-ranges JSON; default: idle rule.")
   flags.DEFINE_enum("action_space", "joint_position", droid.ACTION_SPACES, "Joint action space.")
   flags.DEFINE_integer("action_horizon", 16, "Action chunk length H.")
