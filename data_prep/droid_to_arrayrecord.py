@@ -262,7 +262,7 @@ def main(argv):
 def _define_flags() -> None:
   """Flags exist only when run as a job, so the modules import side by side (tests, pipelines)."""
   flags.DEFINE_string("rlds_dir", None, "DROID version folder (local or gs://).", required=True)
-  flags.DEFINE_string("out_dir", None, "Local output folder for the ArrayRecord shards.", required=True)
+  flags.DEFINE_string("out_dir", None, "Local folder for the ArrayRecord shards.", required=True)
   flags.DEFINE_string("keep_ranges_json", None, "openpi's keep-ranges JSON; default: idle rule.")
   flags.DEFINE_enum("action_space", "joint_position", droid.ACTION_SPACES, "Joint action space.")
   flags.DEFINE_integer("action_horizon", 16, "Action chunk length H.")
