@@ -165,6 +165,7 @@ def _breakdown(setup: dict, *, samples: int) -> dict[str, float]:
 
 
 def run(quick: bool) -> dict:
+  load_before = os.getloadavg()[0]
   with tempfile.TemporaryDirectory(prefix="ki_data_bench_") as directory:
     setup = _prepare(directory, episodes=4 if quick else 24)
     batch_size = 8 if quick else 32
@@ -180,7 +181,8 @@ def run(quick: bool) -> dict:
   return {
     "command": "python -m benchmarks.data_bench" + (" --quick" if quick else ""),
     "device": f"CPU, {os.cpu_count()} cores ({platform.processor() or platform.machine()})",
-    "note": "wall-clock on a shared machine; other jobs may have been running",
+    "note": "wall-clock; a load average above the core count means other jobs shared the CPU",
+    "load_average_1min": {"before": load_before, "after": os.getloadavg()[0]},
     "image_size": IMAGE_SIZE,
     "action_horizon": H,
     "max_token_len": MAX_TOKEN_LEN,
