@@ -90,7 +90,7 @@ def base_config() -> ml_collections.ConfigDict:
 
 def smoke_config() -> ml_collections.ConfigDict:
   config = base_config()
-  config.total_steps = 300
+  config.total_steps = 400
   config.batch_size = 16
   config.mesh = (("data", -1), ("fsdp", 1))
   config.fsdp_min_size_bytes = 2**20
@@ -98,9 +98,9 @@ def smoke_config() -> ml_collections.ConfigDict:
   config.compilation_cache_dir = os.path.join(cache, "jax_cache")
   config.model.update(dict(
     vlm_variant="dummy", expert_variant="dummy", siglip_variant="mu/16", image_size=64,
-    action_dim=32, action_horizon=8, max_token_len=64, max_loss_tokens=24,
+    action_dim=32, action_horizon=8, max_token_len=96, max_loss_tokens=40,
     vocab_size=1024 + 1152, dtype="float32", remat_policy="none"))
-  smoke_group = dict(_FULL_GROUP, peak_lr=1e-3, warmup_steps=20, decay_steps=300, end_lr=1e-4,
+  smoke_group = dict(_FULL_GROUP, peak_lr=1e-3, warmup_steps=20, decay_steps=400, end_lr=1e-4,
                      weight_decay=1e-4)
   config.optimizer.groups = dict(vlm=dict(smoke_group), action_expert=dict(smoke_group))
   config.init.kind = "scratch"
@@ -117,7 +117,7 @@ def smoke_config() -> ml_collections.ConfigDict:
   config.synthetic_data_dir = cache
   config.checkpoint.update(dict(every=100, max_to_keep=2, keep_period=0))
   config.log_every = 20
-  config.eval.update(dict(every=150, batch_size=16, max_batches=2))
+  config.eval.update(dict(every=200, batch_size=16, max_batches=4))
   return config
 
 

@@ -1,0 +1,66 @@
+"""Synthetic DROID for the smoke experiment, generated on first use into a cache folder.
+
+The same offline jobs a real run uses, in order, on a small synthetic dataset:
+  data_prep.make_synthetic_droid   RLDS episodes + VLM question/answer set + SentencePiece model
+  data_prep.droid_to_arrayrecord   prepared frames (ArrayRecord shards)
+  data_prep.compute_norm_stats     norm_stats.json
+  data_prep.fit_fast_tokenizer     the FAST tokenizer folder
+The last ArrayRecord shard is moved to arrayrecord/eval as the held-out split. A READY file marks
+a complete cache; a half-written one (interrupted) is rebuilt from scratch.
+"""
+
+import logging
+import os
+import shutil
+
+import jax
+import ml_collections
+
+READY = "READY"
+EPISODES = 48
+EPISODES_PER_SHARD = 8
+VLM_IMAGES = 120
+TEXT_VOCAB_SIZE = 1024  # + 1152 <loc>/<seg> pieces = the smoke model's vocab_size
+FAST_VOCAB_SIZE = 256
+FAST_SCALE = 10.0
+
+
+def ensure(config: ml_collections.ConfigDict) -> str:
+  """Builds the smoke data in config.synthetic_data_dir unless it is already there."""
+  cache = config.synthetic_data_dir
+  if os.path.exists(os.path.join(cache, READY)):
+    return cache
+  if jax.process_count() > 1:
+    raise RuntimeError(f"Synthetic data is missing in {cache}; generate it with one process "
+                       "(python -m ki.main ... on one host) before a multi-host run.")
+  from data_prep import compute_norm_stats  # pylint: disable=g-import-not-at-top
+  from data_prep import droid_to_arrayrecord  # pylint: disable=g-import-not-at-top
+  from data_prep import fit_fast_tokenizer  # pylint: disable=g-import-not-at-top
+  from data_prep import make_synthetic_droid  # pylint: disable=g-import-not-at-top
+  from ki.data import normalize  # pylint: disable=g-import-not-at-top
+
+  logging.info("Generating synthetic DROID into %s (first use only; about a minute).", cache)
+  shutil.rmtree(cache, ignore_errors=True)
+  info = make_synthetic_droid.generate(cache, episodes=EPISODES, seed=0,
+                                       episodes_per_shard=EPISODES_PER_SHARD,
+                                       vlm_images=VLM_IMAGES, text_vocab_size=TEXT_VOCAB_SIZE)
+  train_dir = config.data.arrayrecord_dir
+  droid_to_arrayrecord.run(droid_to_arrayrecord.Settings(
+    rlds_dir=os.path.join(cache, info["dataset_dir"]), out_dir=train_dir,
+    action_space=config.data.action_space, action_horizon=config.model.action_horizon))
+  mask = tuple(config.data.delta_action_mask) or None
+  stats = compute_norm_stats.compute_norm_stats(train_dir, delta_action_mask=mask)
+  normalize.save_norm_stats(stats, config.assets.norm_stats)
+  chunks = fit_fast_tokenizer.normalized_chunks(train_dir, stats, max_chunks=20_000,
+                                                delta_action_mask=mask)
+  tokenizer, report = fit_fast_tokenizer.fit(chunks, vocab_size=FAST_VOCAB_SIZE, scale=FAST_SCALE)
+  tokenizer.save(config.assets.fast_tokenizer)
+  logging.info("FAST tokenizer: %s", report)
+  shutil.copy(os.path.join(cache, info["sentencepiece_model"]), config.assets.prompt_tokenizer)
+  # Hold out the last shard.
+  shards = sorted(f for f in os.listdir(train_dir) if ".array_record" in f)
+  os.makedirs(config.data.eval_arrayrecord_dir, exist_ok=True)
+  shutil.move(os.path.join(train_dir, shards[-1]), config.data.eval_arrayrecord_dir)
+  with open(os.path.join(cache, READY), "w") as f:
+    f.write("complete\n")
+  return cache
