@@ -1,0 +1,85 @@
+"""Every experiment file loads through the same flag path as ki.main, validates, and its
+optimizer rules cover the model's full-size parameter tree (checked with eval_shape only)."""
+
+import glob
+import importlib
+import os
+
+import jax
+import ml_collections
+import pytest
+
+from ki.model import pi05
+from ki.train import optimizer, state
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+EXPERIMENTS = sorted(glob.glob(os.path.join(REPO, "experiments", "*.py")))
+EXPERIMENTS = [p for p in EXPERIMENTS if not p.endswith("__init__.py")]
+
+
+def _load(path, variant):
+  name = os.path.splitext(os.path.basename(path))[0]
+  return importlib.import_module(f"experiments.{name}").get_config(variant)
+
+
+def test_there_are_experiments():
+  names = {os.path.basename(p) for p in EXPERIMENTS}
+  assert {"droid_ki.py", "pi05_flow_only.py", "joint_no_stopgrad.py"} <= names
+
+
+@pytest.mark.parametrize("path", EXPERIMENTS, ids=os.path.basename)
+@pytest.mark.parametrize("variant", ["full", "smoke"])
+def test_experiment_loads_and_validates(path, variant):
+  config = _load(path, variant)
+  assert isinstance(config, ml_collections.ConfigDict)
+  assert config.is_locked
+  model_config = pi05.Config(**config.model).validate()
+  # The launch command and expectations are documented in the file.
+  module_doc = open(path).read().split('"""')[1]
+  assert "python -m ki.main --config=experiments/" in module_doc
+  # Data and model agree; batch divisibility is checked for the device count of the variant.
+  for field in ("action_dim", "action_horizon", "data_action_dim", "image_size"):
+    assert config.data[field] == getattr(model_config, field), field
+  if config.loss.fast_weight:
+    assert model_config.fast_loss
+  params = jax.eval_shape(lambda: pi05.init_params(model_config, jax.random.PRNGKey(0))) \
+    if variant == "smoke" else state.abstract_params(model_config)
+  optimizer.make_optimizer(config.optimizer, params)
+
+
+def test_full_variant_matches_the_openpi_parameter_layout():
+  config = _load(os.path.join(REPO, "experiments", "droid_ki.py"), "full")
+  params = state.abstract_params(pi05.Config(**config.model))
+  count = sum(x.size for x in jax.tree.leaves(params))
+  assert count == 3_353_433_872  # reference/openpi_pi05_params.tsv
+  labels = optimizer.label_params(params, config.optimizer.group_rules)
+  sizes = {}
+  for label, leaf in zip(jax.tree.leaves(labels), jax.tree.leaves(params)):
+    sizes[label] = sizes.get(label, 0) + leaf.size
+  assert 300e6 < sizes["action_expert"] < 500e6
+  assert sizes["vlm"] > 2.5e9
+
+
+def test_full_variant_settings_follow_openpi_droid_finetune():
+  config = _load(os.path.join(REPO, "experiments", "droid_ki.py"), "full")
+  assert config.batch_size == 256
+  assert (config.model.action_dim, config.model.data_action_dim) == (32, 8)
+  assert config.model.action_horizon == 16
+  for group in config.optimizer.groups.values():
+    assert (group.b1, group.b2, group.clip_norm) == (0.9, 0.95, 1.0)
+    assert (group.peak_lr, group.warmup_steps) == (5e-5, 1000)
+
+
+def test_variants_differ_as_documented():
+  experiments = os.path.join(REPO, "experiments")
+  flow_only = _load(os.path.join(experiments, "pi05_flow_only.py"), "full")
+  assert not flow_only.model.fast_loss and flow_only.loss.fast_weight == 0
+  no_stopgrad = _load(os.path.join(experiments, "joint_no_stopgrad.py"), "full")
+  assert not no_stopgrad.model.knowledge_insulation and no_stopgrad.model.fast_loss
+  ki = _load(os.path.join(experiments, "droid_ki.py"), "full")
+  assert ki.model.knowledge_insulation and ki.loss.fast_weight == ki.loss.flow_weight == 1.0
+
+
+def test_unknown_variant_is_an_error():
+  with pytest.raises(ValueError, match="smoke"):
+    _load(os.path.join(REPO, "experiments", "droid_ki.py"), "tiny")
