@@ -99,7 +99,9 @@ def default_config() -> ml_collections.ConfigDict:
 
 def _vlm_entry(entry: Mapping[str, Any], position: int) -> dict[str, Any]:
   entry = dict(entry)
-  defaults = {"split": "train", "image_key": "image", "prompt_key": "prompt", "answer_key": "answer"}
+  defaults = {
+    "split": "train", "image_key": "image", "prompt_key": "prompt", "answer_key": "answer"
+  }
   unknown = set(entry) - set(defaults) - {"kind", "path", "weight"}
   if unknown:
     raise ValueError(f"data.vlm_sources[{position}]: unknown fields {sorted(unknown)}")
@@ -251,7 +253,8 @@ class HostBatchIterator(grain.DatasetIterator):
 
   @property
   def drop_counts(self) -> dict[str, int]:
-    """Examples skipped since the start of training (all hosts' workers on this host)."""
+    """Examples skipped by this host since the start of training (sum over its workers; the
+    trainer sums over hosts if it wants global counts)."""
     return {reason: int(count) for reason, count in zip(DROP_REASONS, self._totals)}
 
   def metrics(self) -> dict[str, int]:
@@ -277,8 +280,19 @@ class _HostBatchIterDataset(grain.IterDataset):
     return "HostBatchIterDataset"
 
 
-def _robot_dataset(config, transform, *, split, seed, process_index, process_count, num_epochs,
-                   train, read_options) -> grain.IterDataset:
+def _robot_dataset(
+  config: ml_collections.ConfigDict,
+  transform: transforms.RobotTransform,
+  *,
+  split: str,
+  seed: int,
+  process_index: int,
+  process_count: int,
+  num_epochs: int | None,
+  train: bool,
+  read_options: grain.ReadOptions,
+) -> grain.IterDataset:
+  """Robot frames through RobotTransform: the ArrayRecord MapDataset path or the RLDS stream."""
   if config.source == "arrayrecord":
     path = config.arrayrecord_dir if split == "train" else config.eval_arrayrecord_dir
     return _map_pipeline(
@@ -309,8 +323,16 @@ def _robot_dataset(config, transform, *, split, seed, process_index, process_cou
   return frames.random_map(transform, seed=_seed(seed, 1))
 
 
-def _vlm_dataset(entry, transform, *, seed, process_index, process_count,
-                 read_options) -> grain.IterDataset:
+def _vlm_dataset(
+  entry: dict[str, Any],
+  transform: transforms.VlmTransform,
+  *,
+  seed: int,
+  process_index: int,
+  process_count: int,
+  read_options: grain.ReadOptions,
+) -> grain.IterDataset:
+  """One co-training source through VlmTransform, repeating forever."""
   if entry["kind"] == "jsonl":
     return _map_pipeline(
       sources.jsonl_vlm_examples(entry["path"]),
@@ -444,14 +466,12 @@ def make_iterator(
 # ------------------------------------------------------------------------------------------------
 # Checkpointing with orbax, through Grain's handler.
 
-CHECKPOINT_ITEM = "data_iterator"
-
-
 def checkpoint_handler() -> grain.checkpoint.CheckpointHandler:
   """The orbax item handler for the data iterator: one JSON file per process in the step folder.
 
   Register it with orbax's CheckpointManager, e.g.
-    ocp.CheckpointManager(dir, item_handlers={..., CHECKPOINT_ITEM: checkpoint_handler()})
+    ocp.CheckpointManager(dir, item_handlers={..., "data": checkpoint_handler()})
+  (ki/train/checkpoint.py does the same with grain's classes directly.)
   """
   return grain.checkpoint.CheckpointHandler()
 

@@ -113,7 +113,9 @@ def open_tfds_builder(builder_dir: str, *, what: str):
 def tfds_shard_files(builder, builder_dir: str, split: str, *, what: str) -> list[str]:
   """The shard files of `split`, checked to exist."""
   if split not in builder.info.splits:
-    raise ValueError(f"{what}: split {split!r} not in {builder_dir} (has {list(builder.info.splits)})")
+    raise ValueError(
+      f"{what}: split {split!r} not in {builder_dir} (has {list(builder.info.splits)})"
+    )
   files = [posixpath.join(builder_dir, name) for name in builder.info.splits[split].filenames]
   gfile = _gfile()
   for file in files:

@@ -89,7 +89,8 @@ def norm_stats(frames) -> dict:
 def tokenizer(directory, *, max_token_len: int = MAX_TOKEN_LEN) -> prompt.Pi05Tokenizer:
   rng = np.random.default_rng(0)
   texts = [
-    prompt.robot_prompt_text(text, rng.uniform(-1, 1, droid.ACTION_DIM)) for text in INSTRUCTIONS * 30
+    prompt.robot_prompt_text(text, rng.uniform(-1, 1, droid.ACTION_DIM))
+    for text in INSTRUCTIONS * 30
   ] + ["what colour is the block? red", "where is the cup? left"] * 30
   model = prompt.build_sentencepiece_model(
     texts, os.path.join(directory, "sp.model"), text_vocab_size=300

@@ -1,7 +1,6 @@
 """Co-training mixture: VLM examples from a JSONL manifest and from a TFDS dataset join robot
 frames in the configured proportions, with has_actions=False and loss only on the answer."""
 
-import os
 import tempfile
 
 import numpy as np

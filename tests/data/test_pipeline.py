@@ -86,7 +86,9 @@ def test_batches_follow_the_host_batch_contract(data):
   batch = next(make(data, config(data["good"])))
   b, h, d, length = 4, fixtures.HORIZON, fixtures.ACTION_DIM, fixtures.MAX_TOKEN_LEN
   expected = {
-    "image": {"base_0_rgb": ((b, 32, 32, 3), np.uint8), "left_wrist_0_rgb": ((b, 32, 32, 3), np.uint8)},
+    "image": {
+      "base_0_rgb": ((b, 32, 32, 3), np.uint8), "left_wrist_0_rgb": ((b, 32, 32, 3), np.uint8)
+    },
     "image_mask": {"base_0_rgb": ((b,), np.bool_), "left_wrist_0_rgb": ((b,), np.bool_)},
     "state": ((b, d), np.float32),
     "actions": ((b, h, d), np.float32),
