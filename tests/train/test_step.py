@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+import pytest
 
 from ki.model import pi05
 from ki.train import optimizer, sharding, state as state_lib, step as step_lib
@@ -103,6 +104,7 @@ def _run_tiny(mesh_config, devices, steps=2):
   return losses, state
 
 
+@pytest.mark.slow
 def test_fsdp_on_8_devices_gives_the_same_losses_as_1_device():
   single, _ = _run_tiny((("data", 1), ("fsdp", 1)), jax.devices()[:1])
   sharded, state = _run_tiny((("data", 2), ("fsdp", 4)), None)

@@ -128,6 +128,7 @@ def _result(output):
   return json.loads(lines[-1][len("RESULT "):])
 
 
+@pytest.mark.slow
 def test_sigterm_saves_exits_cleanly_and_resumes(tmp_path, compilation_cache):
   process = _run_fake(tmp_path, 10_000, compilation_cache)
   # Wait until training is under way (the step-2 checkpoint exists), then preempt.
