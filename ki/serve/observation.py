@@ -1,0 +1,115 @@
+"""DROID observations from a robot client: checked, then turned into what training fed the model.
+
+A request is openpi's DROID observation dict (the keys openpi's DROID evaluation client sends):
+  "observation/exterior_image_1_left": uint8 [H, W, 3], any size (resized with padding here)
+  "observation/wrist_image_left":      uint8 [H, W, 3], any size
+  "observation/joint_position":        real [7]
+  "observation/gripper_position":      real [1] (a scalar is accepted too)
+  "prompt":                            str, the language instruction
+Extra keys are ignored (openpi's client may send more cameras than the model reads).
+
+Every check raises `InvalidObservationError` naming the key and what is wrong with it, so a robot
+operator reading the error on the client side knows what to fix.
+"""
+
+from typing import Any, Mapping
+
+import numpy as np
+from PIL import Image
+
+from ki.data import droid
+from ki.data import images as image_lib
+
+EXTERIOR_IMAGE = "observation/exterior_image_1_left"
+WRIST_IMAGE = "observation/wrist_image_left"
+JOINT_POSITION = "observation/joint_position"
+GRIPPER_POSITION = "observation/gripper_position"
+PROMPT = "prompt"
+REQUIRED_KEYS = (EXTERIOR_IMAGE, WRIST_IMAGE, JOINT_POSITION, GRIPPER_POSITION, PROMPT)
+
+# Which model camera slot each client camera fills (the data pipeline's slot names).
+IMAGE_SLOTS = {"base_0_rgb": EXTERIOR_IMAGE, "left_wrist_0_rgb": WRIST_IMAGE}
+# Far above any robot camera; refuses a malformed header before PIL allocates for it.
+MAX_IMAGE_SIDE = 8192
+
+
+class InvalidObservationError(ValueError):
+  """The request cannot be turned into a model input; the message says which key and why."""
+
+
+def _image(obs: Mapping[str, Any], key: str) -> np.ndarray:
+  image = obs[key]
+  if not isinstance(image, np.ndarray):
+    raise InvalidObservationError(f"{key} must be a uint8 numpy array [H, W, 3], "
+                                  f"got {type(image).__name__}")
+  # Float images would be silently misread (openpi's clients convert to uint8 before sending).
+  if image.dtype != np.uint8:
+    raise InvalidObservationError(f"{key} must have dtype uint8, got {image.dtype}")
+  if image.ndim != 3 or image.shape[-1] != 3 or min(image.shape[:2]) < 1:
+    raise InvalidObservationError(f"{key} must have shape [H, W, 3] with H, W >= 1, "
+                                  f"got {image.shape}")
+  if max(image.shape[:2]) > MAX_IMAGE_SIDE:
+    raise InvalidObservationError(f"{key} is {image.shape[0]}x{image.shape[1]}; the largest "
+                                  f"side accepted is {MAX_IMAGE_SIDE}")
+  return image
+
+
+def _real_vector(obs: Mapping[str, Any], key: str, size: int, *, allow_scalar: bool) -> np.ndarray:
+  value = obs[key]
+  if isinstance(value, (list, tuple, float, int)) and not isinstance(value, bool):
+    value = np.asarray(value)
+  if not isinstance(value, (np.ndarray, np.generic)):
+    raise InvalidObservationError(f"{key} must be a numeric array [{size}], "
+                                  f"got {type(value).__name__}")
+  value = np.asarray(value)
+  if value.dtype.kind not in "fiu":
+    raise InvalidObservationError(f"{key} must hold real numbers, got dtype {value.dtype}")
+  if allow_scalar and value.shape == ():
+    value = value.reshape(1)
+  if value.shape != (size,):
+    raise InvalidObservationError(f"{key} must have shape ({size},), got {value.shape}")
+  if not np.all(np.isfinite(value)):
+    raise InvalidObservationError(f"{key} has non-finite values: {value.tolist()}")
+  return value.astype(np.float32)
+
+
+def parse(obs: Any) -> tuple[dict[str, np.ndarray], np.ndarray, str]:
+  """A checked request -> (raw images by model slot, raw state float32 [8], prompt)."""
+  if not isinstance(obs, Mapping):
+    raise InvalidObservationError(f"the observation must be a dict, got {type(obs).__name__}")
+  missing = [key for key in REQUIRED_KEYS if key not in obs]
+  if missing:
+    raise InvalidObservationError(f"the observation lacks {missing} (it has {sorted(obs)})")
+  images = {slot: _image(obs, key) for slot, key in IMAGE_SLOTS.items()}
+  state = droid.state_vector(
+    _real_vector(obs, JOINT_POSITION, droid.NUM_JOINTS, allow_scalar=False),
+    _real_vector(obs, GRIPPER_POSITION, 1, allow_scalar=True),
+  )
+  prompt = obs[PROMPT]
+  if not isinstance(prompt, str):
+    raise InvalidObservationError(f"{PROMPT} must be a string, got {type(prompt).__name__}")
+  if not prompt.strip():
+    raise InvalidObservationError(f"{PROMPT} is empty: the policy needs an instruction")
+  return images, state, prompt
+
+
+def resize_image(image: np.ndarray, size: int) -> np.ndarray:
+  """uint8 [H, W, 3] -> uint8 [size, size, 3] with the data pipeline's resize_with_pad (no
+  augmentation), so the model sees frames exactly as it saw them in training."""
+  resized = image_lib.resize_with_pad(Image.fromarray(image), size, size)
+  return np.asarray(resized, dtype=np.uint8)
+
+
+def fake_droid_observation(*, height: int = 180, width: int = 320,
+                           prompt: str = "put the marker in the cup") -> dict[str, Any]:
+  """A well-formed request at DROID's camera resolution (180x320), for warm-up and benchmarks."""
+  rows = np.linspace(0, 255, height, dtype=np.float32)[:, None, None]
+  cols = np.linspace(0, 255, width, dtype=np.float32)[None, :, None]
+  image = ((rows + cols + np.array([0.0, 85.0, 170.0])) % 256).astype(np.uint8)
+  return {
+    EXTERIOR_IMAGE: image,
+    WRIST_IMAGE: image[::-1].copy(),
+    JOINT_POSITION: np.array([0.0, -0.5, 0.0, -2.0, 0.0, 1.6, 0.8], np.float32),
+    GRIPPER_POSITION: np.array([0.2], np.float32),
+    PROMPT: prompt,
+  }

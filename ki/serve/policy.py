@@ -1,0 +1,207 @@
+"""A trained policy as a function: DROID observation -> action chunk in the robot's raw units.
+
+`Policy.infer` applies exactly the inference-time half of the training pipeline (ki/data):
+  images  resize_with_pad to the model's size, no augmentation (ki.data.images);
+  state   joint_position (7) + gripper_position (1), quantile-normalised with the checkpoint's
+          norm stats, discretised into the pi0.5 prompt by the checkpoint's tokenizer;
+  actions sample_actions (prefix + KV cache + Euler steps), cut to the 8 real dims,
+          unnormalised, then delta joints turned back into absolute ones with the current state.
+
+`Policy.from_checkpoint` reads what the trainer wrote (ki/train/checkpoint.py): the `params` item
+(restored by orbax onto the local device, shapes and dtypes checked against the model config) and
+the `assets` files (config.json, norm_stats.json, tokenizer.model).
+"""
+
+import json
+import logging
+import threading
+import time
+from typing import Any
+
+from etils import epath
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+from ki.data import droid
+from ki.data import normalize
+from ki.model import pi05
+from ki.serve import observation as observation_lib
+from ki.tokenizers import prompt as prompt_lib
+from ki.train import checkpoint as checkpoint_lib
+
+_REQUIRED_ASSETS = ("config.json", "norm_stats.json", "tokenizer.model")
+
+
+def resolve_checkpoint(path: str | epath.Path) -> epath.Path:
+  """A step folder (<workdir>/checkpoints/<step>), or the latest step of a workdir (or of its
+  checkpoints/ folder). Raises FileNotFoundError saying what was looked for."""
+  path = epath.Path(path)
+  if (path / "params").is_dir():
+    return path
+  folder = path / checkpoint_lib.CHECKPOINT_DIR if (
+    path / checkpoint_lib.CHECKPOINT_DIR).is_dir() else path
+  if not folder.is_dir():
+    raise FileNotFoundError(f"checkpoint path {path} does not exist")
+  # Orbax's in-progress folders ("8.orbax-checkpoint-tmp-...") are not numbers, so a step being
+  # written is never picked.
+  steps = sorted(int(p.name) for p in folder.iterdir()
+                 if p.name.isdigit() and (p / "params").is_dir())
+  if not steps:
+    raise FileNotFoundError(
+      f"no checkpoint with a params item under {folder}: expected <step>/params/ folders "
+      "(pass a step folder, a workdir or its checkpoints/ folder)")
+  return folder / str(steps[-1])
+
+
+def load_model_config(config_json: dict) -> pi05.Config:
+  """pi05.Config from the experiment config the trainer saved (config.model)."""
+  model = config_json.get("model")
+  if not isinstance(model, dict):
+    raise ValueError("the checkpoint's config.json has no 'model' section")
+  try:
+    return pi05.Config(**model).validate()
+  except TypeError as error:  # an unknown field: the checkpoint is from another model version
+    raise ValueError(f"the checkpoint's config.model does not fit pi05.Config: {error}") from error
+
+
+def restore_params(step_dir: epath.Path, model_config: pi05.Config, device=None) -> dict:
+  """The params item restored by orbax onto one device; orbax checks every shape against the tree
+  the config implies."""
+  device = device or jax.local_devices()[0]
+  sharding = jax.sharding.SingleDeviceSharding(device)
+  shapes = jax.eval_shape(lambda: pi05.init_params(model_config, jax.random.key(0)))
+  target = {"params": jax.tree.map(
+    lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding), shapes)}
+  with ocp.StandardCheckpointer() as checkpointer:
+    return checkpointer.restore(step_dir / "params", target)["params"]
+
+
+class Policy:
+  """sample_actions compiled once for one DROID request at a time.
+
+  Thread-safe: the server calls `infer` from a worker thread; the request counter that varies the
+  noise is guarded.
+  """
+
+  def __init__(self, params, model_config: pi05.Config, tokenizer: prompt_lib.Pi05Tokenizer,
+               norm_stats: dict[str, normalize.NormStats], *,
+               delta_action_mask: tuple[bool, ...] | None = droid.DEFAULT_DELTA_ACTION_MASK,
+               num_flow_steps: int = 10, seed: int = 0, metadata: dict | None = None):
+    """
+    Args:
+      params: the model's parameter tree (openpi layout).
+      model_config: its pi05.Config; data_action_dim must be DROID's 8.
+      tokenizer: builds the prompt (no FAST tokenizer needed: inference has no postfix).
+      norm_stats: {"state": NormStats, "actions": NormStats} over the 8 real dims, as training
+        used them (actions' stats on delta actions when delta_action_mask is set).
+      delta_action_mask: the training pipeline's mask (joints relative to the state); None or
+        () when the model predicts absolute actions.
+      num_flow_steps: Euler steps of sample_actions (pi0.5: 10).
+      seed: base of the per-request noise (request k uses fold_in(seed, k)).
+      metadata: sent to clients on connect (extended with the model's shapes).
+    """
+    if model_config.data_action_dim != droid.ACTION_DIM:
+      raise ValueError(f"this policy serves DROID (8 action dims) but the model has "
+                       f"data_action_dim={model_config.data_action_dim}")
+    missing = [k for k in ("state", "actions") if k not in norm_stats]
+    if missing:
+      raise ValueError(f"norm stats lack {missing}")
+    for key, stats in norm_stats.items():
+      if key in ("state", "actions") and stats.q01.shape[-1] < droid.ACTION_DIM:
+        raise ValueError(f"norm stats {key!r} cover {stats.q01.shape[-1]} dims, need "
+                         f"{droid.ACTION_DIM}")
+    unknown = [k for k in model_config.image_keys if k not in observation_lib.IMAGE_SLOTS]
+    if unknown:
+      raise ValueError(f"the model reads cameras {unknown} that a DROID request does not fill "
+                       f"(known: {sorted(observation_lib.IMAGE_SLOTS)})")
+    self.params = params
+    self.model_config = model_config
+    self.tokenizer = tokenizer
+    self.norm_stats = norm_stats
+    self.delta_action_mask = tuple(delta_action_mask) if delta_action_mask else None
+    self.num_flow_steps = num_flow_steps
+    self._base_rng = jax.random.key(seed)
+    self._count = 0
+    self._lock = threading.Lock()
+    self.metadata = dict(metadata or {})
+    self.metadata.update(
+      action_horizon=model_config.action_horizon, action_dim=droid.ACTION_DIM,
+      image_size=model_config.image_size, num_flow_steps=num_flow_steps,
+      observation_keys=list(observation_lib.REQUIRED_KEYS))
+
+    def sample(params, batch, rng):
+      observation = pi05.Observation.from_dict(batch)
+      return pi05.sample_actions(params, model_config, observation, rng, num_steps=num_flow_steps)
+
+    self._sample = jax.jit(sample)
+
+  @classmethod
+  def from_checkpoint(cls, path: str, *, num_flow_steps: int = 10, seed: int = 0) -> "Policy":
+    """From a step folder or a workdir (its latest step)."""
+    step_dir = resolve_checkpoint(path)
+    assets = step_dir / "assets"
+    missing = [name for name in _REQUIRED_ASSETS if not (assets / name).exists()]
+    if missing:
+      raise FileNotFoundError(f"checkpoint {step_dir} lacks the assets {missing} in {assets}; "
+                              "train with config.assets set so the trainer stores them")
+    config_json = json.loads((assets / "config.json").read_text())
+    model_config = load_model_config(config_json)
+    data = config_json.get("data") or {}
+    delta_action_mask = tuple(data.get("delta_action_mask", droid.DEFAULT_DELTA_ACTION_MASK))
+    norm_stats = normalize.load_norm_stats(str(assets / "norm_stats.json"))
+    tokenizer = prompt_lib.Pi05Tokenizer(
+      prompt_lib.PromptTokenizer(str(assets / "tokenizer.model")), None,
+      max_token_len=model_config.max_token_len, lm_vocab_size=model_config.vocab_size)
+    logging.info("Restoring params from %s.", step_dir)
+    params = restore_params(step_dir, model_config)
+    metadata = {"checkpoint": str(step_dir), "step": int(step_dir.name) if
+                step_dir.name.isdigit() else -1}
+    return cls(params, model_config, tokenizer, norm_stats, delta_action_mask=delta_action_mask,
+               num_flow_steps=num_flow_steps, seed=seed, metadata=metadata)
+
+  def _model_inputs(self, images: dict[str, np.ndarray], state: np.ndarray, prompt: str) -> dict:
+    """Raw request parts -> a host batch of one, as the data pipeline builds it."""
+    config = self.model_config
+    normalized_state = normalize.quantile_normalize(state, self.norm_stats["state"])
+    tokens = self.tokenizer.tokenize_robot(prompt, normalized_state, None)
+    if tokens is None:
+      raise observation_lib.InvalidObservationError(
+        f"{observation_lib.PROMPT} is too long: the prompt does not fit the model's "
+        f"max_token_len={config.max_token_len} tokens")
+    padded_state = np.zeros((config.action_dim,), np.float32)
+    padded_state[:droid.ACTION_DIM] = normalized_state
+    batch = {
+      "image": {k: observation_lib.resize_image(images[k], config.image_size)
+                for k in config.image_keys},
+      "image_mask": {k: np.ones((), bool) for k in config.image_keys},
+      "state": padded_state,
+      **tokens,
+    }
+    return jax.tree.map(lambda x: np.asarray(x)[None], batch)
+
+  def _next_rng(self):
+    with self._lock:
+      self._count += 1
+      return jax.random.fold_in(self._base_rng, self._count)
+
+  def infer(self, obs: dict[str, Any]) -> dict[str, Any]:
+    """One DROID request -> {"actions": float32 [H, 8] (absolute joints + gripper, raw units),
+    "policy_timing": {"infer_ms": float}}. Raises InvalidObservationError for a bad request."""
+    start = time.monotonic()
+    images, state, prompt = observation_lib.parse(obs)
+    batch = self._model_inputs(images, state, prompt)
+    normalized = np.asarray(self._sample(self.params, batch, self._next_rng()))[0]
+    actions = normalize.quantile_unnormalize(normalized[:, :droid.ACTION_DIM],
+                                             self.norm_stats["actions"])
+    if self.delta_action_mask:
+      actions = droid.to_absolute_actions(actions, state, self.delta_action_mask)
+    return {"actions": actions.astype(np.float32),
+            "policy_timing": {"infer_ms": 1000 * (time.monotonic() - start)}}
+
+  def warmup(self) -> float:
+    """Compiles sample_actions with a fake request; returns the seconds it took."""
+    start = time.monotonic()
+    self.infer(observation_lib.fake_droid_observation())
+    return time.monotonic() - start
+
