@@ -83,8 +83,9 @@ def base_config() -> ml_collections.ConfigDict:
   config.checkpoint = ml_collections.ConfigDict(dict(
     every=1_000, max_to_keep=3, keep_period=10_000, asynchronous=True, params_item=True))
   config.log_every = 50
+  # vlm_heldout: a JSONL manifest of held-out co-training examples ('' = no language eval).
   config.eval = ml_collections.ConfigDict(dict(every=5_000, batch_size=256, max_batches=8,
-                                               flow_steps=10))
+                                               flow_steps=10, vlm_heldout=""))
   return config
 
 
@@ -117,7 +118,8 @@ def smoke_config() -> ml_collections.ConfigDict:
   config.synthetic_data_dir = cache
   config.checkpoint.update(dict(every=100, max_to_keep=2, keep_period=0))
   config.log_every = 20
-  config.eval.update(dict(every=200, batch_size=16, max_batches=4))
+  config.eval.update(dict(every=200, batch_size=16, max_batches=4,
+                          vlm_heldout=os.path.join(cache, "vlm", "heldout.jsonl")))
   return config
 
 

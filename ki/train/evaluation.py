@@ -40,6 +40,27 @@ def eval_batch(model_config: pi05.Config, num_flow_steps: int, params, batch, rn
   }
 
 
+def vlm_heldout_batches(manifest_path: str, *, tokenizer, action_dim: int, action_horizon: int,
+                        image_size: int, per_host_batch_size: int, process_index: int,
+                        process_count: int):
+  """Held-out co-training (VLM) host batches from a JSONL manifest, read once in order.
+
+  The same record source and example transform as the training mixture (ki.data), without
+  augmentation; examples the transform drops are skipped.
+  """
+  import grain  # pylint: disable=g-import-not-at-top
+  from ki.data import sources, transforms  # pylint: disable=g-import-not-at-top
+
+  dataset = sources.jsonl_vlm_examples(manifest_path)[process_index::process_count]
+  dataset = dataset.random_map(
+    transforms.VlmTransform(tokenizer=tokenizer, action_dim=action_dim,
+                            action_horizon=action_horizon, augment=False, image_size=image_size),
+    seed=0)
+  dataset = dataset.filter(lambda example: not isinstance(example, transforms.Dropped))
+  dataset = dataset.to_iter_dataset(grain.ReadOptions(num_threads=1))
+  return iter(dataset.batch(per_host_batch_size, drop_remainder=True))
+
+
 def _mean(values: np.ndarray, mask: np.ndarray) -> float:
   return float(np.sum(values * mask) / max(np.sum(mask), 1))
 

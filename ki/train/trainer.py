@@ -186,11 +186,18 @@ class Trainer:
     train = pipeline.make_iterator(self.config.data, split="train", train=True,
                                    per_host_batch_size=self.per_host_batch_size, **common)
     eval_sets = {}
+    eval_batch_size = self.config.eval.batch_size // jax.process_count()
     if self.config.eval.every and self.config.data.get("eval_arrayrecord_dir"):
-      eval_batch_size = self.config.eval.batch_size // jax.process_count()
       eval_sets["robot"] = lambda: pipeline.make_iterator(
         self.config.data, split="eval", train=False, per_host_batch_size=eval_batch_size,
         **common)
+    if self.config.eval.every and self.config.eval.get("vlm_heldout"):
+      model = self.model_config
+      eval_sets["vlm"] = lambda: evaluation.vlm_heldout_batches(
+        self.config.eval.vlm_heldout, tokenizer=tokenizer, action_dim=model.action_dim,
+        action_horizon=model.action_horizon, image_size=model.image_size,
+        per_host_batch_size=eval_batch_size, process_index=jax.process_index(),
+        process_count=jax.process_count())
     return train, eval_sets
 
   def _pretrained_params(self, abstract_params):

@@ -14,13 +14,13 @@ _PROGRESS = re.compile(r"step (\d+)/\d+ \| loss [\d.]+ fast_ce ([\d.]+) flow_mse
 
 
 @pytest.mark.slow
-def test_smoke_experiment_trains_and_both_losses_fall(tmp_path):
+def test_smoke_experiment_trains_and_both_losses_fall(tmp_path, compilation_cache):
   env = dict(os.environ, KI_CACHE=str(tmp_path / "cache"), JAX_PLATFORMS="cpu")
   env.pop("XLA_FLAGS", None)
   command = [sys.executable, "-m", "ki.main", "--config=experiments/droid_ki.py:smoke",
              f"--workdir={tmp_path / 'work'}", "--config.total_steps=120",
              "--config.log_every=20", "--config.checkpoint.every=60", "--config.eval.every=120",
-             "--config.eval.max_batches=1"]
+             "--config.eval.max_batches=1", f"--config.compilation_cache_dir={compilation_cache}"]
   result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True,
                           timeout=600)
   output = result.stdout + result.stderr

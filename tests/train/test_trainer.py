@@ -18,6 +18,9 @@ from ki.train.trainer import Trainer
 from tests.train.tiny import fake_iterator, tiny_train_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+# One xdist worker runs these, so the in-process trainers and the SIGTERM subprocess share the
+# compiled train step through the compilation cache.
+pytestmark = pytest.mark.xdist_group("tiny_trainer")
 
 
 def _train(workdir, total_steps, **iterator_overrides):
