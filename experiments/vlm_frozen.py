@@ -6,7 +6,8 @@ frozen VLM.
 
   python -m ki.main --config=experiments/vlm_frozen.py:full --workdir=/ckpt/vlm_frozen \
     --config.data.arrayrecord_dir=... --config.assets.norm_stats=... \
-    --config.assets.prompt_tokenizer=... --config.init.path=/ckpt/openpi/pi05_base
+    --config.assets.fast_tokenizer=... --config.assets.prompt_tokenizer=... \
+    --config.init.path=/ckpt/openpi/pi05_base
   python -m ki.main --config=experiments/vlm_frozen.py:smoke --workdir=/tmp/vlm_frozen
 
 What to expect (KI paper, Sec. 6): training is cheaper (no VLM gradients or Adam moments) and the
@@ -25,6 +26,5 @@ def get_config(variant: str = "full") -> ml_collections.ConfigDict:
   config.optimizer.groups.vlm.frozen = True
   config.model.fast_loss = False
   config.loss.fast_weight = 0.0
-  config.assets.fast_tokenizer = ""
   config.lock()
   return config

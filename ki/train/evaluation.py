@@ -9,6 +9,7 @@ For every named eval set (an iterable of host batches, read afresh each time):
                retention, what knowledge insulation is meant to protect.
 """
 
+import dataclasses
 import functools
 
 import jax
@@ -73,11 +74,15 @@ class Evaluator:
                use_quantiles: bool = True):
     self.model_config = model_config
     self.mesh = mesh
+    # Token losses are evaluated even for runs trained without them (flow-only, frozen VLM): the
+    # language model head is the tied embedding, so the same params give the text loss, and the
+    # language-retention comparison between experiments needs it.
+    eval_config = dataclasses.replace(model_config, fast_loss=True)
     self.action_stats = action_stats
     self.use_quantiles = use_quantiles
     # Outputs replicated: every host reads the whole (small) result.
     self._eval = jax.jit(
-      functools.partial(eval_batch, model_config, num_flow_steps),
+      functools.partial(eval_batch, eval_config, num_flow_steps),
       in_shardings=(params_shardings, sharding_lib.batch_sharding(mesh),
                     sharding_lib.replicated(mesh)),
       out_shardings=sharding_lib.replicated(mesh),

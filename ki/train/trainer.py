@@ -72,8 +72,11 @@ def build_tokenizer(config: ml_collections.ConfigDict, model_config: pi05.Config
       f"but model.vocab_size={model_config.vocab_size}; set model.vocab_size to "
       f"{prompt_tokenizer.vocab_size} or use the matching tokenizer.")
   fast_tokenizer = None
-  if model_config.fast_loss:
+  if config.assets.get("fast_tokenizer"):
     fast_tokenizer = fast_lib.FastTokenizer.load(config.assets.fast_tokenizer)
+  elif model_config.fast_loss:
+    raise ValueError("model.fast_loss is on but config.assets.fast_tokenizer is empty; set it to "
+                     "a FAST tokenizer folder (data_prep.fit_fast_tokenizer).")
   return prompt_lib.Pi05Tokenizer(prompt_tokenizer, fast_tokenizer,
                                   max_token_len=model_config.max_token_len,
                                   lm_vocab_size=model_config.vocab_size)
