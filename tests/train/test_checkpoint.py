@@ -1,4 +1,5 @@
-"""Orbax checkpoints: round trip of a sharded state, params item, assets, data iterator, retention."""
+"""Orbax checkpoints: round trip of a sharded state, params item, assets, data iterator state,
+retention."""
 
 import jax
 import jax.numpy as jnp

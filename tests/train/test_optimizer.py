@@ -53,7 +53,8 @@ def _config(vlm=None, expert=None, rules=optimizer.PI05_GROUP_RULES):
 
 
 def test_pi05_rules_split_expert_from_vlm():
-  labels = dict(optimizer.named_leaves(optimizer.label_params(_params(), optimizer.PI05_GROUP_RULES)))
+  labels = optimizer.label_params(_params(), optimizer.PI05_GROUP_RULES)
+  labels = dict(optimizer.named_leaves(labels))
   assert labels["PaliGemma/llm/layers/attn/q_einsum_1/w"] == "action_expert"
   assert labels["PaliGemma/llm/final_norm_1/Dense_0/kernel"] == "action_expert"
   assert labels["PaliGemma/llm/layers/mlp_1/linear"] == "action_expert"
@@ -68,7 +69,7 @@ def test_pi05_rules_split_expert_from_vlm():
 
 def test_pi05_rules_cover_the_openpi_checkpoint_layout():
   rows = open("/work/shared/reference/openpi_pi05_params.tsv").read().splitlines()
-  names = [r.split("\t")[0] for r in rows if r and not r.startswith("#") and not r.startswith("path")]
+  names = [r.split("\t")[0] for r in rows if r and not r.startswith(("#", "path"))]
   tree = {}
   for name in names:
     node = tree
@@ -142,7 +143,8 @@ def test_group_without_settings_is_an_error():
 
 def test_group_norms_split_by_label():
   params = {"PaliGemma": {"w": jnp.full(4, 3.0)}, "action_in_proj": {"kernel": jnp.full(1, 2.0)}}
-  labels = optimizer.label_params(params, optimizer.PI05_GROUP_RULES[:1] + (("PaliGemma/.*", "vlm"),))
+  rules = optimizer.PI05_GROUP_RULES[:1] + (("PaliGemma/.*", "vlm"),)
+  labels = optimizer.label_params(params, rules)
   norms = optimizer.group_norms(params, labels)
   np.testing.assert_allclose(norms["vlm"], 6.0)
   np.testing.assert_allclose(norms["action_expert"], 2.0)

@@ -1,6 +1,6 @@
-"""Mesh construction, the FSDP rule, born-sharded initialisation and global batches (8 CPU devices)."""
+"""Mesh construction, the FSDP rule, born-sharded initialisation and global batches
+(8 CPU devices)."""
 
-import functools
 
 import jax
 import jax.numpy as jnp

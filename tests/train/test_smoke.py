@@ -20,7 +20,8 @@ def test_smoke_experiment_trains_and_both_losses_fall(tmp_path, compilation_cach
   command = [sys.executable, "-m", "ki.main", "--config=experiments/droid_ki.py:smoke",
              f"--workdir={tmp_path / 'work'}", "--config.total_steps=120",
              "--config.log_every=20", "--config.checkpoint.every=60", "--config.eval.every=120",
-             "--config.eval.max_batches=1", f"--config.compilation_cache_dir={compilation_cache}"]
+             "--config.eval.max_batches=1",
+             f"--config.compilation_cache_dir={compilation_cache}"]
   result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True,
                           timeout=600)
   output = result.stdout + result.stderr

@@ -105,7 +105,7 @@ def _run_tiny(mesh_config, devices, steps=2):
 
 
 @pytest.mark.slow
-def test_fsdp_on_8_devices_gives_the_same_losses_as_1_device():
+def test_fsdp_on_8_devices_gives_the_same_losses_as_1_device(compilation_cache):
   single, _ = _run_tiny((("data", 1), ("fsdp", 1)), jax.devices()[:1])
   sharded, state = _run_tiny((("data", 2), ("fsdp", 4)), None)
   # The FSDP rule really split something.

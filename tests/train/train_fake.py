@@ -41,12 +41,12 @@ def main():
   logging.basicConfig(level=logging.INFO, stream=sys.stdout, force=True)
 
   from ki.train.trainer import Trainer  # pylint: disable=g-import-not-at-top
-  from tests.train.tiny import fake_iterator, tiny_train_config  # pylint: disable=g-import-not-at-top
+  from tests.train import tiny  # pylint: disable=g-import-not-at-top
 
-  config = tiny_train_config(**{"total_steps": args.total_steps,
+  config = tiny.tiny_train_config(**{"total_steps": args.total_steps,
                                 "checkpoint.every": args.checkpoint_every,
                                 "mesh": (("data", -1), ("fsdp", args.num_processes))})
-  iterator = fake_iterator(config, batch_size=config.batch_size // jax.process_count(),
+  iterator = tiny.fake_iterator(config, batch_size=config.batch_size // jax.process_count(),
                            process_index=jax.process_index())
   trainer = Trainer(config, args.workdir, train_iterator=iterator)
   history = trainer.run()
