@@ -123,14 +123,21 @@ def test_streaming_pipeline_resumes_exactly(rlds_dir, tmp_path):
                 split="train", seed=5, process_index=0, process_count=1, per_host_batch_size=4,
                 train=True)
   iterator = pipeline.make_iterator(c, **kwargs)
-  for _ in range(5):
-    next(iterator)
-  state = iterator.get_state()
-  expected = [next(iterator) for _ in range(3)]
+  try:
+    for _ in range(5):
+      next(iterator)
+    state = iterator.get_state()
+    expected = [next(iterator) for _ in range(3)]
+  finally:
+    iterator.close()
   restored = pipeline.make_iterator(c, **kwargs)
-  restored.set_state(state)
-  for batch in expected:
-    jax.tree.map(np.testing.assert_array_equal, batch, next(restored))
+  try:
+    restored.set_state(state)
+    for batch in expected:
+      jax.tree.map(np.testing.assert_array_equal, batch, next(restored))
+    assert restored.drop_counts == iterator.drop_counts
+  finally:
+    restored.close()
 
 
 def test_window_shuffle_reorders_frames(rlds_dir):
@@ -162,30 +169,47 @@ def test_missing_or_unreadable_shard_is_an_error_naming_it(rlds_dir, tmp_path):
     stream(str(tmp_path))
 
 
-def test_worker_processes_split_the_stream_without_loss_or_overlap(rlds_dir, tmp_path):
+@pytest.mark.slow  # Two rounds of spawned workers that each import TensorFlow: ~25-40 s.
+def test_worker_processes_split_the_stream_and_resume_exactly(rlds_dir, tmp_path):
   # mp_prefetch hands each worker a slice through ShardedTfdsIterDataset.set_slice: one pass with
-  # two workers must yield exactly the frames one process yields.
+  # two workers must yield exactly the frames one process yields, and a restore mid-pass must
+  # continue with exactly the batches the original went on to produce.
   elements = list(stream(rlds_dir, num_epochs=1))  # Frames and the stream's own drop markers.
   # Long enough that no prompt is dropped: which instruction a frame draws depends on the worker
   # layout (Grain seeds per worker), and with it whether a tight limit would drop the frame.
   kwargs = dict(tokenizer=fixtures.tokenizer(tmp_path, max_token_len=256),
                 norm_stats=fixtures.norm_stats(frames_of(elements)), split="train", seed=0,
                 process_index=0, process_count=1, per_host_batch_size=1, train=False)
-  states, drops = [], []
-  for workers in (0, 2):
+
+  def make(workers):
     c = pipeline.default_config()
     c.update(dict(source="rlds", rlds_dir=rlds_dir, action_dim=fixtures.ACTION_DIM,
                   action_horizon=fixtures.HORIZON, image_size=fixtures.IMAGE_SIZE,
                   num_workers=workers))
-    iterator = pipeline.make_iterator(c, **kwargs)
-    try:
-      states.append(sorted(batch["state"].tobytes() for batch in iterator))
-      drops.append(iterator.drop_counts)
-    finally:
-      iterator.close()
+    return pipeline.make_iterator(c, **kwargs)
+
+  single = make(0)
+  single_states = sorted(batch["state"].tobytes() for batch in single)
   # Every frame is either in a batch or counted.
-  assert len(states[0]) + sum(drops[0].values()) == len(elements)
-  assert states[0] == states[1]
+  assert len(single_states) + sum(single.drop_counts.values()) == len(elements)
+
+  iterator = make(2)
+  try:
+    head = [next(iterator) for _ in range(40)]
+    state = iterator.get_state()
+    tail = list(iterator)
+    drops = iterator.drop_counts
+  finally:
+    iterator.close()
+  assert sorted(b["state"].tobytes() for b in head + tail) == single_states
   # A drop after a worker's last kept frame of a finite pass has no example to ride on (see
   # pipeline._DropCountingIterator); training repeats forever, so there it never happens.
-  assert all(drops[1][reason] <= drops[0][reason] for reason in drops[0])
+  assert all(drops[reason] <= single.drop_counts[reason] for reason in drops)
+
+  restored = make(2)
+  try:
+    restored.set_state(state)
+    for batch in tail[:5]:
+      jax.tree.map(np.testing.assert_array_equal, batch, next(restored))
+  finally:
+    restored.close()
