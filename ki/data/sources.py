@@ -85,8 +85,13 @@ def arrayrecord_frames(path: str) -> grain.MapDataset:
   files = find_arrayrecord_files(path)
   try:
     source = grain.sources.ArrayRecordDataSource(files)
-  except Exception as error:  # array_record raises plain RuntimeError/ValueError on bad files.
-    raise ValueError(f"cannot open ArrayRecord shards {files}: {error}") from error
+  except Exception:  # array_record raises plain RuntimeError/ValueError without the file name.
+    for file in files:  # Find the culprit so the error can name it.
+      try:
+        grain.sources.ArrayRecordDataSource([file])
+      except Exception as error:
+        raise ValueError(f"cannot read ArrayRecord shard {file}: {error}") from None
+    raise
   if len(source) == 0:
     raise ValueError(f"the ArrayRecord shards at {path} hold no records")
   return grain.MapDataset.source(source).map(decode_frame_record)

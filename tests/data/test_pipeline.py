@@ -209,6 +209,15 @@ def test_bad_config_fails_early_naming_the_problem(data, overrides, message):
     make(data, c)
 
 
+def test_unreadable_shard_is_an_error_naming_it(data, tmp_path):
+  folder = tmp_path / "shards"
+  fixtures.write_shards(folder, GOOD_FRAMES[:4], num_shards=2)
+  bad = folder / "frames.array_record-00001-of-00002"
+  bad.write_bytes(b"\x00" * 1000)
+  with pytest.raises(ValueError, match=str(bad)):
+    make(data, config(folder))
+
+
 def test_empty_shard_folder_and_unknown_field_are_errors(data, tmp_path):
   with pytest.raises(FileNotFoundError, match=str(tmp_path)):
     make(data, config(tmp_path))
