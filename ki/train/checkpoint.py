@@ -2,7 +2,8 @@
 
 Items of a checkpoint:
   state   the full TrainState (params, optimizer state, step, rng, EMA), sharded as in training.
-  params  {"params": params} alone, in openpi's params-item layout, for serving and fine-tuning.
+  params  {"params": params} alone (the EMA params when there is an EMA), in openpi's
+          params-item layout, for serving and fine-tuning.
   assets  small files the policy needs next to the weights: norm stats, FAST tokenizer, config.
   data    the Grain iterator state of every host (grain's own orbax handler, one file per host).
 
@@ -99,7 +100,9 @@ class Checkpointer:
     """Starts saving `state` as checkpoint `step`; returns whether a save was started."""
     items: dict[str, Any] = {"state": ocp.args.StandardSave(state)}
     if self.save_params_item:
-      items["params"] = ocp.args.StandardSave({"params": state.params})
+      # With an EMA, the averaged weights are the ones to serve (as openpi does).
+      serving = state.params if state.ema_params is None else state.ema_params
+      items["params"] = ocp.args.StandardSave({"params": serving})
     if assets:
       items["assets"] = AssetsSave(assets)
     if data_iterator is not None:
