@@ -7,6 +7,7 @@ import subprocess
 import sys
 import time
 
+import jax
 import numpy as np
 import pytest
 
@@ -153,3 +154,21 @@ def test_sigterm_saves_exits_cleanly_and_resumes(tmp_path, compilation_cache):
   result = _result(output)
   assert result["start_step"] == last
   assert list(result["losses"]) == [str(last + 1)]
+
+
+def test_initialises_from_a_checkpoint_of_ours(tmp_path, compilation_cache):
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  from ki.train import state as state_lib  # pylint: disable=g-import-not-at-top
+
+  config = tiny_train_config()
+  abstract = state_lib.abstract_params(trainer_lib.pi05.Config(**config.model))
+  tree = jax.tree.map(lambda s: np.full(s.shape, 0.5, s.dtype), abstract)
+  with ocp.StandardCheckpointer() as checkpointer:
+    checkpointer.save(tmp_path / "pretrained" / "checkpoints" / "5" / "params", {"params": tree})
+  config.unlock()
+  config.init.update(dict(kind="ki", path=str(tmp_path / "pretrained")))
+  trainer = Trainer(config, str(tmp_path / "work"), train_iterator=fake_iterator(config))
+  assert trainer.start_step == 0
+  for leaf in jax.tree.leaves(trainer.state.params):
+    np.testing.assert_array_equal(leaf, 0.5)
+  trainer.close()
