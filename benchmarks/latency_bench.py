@@ -1,0 +1,112 @@
+r"""Inference latency: flow decoding (sample_actions) against FAST decoding (sample_fast).
+
+  python -m benchmarks.latency_bench           # full pi0.5-KI on the accelerator, batch 1
+  python -m benchmarks.latency_bench --quick   # the tiny model on a CPU (tests)
+
+Same model, same parameters, same observation (two 224x224 cameras and a pi0.5 prompt, no FAST
+postfix), batch 1 as a robot queries it:
+  flow  sample_actions: the prefix once into a KV cache, then 10 Euler steps of the action expert;
+  fast  sample_fast: the same prefix, then greedy autoregressive decoding of `--fast_tokens` tokens
+        (a typical DROID chunk is ~30 FAST tokens, plus "|" and EOS: 32 by default).
+Each is jitted and compiled first; the reported time is the median (and 90th percentile) of
+`--repeats` calls, each ending when the result is on the host. The KI paper reports ~100 ms
+(flow) against ~750 ms (pi0-FAST) per chunk on an RTX 4090, a ratio of ~7.5.
+
+Writes benchmarks/results/latency.json (latency_quick.json with --quick) and prints a markdown
+table.
+"""
+
+import argparse
+import sys
+import time
+from typing import Any
+
+import jax
+import numpy as np
+
+from benchmarks import fake_model
+from benchmarks import results_writer
+from benchmarks import train_bench
+from ki.model import pi05
+
+TYPICAL_DROID_FAST_TOKENS = 32
+
+
+def _time_calls(function, repeats: int) -> dict[str, float]:
+  """Median and 90th percentile milliseconds of `function()` with its result on the host."""
+  jax.device_get(function())  # compile and warm up
+  times = []
+  for _ in range(repeats):
+    start = time.perf_counter()
+    jax.device_get(function())
+    times.append(1000 * (time.perf_counter() - start))
+  return {"median_ms": float(np.median(times)), "p90_ms": float(np.percentile(times, 90))}
+
+
+def run(size: str, *, num_flow_steps: int, fast_tokens: int, repeats: int) -> dict[str, Any]:
+  config = train_bench.model_config(size, remat_policy="none")  # no gradients at inference
+  params = fake_model.random_params(
+    config, shardings=jax.sharding.SingleDeviceSharding(jax.devices()[0]))
+  observation = pi05.fake_observation(config, 1, with_fast=False)
+  rng = jax.random.key(0)
+  flow = jax.jit(lambda p, o, r: pi05.sample_actions(p, config, o, r, num_steps=num_flow_steps))
+  fast = jax.jit(lambda p, o: pi05.sample_fast(p, config, o, max_tokens=fast_tokens))
+  flow_times = _time_calls(lambda: flow(params, observation, rng), repeats)
+  fast_times = _time_calls(lambda: fast(params, observation), repeats)
+  return {
+    "size": size,
+    "dtype": config.dtype,
+    "prompt_tokens": int(np.sum(observation.tokenized_prompt_mask)),
+    "image_tokens": config.num_image_tokens,
+    "action_horizon": config.action_horizon,
+    "num_flow_steps": num_flow_steps,
+    "fast_tokens": fast_tokens,
+    "repeats": repeats,
+    "flow": flow_times,
+    "fast": fast_times,
+    "fast_over_flow": fast_times["median_ms"] / flow_times["median_ms"],
+  }
+
+
+def markdown(results: dict[str, Any]) -> str:
+  rows = [
+    [f"sample_actions ({results['num_flow_steps']} Euler steps, H={results['action_horizon']})",
+     results["flow"]["median_ms"], results["flow"]["p90_ms"]],
+    [f"sample_fast ({results['fast_tokens']} tokens)", results["fast"]["median_ms"],
+     results["fast"]["p90_ms"]],
+  ]
+  return results_writer.markdown_table(
+    f"Inference latency, {results['size']} model, batch 1, on {results['device']} "
+    f"(FAST / flow = {results['fast_over_flow']:.1f}x)",
+    ["decoding", "median ms", "p90 ms"], rows)
+
+
+def main(argv=None):
+  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  parser.add_argument("--quick", action="store_true", help="tiny model, few repeats (CPU, tests)")
+  parser.add_argument("--size", default="full", choices=list(train_bench.SIZES))
+  parser.add_argument("--num_flow_steps", type=int, default=10)
+  parser.add_argument("--fast_tokens", type=int, default=TYPICAL_DROID_FAST_TOKENS)
+  parser.add_argument("--repeats", type=int, default=20)
+  parser.add_argument("--out_dir", default=None, help="default: benchmarks/results")
+  args = parser.parse_args(argv)
+  size, repeats = args.size, args.repeats
+  if args.quick:
+    size, repeats = "tiny", 3
+  elif size not in train_bench.CPU_SIZES and not results_writer.has_accelerator():
+    parser.error(f"--size={size} needs an accelerator; use --quick or --size=smoke on a CPU")
+  results = run(size, num_flow_steps=args.num_flow_steps, fast_tokens=args.fast_tokens,
+                repeats=repeats)
+  results["quick"] = args.quick
+  command = " ".join(["python -m benchmarks.latency_bench"]
+                     + (sys.argv[1:] if argv is None else argv))
+  path = results_writer.write("latency_quick" if args.quick else "latency", results,
+                              command=command, out_dir=args.out_dir)
+  results["device"] = results_writer.describe_device(results_writer.device_info())
+  print(markdown(results))
+  print(f"\nWritten to {path}")
+  return results
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,244 @@
+r"""Training throughput and MFU of the real train step, from a tiny model up to full pi0.5-KI.
+
+  python -m benchmarks.train_bench            # every size the device can hold (full on a GPU)
+  python -m benchmarks.train_bench --quick    # the tiny model only, a few steps (CPU, tests)
+  python -m benchmarks.train_bench --sizes=full --per_device_batch=32 --remat=nothing_saveable
+
+Runs the trainer's own pieces: the experiment's optimizer (experiments/droid_ki.py), the state born
+sharded over an FSDP mesh of every device, ki.train.step.train_step jitted with donated state, a
+fixed batch already on the devices (data throughput is benchmarks/data_bench.py's job). It reports
+compile time, the compiled memory estimate, samples/s and
+
+  MFU = training_flops_per_example * samples/s / (num_devices * peak bf16 FLOP/s per device),
+
+with the model FLOPs of ki.model.flops (no remat recomputation counted) and the peak table of
+ki.train.metrics (H100/H200 989 TFLOP/s dense bf16, A100 312); on a CPU the peak is unknown and no
+MFU is reported. Targets for full pi0.5-KI on one H100 (issue 6): >= 40% MFU and >= 37 samples/s
+(twice openpi's ~18.5 samples/s per H100 on DROID).
+
+The sizes above `smoke` run only on an accelerator: on a CPU they would take hours and say nothing.
+Writes benchmarks/results/train.json (train_quick.json with --quick) and prints a markdown table.
+"""
+
+import argparse
+import dataclasses
+import functools
+import sys
+import time
+from typing import Any
+
+import jax
+import numpy as np
+
+from benchmarks import fake_model
+from benchmarks import results_writer
+from ki.model import pi05
+from ki.train import checkpoint as checkpoint_lib
+from ki.train import metrics as metrics_lib
+from ki.train import optimizer as optimizer_lib
+from ki.train import sharding as sharding_lib
+from ki.train import state as state_lib
+from ki.train import step as step_lib
+
+# Model sizes, smallest first: overrides of experiments/droid_ki.py's full model config.
+SIZES = {
+  "tiny": dict(vlm_variant="tiny", expert_variant="tiny", siglip_variant="mu/16", image_size=32,
+               max_token_len=48, max_loss_tokens=16, vocab_size=2176, dtype="float32",
+               remat_policy="none"),
+  "smoke": dict(vlm_variant="dummy", expert_variant="dummy", siglip_variant="mu/16",
+                image_size=64, max_token_len=64, max_loss_tokens=24, vocab_size=2176,
+                dtype="float32", remat_policy="none"),
+  # Gemma 300M in both streams with the full SigLIP: ~1.3B parameters.
+  "gemma_300m": dict(vlm_variant="gemma_300m"),
+  "full": {},
+}
+CPU_SIZES = ("tiny", "smoke")
+# Quick mode checks that the code runs and its numbers are sane, not speed: XLA's CPU backend
+# without its expensive passes compiles the tiny step in half the time (same memory plan).
+QUICK_COMPILER_OPTIONS = {"xla_backend_optimization_level": 0,
+                          "xla_llvm_disable_expensive_passes": True}
+
+
+def model_config(size: str, **overrides) -> pi05.Config:
+  """The full experiment's model with a size's overrides (and any given here)."""
+  from experiments import droid_ki  # pylint: disable=g-import-not-at-top
+
+  fields = dict(droid_ki.get_config("full").model)
+  fields.update(SIZES[size])
+  fields.update(overrides)
+  return pi05.Config(**fields).validate()
+
+
+@dataclasses.dataclass
+class TrainSetup:
+  """The jitted train step and the abstract inputs it compiles for."""
+
+  jitted_step: Any
+  mesh: Any
+  state_shapes: Any
+  state_shardings: Any
+  batch_size: int
+  model_config: pi05.Config
+  tx: Any
+
+  def abstract_inputs(self):
+    """(state, batch) as ShapeDtypeStructs with shardings: compile without allocating."""
+    state = checkpoint_lib.abstract_with_shardings(self.state_shapes, self.state_shardings)
+    batch = fake_model.abstract_host_batch(self.model_config, self.batch_size,
+                                           sharding_lib.batch_sharding(self.mesh))
+    return state, batch
+
+  def create_state(self):
+    """A fresh state with random params, born sharded."""
+    params = fake_model.random_params(self.model_config, shardings=self.state_shardings.params)
+    return jax.jit(functools.partial(state_lib.state_from_params, tx=self.tx, use_ema=False),
+                   out_shardings=self.state_shardings, donate_argnums=0)(
+                     params, jax.random.PRNGKey(0))
+
+
+def build_train_step(config: pi05.Config, per_device_batch: int, *, num_devices: int | None = None
+                     ) -> TrainSetup:
+  """The trainer's step for `config`, FSDP over the first `num_devices` devices (default all)."""
+  from experiments import droid_ki  # pylint: disable=g-import-not-at-top
+
+  experiment = droid_ki.get_config("full")
+  devices = jax.devices()[:num_devices] if num_devices else jax.devices()
+  mesh = sharding_lib.make_mesh(experiment.mesh, devices=devices)
+  abstract_params = state_lib.abstract_params(config)
+  tx, labels, schedules = optimizer_lib.make_optimizer(experiment.optimizer, abstract_params)
+  state_shapes, state_shardings = state_lib.abstract_train_state(
+    config, tx, mesh, seed=0, use_ema=False, fsdp_min_size_bytes=experiment.fsdp_min_size_bytes)
+  settings = step_lib.StepSettings(model=config, flow_weight=1.0,
+                                   fast_weight=1.0 if config.fast_loss else 0.0)
+  jitted = jax.jit(
+    functools.partial(step_lib.train_step, settings, tx, labels, schedules),
+    in_shardings=(state_shardings, sharding_lib.batch_sharding(mesh)),
+    out_shardings=(state_shardings, sharding_lib.replicated(mesh)),
+    donate_argnums=0)
+  return TrainSetup(jitted, mesh, state_shapes, state_shardings, per_device_batch * len(devices),
+                    config, tx)
+
+
+def measure(config: pi05.Config, per_device_batch: int, *, steps: int, warmup_steps: int,
+            num_devices: int | None = None, compiler_options: dict | None = None
+            ) -> dict[str, Any]:
+  """Compiles the step, runs warm-up steps, times `steps` steps; returns the measurements."""
+  setup = build_train_step(config, per_device_batch, num_devices=num_devices)
+  state = setup.create_state()
+  batch = sharding_lib.global_batch(fake_model.fake_host_batch(config, setup.batch_size),
+                                    setup.mesh)
+
+  start = time.perf_counter()
+  compiled = setup.jitted_step.lower(state, batch).compile(compiler_options=compiler_options)
+  compile_seconds = time.perf_counter() - start
+  memory = compiled.memory_analysis()
+
+  for _ in range(warmup_steps):
+    state, metrics = compiled(state, batch)
+  jax.block_until_ready(state)
+  start = time.perf_counter()
+  for _ in range(steps):
+    state, metrics = compiled(state, batch)
+  # The loss fetch ends the timing: every step's result must exist, as in the trainer's loop.
+  loss = float(jax.device_get(metrics["loss"]))
+  seconds = time.perf_counter() - start
+
+  num = setup.mesh.size
+  samples_per_second = steps * setup.batch_size / seconds
+  flops = pi05.training_flops_per_example(config)
+  peak = metrics_lib.peak_flops_per_device(jax.devices()[0].device_kind)
+  mfu = metrics_lib.model_flops_utilization(flops, samples_per_second, num, peak)
+  return {
+    "per_device_batch": per_device_batch,
+    "global_batch": setup.batch_size,
+    "num_devices": num,
+    "remat_policy": config.remat_policy,
+    "dtype": config.dtype,
+    "steps": steps,
+    "step_seconds": seconds / steps,
+    "samples_per_second": samples_per_second,
+    "samples_per_second_per_device": samples_per_second / num,
+    "training_tflop_per_example": flops / 1e12,
+    "peak_tflops_per_device": peak / 1e12 if peak else None,
+    "mfu": mfu,
+    "compile_seconds": compile_seconds,
+    "temp_gib": memory.temp_size_in_bytes / 2**30 if memory else None,
+    "final_loss": loss,
+    "loss_finite": bool(np.isfinite(loss)),
+  }
+
+
+def run(sizes, *, per_device_batch: int | None, remat: str | None, steps: int, warmup_steps: int,
+        num_devices: int | None, compiler_options: dict | None = None) -> dict[str, Any]:
+  rows = []
+  for size in sizes:
+    if size not in CPU_SIZES and not results_writer.has_accelerator():
+      rows.append({"size": size, "skipped": "needs an accelerator"})
+      continue
+    overrides = {"remat_policy": remat} if remat else {}
+    config = model_config(size, **overrides)
+    batch = per_device_batch or (32 if size in ("full", "gemma_300m") else 8)
+    try:
+      row = measure(config, batch, steps=steps, warmup_steps=warmup_steps,
+                    num_devices=num_devices, compiler_options=compiler_options)
+    except Exception as error:  # e.g. out of memory at this batch: record it, go on
+      if "RESOURCE_EXHAUSTED" not in str(error) and "out of memory" not in str(error).lower():
+        raise
+      row = {"per_device_batch": batch, "error": f"out of memory: {str(error)[:200]}"}
+    rows.append({"size": size, "model": {k: getattr(config, k) for k in (
+      "vlm_variant", "expert_variant", "siglip_variant", "image_size", "max_token_len",
+      "action_horizon")}, **row})
+  return {"results": rows, "compiler_options": compiler_options}
+
+
+def markdown(results: dict[str, Any]) -> str:
+  rows = []
+  for r in results["results"]:
+    if "samples_per_second" not in r:
+      rows.append([r["size"]] + ["-"] * 7 + [r.get("skipped") or r.get("error")])
+      continue
+    rows.append([r["size"], r["global_batch"], r["remat_policy"], r["dtype"],
+                 r["step_seconds"] * 1000, r["samples_per_second_per_device"],
+                 r["training_tflop_per_example"],
+                 None if r["mfu"] is None else f"{100 * r['mfu']:.1f}%", ""])
+  return results_writer.markdown_table(
+    f"Training throughput on {results['device']}",
+    ["size", "global batch", "remat", "dtype", "step ms", "samples/s/device",
+     "TFLOP/example", "MFU", "note"], rows)
+
+
+def main(argv=None):
+  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  parser.add_argument("--quick", action="store_true", help="tiny model, 2 steps (CPU, tests)")
+  parser.add_argument("--sizes", default=",".join(SIZES), help=f"comma list of {list(SIZES)}")
+  parser.add_argument("--per_device_batch", type=int, default=None,
+                      help="default: 32 for gemma_300m/full, 8 otherwise")
+  parser.add_argument("--remat", default=None, help="override every size's remat policy")
+  parser.add_argument("--steps", type=int, default=20)
+  parser.add_argument("--warmup_steps", type=int, default=3)
+  parser.add_argument("--num_devices", type=int, default=None, help="default: all")
+  parser.add_argument("--out_dir", default=None, help="default: benchmarks/results")
+  args = parser.parse_args(argv)
+  sizes = [s for s in args.sizes.split(",") if s]
+  unknown = [s for s in sizes if s not in SIZES]
+  if unknown:
+    parser.error(f"unknown sizes {unknown}; choose from {list(SIZES)}")
+  if args.quick:
+    sizes, steps, warmup_steps, num_devices = ["tiny"], 2, 1, 1
+  else:
+    steps, warmup_steps, num_devices = args.steps, args.warmup_steps, args.num_devices
+  results = run(sizes, per_device_batch=args.per_device_batch, remat=args.remat, steps=steps,
+                warmup_steps=warmup_steps, num_devices=num_devices,
+                compiler_options=QUICK_COMPILER_OPTIONS if args.quick else None)
+  results["quick"] = args.quick
+  name = "train_quick" if args.quick else "train"
+  command = " ".join(["python -m benchmarks.train_bench"] + (sys.argv[1:] if argv is None else argv))
+  path = results_writer.write(name, results, command=command.strip(), out_dir=args.out_dir)
+  results["device"] = results_writer.describe_device(results_writer.device_info())
+  print(markdown(results))
+  print(f"\nWritten to {path}")
+  return results
+
+
+if __name__ == "__main__":
+  main()
