@@ -3,6 +3,7 @@ r"""Training throughput and MFU of the real train step, from a tiny model up to 
   python -m benchmarks.train_bench            # every size the device can hold (full on a GPU)
   python -m benchmarks.train_bench --quick    # the tiny model only, a few steps (CPU, tests)
   python -m benchmarks.train_bench --sizes=full --per_device_batch=32 --remat=nothing_saveable
+  python -m benchmarks.train_bench --sizes=full --profile_dir=/tmp/ki_profile   # where time goes
 
 Runs the trainer's own pieces: the experiment's optimizer (experiments/droid_ki.py), the state born
 sharded over an FSDP mesh of every device, ki.train.step.train_step jitted with donated state, a
@@ -120,9 +121,13 @@ def build_train_step(config: pi05.Config, per_device_batch: int, *, num_devices:
 
 
 def measure(config: pi05.Config, per_device_batch: int, *, steps: int, warmup_steps: int,
-            num_devices: int | None = None, compiler_options: dict | None = None
-            ) -> dict[str, Any]:
-  """Compiles the step, runs warm-up steps, times `steps` steps; returns the measurements."""
+            num_devices: int | None = None, compiler_options: dict | None = None,
+            profile_dir: str | None = None) -> dict[str, Any]:
+  """Compiles the step, runs warm-up steps, times `steps` steps; returns the measurements.
+
+  profile_dir: when set, three more steps are traced there with jax.profiler (open in
+  TensorBoard's profile tab or Perfetto) to see where the step time goes.
+  """
   setup = build_train_step(config, per_device_batch, num_devices=num_devices)
   state = setup.create_state()
   batch = sharding_lib.global_batch(fake_model.fake_host_batch(config, setup.batch_size),
@@ -142,6 +147,11 @@ def measure(config: pi05.Config, per_device_batch: int, *, steps: int, warmup_st
   # The loss fetch ends the timing: every step's result must exist, as in the trainer's loop.
   loss = float(jax.device_get(metrics["loss"]))
   seconds = time.perf_counter() - start
+  if profile_dir:
+    with jax.profiler.trace(profile_dir):
+      for _ in range(3):
+        state, metrics = compiled(state, batch)
+      jax.block_until_ready(metrics)
 
   num = setup.mesh.size
   samples_per_second = steps * setup.batch_size / seconds
@@ -169,7 +179,8 @@ def measure(config: pi05.Config, per_device_batch: int, *, steps: int, warmup_st
 
 
 def run(sizes, *, per_device_batch: int | None, remat: str | None, steps: int, warmup_steps: int,
-        num_devices: int | None, compiler_options: dict | None = None) -> dict[str, Any]:
+        num_devices: int | None, compiler_options: dict | None = None,
+        profile_dir: str | None = None) -> dict[str, Any]:
   rows = []
   for size in sizes:
     if size not in CPU_SIZES and not results_writer.has_accelerator():
@@ -180,7 +191,8 @@ def run(sizes, *, per_device_batch: int | None, remat: str | None, steps: int, w
     batch = per_device_batch or (32 if size in ("full", "gemma_300m") else 8)
     try:
       row = measure(config, batch, steps=steps, warmup_steps=warmup_steps,
-                    num_devices=num_devices, compiler_options=compiler_options)
+                    num_devices=num_devices, compiler_options=compiler_options,
+                    profile_dir=profile_dir and f"{profile_dir}/{size}")
     except Exception as error:  # e.g. out of memory at this batch: record it, go on
       if "RESOURCE_EXHAUSTED" not in str(error) and "out of memory" not in str(error).lower():
         raise
@@ -217,6 +229,8 @@ def main(argv=None):
   parser.add_argument("--steps", type=int, default=20)
   parser.add_argument("--warmup_steps", type=int, default=3)
   parser.add_argument("--num_devices", type=int, default=None, help="default: all")
+  parser.add_argument("--profile_dir", default=None,
+                      help="trace 3 extra steps per size here (jax.profiler): where time goes")
   parser.add_argument("--out_dir", default=None, help="default: benchmarks/results")
   args = parser.parse_args(argv)
   sizes = [s for s in args.sizes.split(",") if s]
@@ -229,10 +243,12 @@ def main(argv=None):
     steps, warmup_steps, num_devices = args.steps, args.warmup_steps, args.num_devices
   results = run(sizes, per_device_batch=args.per_device_batch, remat=args.remat, steps=steps,
                 warmup_steps=warmup_steps, num_devices=num_devices,
-                compiler_options=QUICK_COMPILER_OPTIONS if args.quick else None)
+                compiler_options=QUICK_COMPILER_OPTIONS if args.quick else None,
+                profile_dir=args.profile_dir)
   results["quick"] = args.quick
   name = "train_quick" if args.quick else "train"
-  command = " ".join(["python -m benchmarks.train_bench"] + (sys.argv[1:] if argv is None else argv))
+  command = " ".join(["python -m benchmarks.train_bench"]
+                     + (sys.argv[1:] if argv is None else argv))
   path = results_writer.write(name, results, command=command.strip(), out_dir=args.out_dir)
   results["device"] = results_writer.describe_device(results_writer.device_info())
   print(markdown(results))

@@ -104,12 +104,12 @@ class Policy:
     if model_config.data_action_dim != droid.ACTION_DIM:
       raise ValueError(f"this policy serves DROID (8 action dims) but the model has "
                        f"data_action_dim={model_config.data_action_dim}")
-    missing = [k for k in ("state", "actions") if k not in norm_stats]
-    if missing:
-      raise ValueError(f"norm stats lack {missing}")
-    for key, stats in norm_stats.items():
-      if key in ("state", "actions") and stats.q01.shape[-1] < droid.ACTION_DIM:
-        raise ValueError(f"norm stats {key!r} cover {stats.q01.shape[-1]} dims, need "
+    for key in ("state", "actions"):
+      if key not in norm_stats:
+        raise ValueError(f"norm stats lack {key!r} (they have {sorted(norm_stats)})")
+      # Dims past the stats would pass through unnormalised: the model would see raw units.
+      if norm_stats[key].q01.shape[-1] < droid.ACTION_DIM:
+        raise ValueError(f"norm stats {key!r} cover {norm_stats[key].q01.shape[-1]} dims, need "
                          f"{droid.ACTION_DIM}")
     unknown = [k for k in model_config.image_keys if k not in observation_lib.IMAGE_SLOTS]
     if unknown:

@@ -9,9 +9,9 @@ The protocol (openpi_client.websocket_client_policy.WebsocketClientPolicy is the
   3. HTTP GET /healthz answers 200 "OK" (for load balancers and launch scripts).
 
 Errors: openpi's server sends a traceback as a *text* frame and closes the connection. Its client
-raises RuntimeError("Error in inference server:\n<text>") on any text frame, so we reply the same
-way — a text frame naming what was wrong — but keep the connection open: the robot's next request
-is served normally. Bad requests (a missing key, wrong dtype or shape, non-finite numbers, a
+raises RuntimeError("Error in inference server:\n<text>") on any text frame, so we reply the
+same way — a text frame naming what was wrong — but keep the connection open: the robot's next
+request is served normally. Bad requests (a missing key, wrong dtype or shape, non-finite numbers, a
 message over `max_message_bytes`, bytes that are not msgpack) get a one-line "bad request" reply;
 anything else a traceback. A message over 4x `max_message_bytes` is refused by websockets itself
 before it is read into memory: that connection closes with code 1009 (message too big), and the
