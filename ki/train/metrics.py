@@ -79,6 +79,10 @@ class MetricsLogger:
   def restart_clock(self):
     self._interval_start = time.perf_counter()
 
+  def exclude_time(self, seconds: float):
+    """Leaves `seconds` (e.g. an evaluation) out of the current interval's throughput."""
+    self._interval_start += seconds
+
   def add_step(self, metrics: dict[str, float], data_wait_seconds: float):
     for name, value in metrics.items():
       self._sums[name] += float(value)

@@ -288,6 +288,7 @@ class Trainer:
       logging.info("Saving checkpoint %d (asynchronously).", step)
 
   def evaluate(self, step: int) -> dict[str, float]:
+    start = time.perf_counter()
     results = {}
     for name, make_batches in (self.eval_sets or {}).items():
       scalars = self.evaluator.evaluate(
@@ -296,6 +297,7 @@ class Trainer:
       results.update({f"eval/{name}/{k}": v for k, v in scalars.items()})
     if results:
       self.metrics.write_scalars(step, results)
+    self.metrics.exclude_time(time.perf_counter() - start)
     return results
 
   def run(self) -> dict[int, dict[str, float]]:
