@@ -4,6 +4,8 @@ r"""Training throughput and MFU of the real train step, from a tiny model up to 
   python -m benchmarks.train_bench --quick    # the tiny model only, a few steps (CPU, tests)
   python -m benchmarks.train_bench --sizes=full --per_device_batch=32 --remat=nothing_saveable
   python -m benchmarks.train_bench --sizes=full --profile_dir=/tmp/ki_profile   # where time goes
+  python -m benchmarks.train_bench --sizes=full \
+    --ablations=baseline,remat_none,remat_dots,empty_camera_slot,logits_everywhere,float32
 
 Runs the trainer's own pieces: the experiment's optimizer (experiments/droid_ki.py), the state born
 sharded over an FSDP mesh of every device, ki.train.step.train_step jitted with donated state, a
@@ -54,6 +56,19 @@ SIZES = {
   "full": {},
 }
 CPU_SIZES = ("tiny", "smoke")
+# Before/after for what the model does for speed: each variant undoes one choice of the trained
+# configuration (compare samples/s: the model FLOPs, and so MFU, change with some of them).
+ABLATIONS = {
+  "baseline": ("the configuration as trained", lambda c: {}),
+  "remat_none": ("no rematerialisation", lambda c: {"remat_policy": "none"}),
+  "remat_dots": ("remat saving matmul outputs",
+                 lambda c: {"remat_policy": "dots_with_no_batch_dims_saveable"}),
+  "empty_camera_slot": ("openpi's third, always-empty camera slot encoded too",
+                        lambda c: {"image_keys": tuple(c.image_keys) + ("right_wrist_0_rgb",)}),
+  "logits_everywhere": ("vocabulary logits at every text position, not only loss positions",
+                        lambda c: {"max_loss_tokens": c.max_token_len - 1}),
+  "float32": ("float32 compute instead of bfloat16", lambda c: {"dtype": "float32"}),
+}
 # Quick mode checks that the code runs and its numbers are sane, not speed: XLA's CPU backend
 # without its expensive passes compiles the tiny step in half the time (same memory plan).
 QUICK_COMPILER_OPTIONS = {"xla_backend_optimization_level": 0,
@@ -180,26 +195,28 @@ def measure(config: pi05.Config, per_device_batch: int, *, steps: int, warmup_st
 
 def run(sizes, *, per_device_batch: int | None, remat: str | None, steps: int, warmup_steps: int,
         num_devices: int | None, compiler_options: dict | None = None,
-        profile_dir: str | None = None) -> dict[str, Any]:
+        profile_dir: str | None = None, ablations=("baseline",)) -> dict[str, Any]:
+  """One row per (size, ablation); sizes above CPU_SIZES are skipped without an accelerator."""
   rows = []
   for size in sizes:
     if size not in CPU_SIZES and not results_writer.has_accelerator():
       rows.append({"size": size, "skipped": "needs an accelerator"})
       continue
-    overrides = {"remat_policy": remat} if remat else {}
-    config = model_config(size, **overrides)
+    base = model_config(size, **({"remat_policy": remat} if remat else {}))
     batch = per_device_batch or (32 if size in ("full", "gemma_300m") else 8)
-    try:
-      row = measure(config, batch, steps=steps, warmup_steps=warmup_steps,
-                    num_devices=num_devices, compiler_options=compiler_options,
-                    profile_dir=profile_dir and f"{profile_dir}/{size}")
-    except Exception as error:  # e.g. out of memory at this batch: record it, go on
-      if "RESOURCE_EXHAUSTED" not in str(error) and "out of memory" not in str(error).lower():
-        raise
-      row = {"per_device_batch": batch, "error": f"out of memory: {str(error)[:200]}"}
-    rows.append({"size": size, "model": {k: getattr(config, k) for k in (
-      "vlm_variant", "expert_variant", "siglip_variant", "image_size", "max_token_len",
-      "action_horizon")}, **row})
+    for ablation in ablations:
+      config = dataclasses.replace(base, **ABLATIONS[ablation][1](base)).validate()
+      try:
+        row = measure(config, batch, steps=steps, warmup_steps=warmup_steps,
+                      num_devices=num_devices, compiler_options=compiler_options,
+                      profile_dir=profile_dir and f"{profile_dir}/{size}_{ablation}")
+      except Exception as error:  # e.g. out of memory at this batch: record it, go on
+        if "RESOURCE_EXHAUSTED" not in str(error) and "out of memory" not in str(error).lower():
+          raise
+        row = {"per_device_batch": batch, "error": f"out of memory: {str(error)[:200]}"}
+      rows.append({"size": size, "ablation": ablation, "model": {k: getattr(config, k) for k in (
+        "vlm_variant", "expert_variant", "siglip_variant", "image_size", "image_keys",
+        "max_token_len", "max_loss_tokens", "action_horizon")}, **row})
   return {"results": rows, "compiler_options": compiler_options}
 
 
@@ -207,15 +224,16 @@ def markdown(results: dict[str, Any]) -> str:
   rows = []
   for r in results["results"]:
     if "samples_per_second" not in r:
-      rows.append([r["size"]] + ["-"] * 7 + [r.get("skipped") or r.get("error")])
+      rows.append([r["size"], r.get("ablation", "-")] + ["-"] * 7
+                  + [r.get("skipped") or r.get("error")])
       continue
-    rows.append([r["size"], r["global_batch"], r["remat_policy"], r["dtype"],
+    rows.append([r["size"], r["ablation"], r["global_batch"], r["remat_policy"], r["dtype"],
                  r["step_seconds"] * 1000, r["samples_per_second_per_device"],
                  r["training_tflop_per_example"],
                  None if r["mfu"] is None else f"{100 * r['mfu']:.1f}%", ""])
   return results_writer.markdown_table(
     f"Training throughput on {results['device']}",
-    ["size", "global batch", "remat", "dtype", "step ms", "samples/s/device",
+    ["size", "variant", "global batch", "remat", "dtype", "step ms", "samples/s/device",
      "TFLOP/example", "MFU", "note"], rows)
 
 
@@ -229,6 +247,8 @@ def main(argv=None):
   parser.add_argument("--steps", type=int, default=20)
   parser.add_argument("--warmup_steps", type=int, default=3)
   parser.add_argument("--num_devices", type=int, default=None, help="default: all")
+  parser.add_argument("--ablations", default="baseline",
+                      help=f"comma list of {list(ABLATIONS)} (before/after of each speed choice)")
   parser.add_argument("--profile_dir", default=None,
                       help="trace 3 extra steps per size here (jax.profiler): where time goes")
   parser.add_argument("--out_dir", default=None, help="default: benchmarks/results")
@@ -237,14 +257,18 @@ def main(argv=None):
   unknown = [s for s in sizes if s not in SIZES]
   if unknown:
     parser.error(f"unknown sizes {unknown}; choose from {list(SIZES)}")
+  ablations = [a for a in args.ablations.split(",") if a]
+  unknown = [a for a in ablations if a not in ABLATIONS]
+  if unknown:
+    parser.error(f"unknown ablations {unknown}; choose from {list(ABLATIONS)}")
   if args.quick:
-    sizes, steps, warmup_steps, num_devices = ["tiny"], 2, 1, 1
+    sizes, steps, warmup_steps, num_devices, ablations = ["tiny"], 2, 1, 1, ["baseline"]
   else:
     steps, warmup_steps, num_devices = args.steps, args.warmup_steps, args.num_devices
   results = run(sizes, per_device_batch=args.per_device_batch, remat=args.remat, steps=steps,
                 warmup_steps=warmup_steps, num_devices=num_devices,
                 compiler_options=QUICK_COMPILER_OPTIONS if args.quick else None,
-                profile_dir=args.profile_dir)
+                profile_dir=args.profile_dir, ablations=ablations)
   results["quick"] = args.quick
   name = "train_quick" if args.quick else "train"
   command = " ".join(["python -m benchmarks.train_bench"]

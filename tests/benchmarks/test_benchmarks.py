@@ -1,5 +1,6 @@
 """Each benchmark in its quick CPU mode, so they cannot rot; plus the pure helpers."""
 
+import dataclasses
 import json
 
 import jax
@@ -37,7 +38,19 @@ def test_train_bench_quick(tmp_path, capsys):
   assert row["samples_per_second"] > 0 and row["loss_finite"]
   assert row["mfu"] is None  # no peak FLOP/s is known for a CPU: no invented MFU
   assert row["training_tflop_per_example"] > 0
-  assert "| tiny | 8 | none | float32 |" in capsys.readouterr().out
+  assert "| tiny | baseline | 8 | none | float32 |" in capsys.readouterr().out
+
+
+def test_every_ablation_is_a_valid_full_config():
+  base = train_bench.model_config("full")
+  flops = {}
+  for name, (_, overrides) in train_bench.ABLATIONS.items():
+    config = dataclasses.replace(base, **overrides(base)).validate()
+    flops[name] = train_bench.pi05.training_flops_per_example(config)
+  # Undoing a saving costs model FLOPs where the saving was in FLOPs (not remat or dtype).
+  assert flops["empty_camera_slot"] > flops["baseline"]
+  assert flops["logits_everywhere"] > flops["baseline"]
+  assert flops["remat_none"] == flops["baseline"] == flops["float32"]
 
 
 def test_memory_bench_quick(tmp_path):
