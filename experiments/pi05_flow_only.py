@@ -1,16 +1,13 @@
 r"""The KI paper's baseline: pi0.5 trained with the flow-matching loss only (no FAST tokens).
 
 Same model, data and optimizer as experiments/droid_ki.py; model.fast_loss=False and
-loss.fast_weight=0, so only the flow loss trains. (The data pipeline still appends the FAST postfix
-to robot prompts, which the expert never attends to; drop config.assets.fast_tokenizer once the
-pipeline can tokenize without it.) Without the
-cross-entropy the VLM receives gradient only through the expert's attention to it, which is why
+loss.fast_weight=0, so only the flow loss trains; the tokenizer is built without FAST, so robot
+prompts carry no FAST postfix (no FAST tokenizer asset is needed). Without the cross-entropy the VLM receives gradient only through the expert's attention to it, which is why
 knowledge_insulation is off here (with the stop-gradient on, the VLM would get no gradient at all).
 
   python -m ki.main --config=experiments/pi05_flow_only.py:full --workdir=/ckpt/pi05_flow_only \
     --config.data.arrayrecord_dir=... --config.assets.norm_stats=... \
-    --config.assets.fast_tokenizer=... --config.assets.prompt_tokenizer=... \
-    --config.init.path=/ckpt/openpi/pi05_base
+    --config.assets.prompt_tokenizer=... --config.init.path=/ckpt/openpi/pi05_base
   python -m ki.main --config=experiments/pi05_flow_only.py:smoke --workdir=/tmp/flow_only
 
 What to expect (KI paper, Fig. 5/6): each step costs ~20% less than joint training, but the policy

@@ -6,8 +6,7 @@ frozen VLM.
 
   python -m ki.main --config=experiments/vlm_frozen.py:full --workdir=/ckpt/vlm_frozen \
     --config.data.arrayrecord_dir=... --config.assets.norm_stats=... \
-    --config.assets.fast_tokenizer=... --config.assets.prompt_tokenizer=... \
-    --config.init.path=/ckpt/openpi/pi05_base
+    --config.assets.prompt_tokenizer=... --config.init.path=/ckpt/openpi/pi05_base
   python -m ki.main --config=experiments/vlm_frozen.py:smoke --workdir=/tmp/vlm_frozen
 
 What to expect (KI paper, Sec. 6): training is cheaper (no VLM gradients or Adam moments) and the

@@ -418,6 +418,9 @@ def make_iterator(
       data_action_dim=config.data_action_dim,
       delta_action_mask=tuple(config.delta_action_mask) or None,
       augment=augment,
+      # The FAST postfix (KI, pi0-FAST) only when the tokenizer can make one: flow-only runs
+      # build their tokenizer without FAST and so train on prompts without it.
+      include_actions_in_prompt=tokenizer.fast_tokenizer is not None,
       image_size=config.image_size,
     ),
     split=split,

@@ -71,12 +71,14 @@ def build_tokenizer(config: ml_collections.ConfigDict, model_config: pi05.Config
       f"The tokenizer {config.assets.prompt_tokenizer} has {prompt_tokenizer.vocab_size} pieces "
       f"but model.vocab_size={model_config.vocab_size}; set model.vocab_size to "
       f"{prompt_tokenizer.vocab_size} or use the matching tokenizer.")
+  # The FAST postfix exists only when the model learns from it: a flow-only run's prompts carry no
+  # FAST tokens (the data pipeline appends them iff the tokenizer has a FAST tokenizer).
   fast_tokenizer = None
-  if config.assets.get("fast_tokenizer"):
+  if model_config.fast_loss:
+    if not config.assets.get("fast_tokenizer"):
+      raise ValueError("model.fast_loss is on but config.assets.fast_tokenizer is empty; set it to "
+                       "a FAST tokenizer folder (data_prep.fit_fast_tokenizer).")
     fast_tokenizer = fast_lib.FastTokenizer.load(config.assets.fast_tokenizer)
-  elif model_config.fast_loss:
-    raise ValueError("model.fast_loss is on but config.assets.fast_tokenizer is empty; set it to "
-                     "a FAST tokenizer folder (data_prep.fit_fast_tokenizer).")
   return prompt_lib.Pi05Tokenizer(prompt_tokenizer, fast_tokenizer,
                                   max_token_len=model_config.max_token_len,
                                   lm_vocab_size=model_config.vocab_size)

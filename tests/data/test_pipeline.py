@@ -9,6 +9,7 @@ import pytest
 
 from ki import msgpack_numpy
 from ki.data import normalize, pipeline
+from ki.tokenizers import prompt
 from tests.data import pipeline_fixtures as fixtures
 
 GOOD_FRAMES = [fixtures.frame(e, s) for e in range(4) for s in range(10)]
@@ -100,6 +101,22 @@ def test_batches_follow_the_host_batch_contract(data):
   }
   got = jax.tree.map(lambda x: (x.shape, x.dtype.type), batch)
   assert got == expected
+
+
+def test_fast_postfix_only_when_the_tokenizer_has_fast(data):
+  """KI/pi0-FAST prompts end in FAST tokens (ar=1, loss on); flow-only prompts carry none."""
+  with_fast = next(make(data, config(data["good"])))
+  assert with_fast["token_ar_mask"].sum(axis=1).min() > 0
+  np.testing.assert_array_equal(with_fast["token_ar_mask"] == 1, with_fast["token_loss_mask"])
+  tokenizer = data["tokenizer"]
+  flow_only = prompt.Pi05Tokenizer(tokenizer.prompt_tokenizer, None, max_token_len=tokenizer.max_token_len)
+  batch = next(make(dict(data, tokenizer=flow_only), config(data["good"])))
+  assert batch["token_ar_mask"].sum() == 0 and batch["token_loss_mask"].sum() == 0
+  # The same prompt text otherwise: the prefix is identical.
+  prefix_lengths = batch["tokenized_prompt_mask"].sum(axis=1)
+  np.testing.assert_array_equal(
+    prefix_lengths, with_fast["tokenized_prompt_mask"].sum(axis=1) - with_fast["token_ar_mask"].sum(axis=1)
+  )
 
 
 def test_resume_in_process_gives_the_same_next_batches(data):
