@@ -16,7 +16,9 @@ import numpy as np
 # no MFU rather than a made-up one.
 PEAK_FLOPS_PER_DEVICE = {
   "NVIDIA H100 80GB HBM3": 989e12,
-  "NVIDIA H100": 989e12,
+  "NVIDIA H100": 989e12,  # SXM; the PCIe and NVL cards are slower, below
+  "NVIDIA H100 PCIe": 756e12,
+  "NVIDIA H100 NVL": 835e12,
   "NVIDIA H200": 989e12,
   "NVIDIA A100-SXM4-80GB": 312e12,
   "NVIDIA A100-SXM4-40GB": 312e12,
@@ -34,10 +36,9 @@ def peak_flops_per_device(device_kind: str) -> float | None:
   """Peak bf16 FLOP/s of one device by its jax device_kind, or None when unknown."""
   if device_kind in PEAK_FLOPS_PER_DEVICE:
     return PEAK_FLOPS_PER_DEVICE[device_kind]
-  for kind, peak in PEAK_FLOPS_PER_DEVICE.items():
-    if device_kind.startswith(kind):
-      return peak
-  return None
+  # The longest matching prefix, so "NVIDIA H100 PCIe ..." is not taken for the SXM part.
+  matches = [kind for kind in PEAK_FLOPS_PER_DEVICE if device_kind.startswith(kind)]
+  return PEAK_FLOPS_PER_DEVICE[max(matches, key=len)] if matches else None
 
 
 def model_flops_utilization(flops_per_example: float, examples_per_second: float,
