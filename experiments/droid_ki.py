@@ -76,6 +76,9 @@ def base_config() -> ml_collections.ConfigDict:
   # kind: scratch | openpi | paligemma | ki (see ki/model/weights.py).
   config.init = ml_collections.ConfigDict(dict(kind="openpi", path="", cast_dtypes=True))
   config.data = _data_config(config.model)
+  # One process decodes + augments ~200 examples/s (benchmarks/data_bench.py); 8 H100s at the
+  # target throughput need ~300/s per host, so 8 workers leave headroom.
+  config.data.num_workers = 8
   config.assets = ml_collections.ConfigDict(dict(norm_stats="", fast_tokenizer="",
                                                  prompt_tokenizer=""))
   # Synthetic DROID generated on first use (smoke runs only): "" = real data at the paths above.
