@@ -64,7 +64,8 @@ def default_config() -> ml_collections.ConfigDict:
       worker prefetches; read_threads / read_buffer_size: grain.ReadOptions for the in-process
       element reads; num_epochs: 0 repeats forever (train) — eval always reads one epoch.
   Co-training mixture (train only):
-    robot_weight: the robot source's weight.
+    robot_weight: the robot source's weight; 0 trains on the VLM sources alone (the pretrained-VLM
+      stage, experiments/vlm_pretrain.py). Eval always reads the robot split.
     vlm_sources: a tuple of dicts {"kind": "jsonl"|"tfds", "path": manifest file or TFDS folder,
       "weight": float, "split": TFDS split ("train"), "image_key": "image",
       "prompt_key": "prompt", "answer_key": "answer"}.
@@ -165,9 +166,10 @@ def validate_config(
     sources.open_tfds_builder(config.rlds_dir, what="data.rlds_dir")
   if config.keep_ranges_path:
     sources.check_paths_exist([config.keep_ranges_path])
-  if not config.robot_weight > 0:
-    raise ValueError(f"data.robot_weight must be > 0, got {config.robot_weight}")
   entries = [_vlm_entry(entry, i) for i, entry in enumerate(config.vlm_sources)]
+  if config.robot_weight < 0 or (config.robot_weight == 0 and not entries):
+    raise ValueError(f"data.robot_weight must be > 0 (or 0 with data.vlm_sources set, to train on "
+                     f"the VLM sources alone), got {config.robot_weight}")
   for i, entry in enumerate(entries):
     if entry["kind"] == "jsonl":
       sources.check_paths_exist([entry["path"]])
@@ -454,6 +456,8 @@ def make_iterator(
       for i, entry in enumerate(vlm_entries)
     ]
     weights = [float(config.robot_weight)] + [float(entry["weight"]) for entry in vlm_entries]
+    if weights[0] == 0:  # VLM sources alone: grain's mix needs positive weights
+      datasets, weights = datasets[1:], weights[1:]
     dataset = grain.IterDataset.mix(datasets, weights)
   dataset = dataset.batch(per_host_batch_size, drop_remainder=True)
   if config.num_workers > 0:

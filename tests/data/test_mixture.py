@@ -137,3 +137,12 @@ def test_single_shard_tfds_source_is_split_by_record_across_hosts(data):
     prompts.append({next(iterator)["prompt"] for _ in range(TFDS_EXAMPLES // 2)})
   assert len(prompts[0]) == len(prompts[1]) == TFDS_EXAMPLES // 2
   assert not prompts[0] & prompts[1]
+
+
+def test_robot_weight_zero_trains_on_the_vlm_sources_alone(data):
+  iterator = make(data, [{"kind": "jsonl", "path": data["manifest"], "weight": 1.0}],
+                  robot_weight=0.0)
+  has_actions = np.concatenate([next(iterator)["has_actions"] for _ in range(4)])
+  assert not has_actions.any()
+  with pytest.raises(ValueError, match="robot_weight"):
+    make(data, [], robot_weight=0.0)
