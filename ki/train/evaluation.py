@@ -7,6 +7,8 @@ For every named eval set (an iterable of host batches, read afresh each time):
   flow_mse     the training flow loss on robot examples.
   text_ce / text_accuracy   the same token loss on co-training (VLM) examples: language
                retention, what knowledge insulation is meant to protect.
+  text_exact_match   fraction of co-training examples whose every answer token is the argmax
+               under teacher forcing: exactly the examples greedy decoding answers word for word.
 """
 
 import dataclasses
@@ -120,4 +122,5 @@ class Evaluator:
     if text_tokens.any():
       metrics["text_ce"] = _mean(r["fast_ce"], text_tokens)
       metrics["text_accuracy"] = _mean(r["fast_accuracy"], text_tokens)
+      metrics["text_exact_match"] = _mean(r["fast_accuracy"] == 1.0, text_tokens)
     return metrics
