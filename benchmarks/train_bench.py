@@ -5,7 +5,7 @@ r"""Training throughput and MFU of the real train step, from a tiny model up to 
   python -m benchmarks.train_bench --sizes=full --per_device_batch=32 --remat=nothing_saveable
   python -m benchmarks.train_bench --sizes=full --profile_dir=/tmp/ki_profile   # where time goes
   python -m benchmarks.train_bench --sizes=full \
-    --ablations=baseline,remat_none,remat_dots,empty_camera_slot,logits_everywhere,float32
+    --ablations=baseline,remat_none,remat_dots,empty_camera_slot,logits_everywhere,float32,fused_attention
 
 Runs the trainer's own pieces: the experiment's optimizer (experiments/droid_ki.py), the state born
 sharded over an FSDP mesh of every device, ki.train.step.train_step jitted with donated state, a
@@ -68,6 +68,9 @@ ABLATIONS = {
   "logits_everywhere": ("vocabulary logits at every text position, not only loss positions",
                         lambda c: {"max_loss_tokens": c.max_token_len - 1}),
   "float32": ("float32 compute instead of bfloat16", lambda c: {"dtype": "float32"}),
+  # The other direction: a kernel the trained configuration does not use yet (GPU question).
+  "fused_attention": ("jax.nn.dot_product_attention (cuDNN flash attention where it fits)",
+                      lambda c: {"attention_impl": "dot_product_attention"}),
 }
 # Quick mode checks that the code runs and its numbers are sane, not speed: XLA's CPU backend
 # without its expensive passes compiles the tiny step in half the time (same memory plan).

@@ -130,12 +130,23 @@ def apply_rope(x, positions, max_wavelength=10_000):
   return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
 
 
-def _attend(q, k, v, mask):
-  """Masked multi-query attention. q [B, T, N, H]; k, v [B, S, K, H]; mask [B, T, S] -> [B, T, N, H]."""
+ATTENTION_IMPLS = ("einsum", "dot_product_attention")
+
+
+def _attend(q, k, v, mask, impl="einsum"):
+  """Masked multi-query attention. q [B, T, N, H] (already scaled); k, v [B, S, K, H]; mask [B, T, S].
+
+  "einsum" is openpi's arithmetic (fp32 logits, finite big negative for masked keys).
+  "dot_product_attention" hands the same computation to jax.nn.dot_product_attention, which picks
+  a fused kernel (cuDNN flash attention on GPUs where shapes and dtypes fit, XLA elsewhere).
+  Returns [B, T, N, H].
+  """
   batch, length, num_heads, head_dim = q.shape
   num_kv_heads = k.shape[2]
   if mask.shape != (batch, length, k.shape[1]):
     raise ValueError(f"Attention mask {mask.shape} does not fit queries {q.shape} and keys {k.shape}.")
+  if impl == "dot_product_attention":
+    return jax.nn.dot_product_attention(q, k, v, mask=mask[:, None], scale=1.0)
   q = q.reshape(batch, length, num_kv_heads, num_heads // num_kv_heads, head_dim)
   logits = jnp.einsum("BTKGH,BSKH->BKGTS", q, k, preferred_element_type=jnp.float32)
   logits = jnp.where(mask[:, None, None, :, :], logits, _BIG_NEG)
@@ -149,6 +160,7 @@ class Attention(nn.Module):
 
   variants: tuple[Variant, Variant]
   knowledge_insulation: bool
+  attention_impl: str = "einsum"
 
   @nn.compact
   def __call__(self, xs, positions, masks, context_kv):
@@ -196,7 +208,7 @@ class Attention(nn.Module):
         continue
       k = jnp.concatenate([kv[0] for kv in keys], axis=1)
       v = jnp.concatenate([kv[1] for kv in keys], axis=1)
-      encoded = _attend(qkv[stream][0], k, v, masks[stream])
+      encoded = _attend(qkv[stream][0], k, v, masks[stream], self.attention_impl)
       variant = self.variants[stream]
       outputs[stream] = Einsum(
         (variant.num_heads, variant.head_dim, variant.width),
@@ -212,6 +224,7 @@ class Block(nn.Module):
 
   variants: tuple[Variant, Variant]
   knowledge_insulation: bool
+  attention_impl: str = "einsum"
 
   @nn.compact
   def __call__(self, xs, context_kv, positions, masks, cond):
@@ -224,7 +237,9 @@ class Block(nn.Module):
         normed[s], gates[s] = RMSNorm(adaptive[s], name=_suffixed("pre_attention_norm", s))(
           x, conds[s]
         )
-    attended, fresh_kv = Attention(self.variants, self.knowledge_insulation, name="attn")(
+    attended, fresh_kv = Attention(
+      self.variants, self.knowledge_insulation, self.attention_impl, name="attn"
+    )(
       normed, positions, masks, context_kv
     )
     xs = [_gated_residual(x, y, g) for x, y, g in zip(xs, attended, gates)]
@@ -270,6 +285,7 @@ class Gemma(nn.Module):
   dtype: str = "bfloat16"
   knowledge_insulation: bool = True
   remat_policy: str = "nothing_saveable"
+  attention_impl: str = "einsum"
 
   def setup(self):
     variants = (get_variant(self.vlm_variant), get_variant(self.expert_variant))
@@ -285,7 +301,11 @@ class Gemma(nn.Module):
       split_rngs={"params": True},
       in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast),  # context_kv is per layer
       length=variants[_VLM].depth,
-    )(variants=variants, knowledge_insulation=self.knowledge_insulation)
+    )(
+      variants=variants,
+      knowledge_insulation=self.knowledge_insulation,
+      attention_impl=self.attention_impl,
+    )
     self.final_norm = RMSNorm(adaptive=False)
     self.final_norm_1 = RMSNorm(adaptive=True)
 

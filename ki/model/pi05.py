@@ -48,6 +48,9 @@ class Config:
   fast_loss: bool = True  # False: plain pi0.5 flow-only training
   dtype: str = "bfloat16"
   remat_policy: str = "nothing_saveable"  # a jax.checkpoint_policies name, or "none"
+  # "einsum" (openpi's arithmetic) or "dot_product_attention" (jax.nn's fused kernels: cuDNN flash
+  # attention on GPUs where it fits). Same function; see benchmarks/train_bench.py.
+  attention_impl: str = "einsum"
 
   def __post_init__(self):
     # ConfigDicts hand over lists; the config must stay hashable (it is a static jit argument).
@@ -88,6 +91,8 @@ class Config:
       errors.append(f"dtype {self.dtype!r} is not one of {_DTYPES}")
     if self.remat_policy != "none" and not hasattr(jax.checkpoint_policies, self.remat_policy):
       errors.append(f"remat_policy {self.remat_policy!r} is not in jax.checkpoint_policies")
+    if self.attention_impl not in gemma.ATTENTION_IMPLS:
+      errors.append(f"attention_impl {self.attention_impl!r} is not one of {gemma.ATTENTION_IMPLS}")
     if errors:
       raise ValueError("Invalid model config:\n  " + "\n  ".join(errors))
     return self
@@ -166,6 +171,7 @@ class PaliGemma(nn.Module):
       dtype=c.dtype,
       knowledge_insulation=c.knowledge_insulation,
       remat_policy=c.remat_policy,
+      attention_impl=c.attention_impl,
     )
 
 

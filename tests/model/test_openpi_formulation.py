@@ -7,6 +7,9 @@ sequence. This test re-implements that formulation in plain jax.numpy over our p
 actions here. SigLIP and the embeddings are flax's own modules in both, so they are shared.
 """
 
+import dataclasses
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -83,3 +86,20 @@ def test_velocity_equals_openpi_joint_attention(config, params):
   visible = masks.visible_to_expert(prefix_mask, prefix_ar)
   ours = model.apply({"params": params}, kv, visible, x_t, time, method=pi05.Pi05.velocity)
   np.testing.assert_allclose(ours, reference, rtol=2e-4, atol=2e-5)
+
+
+def test_fused_attention_kernel_computes_the_same(config, params):
+  """attention_impl="dot_product_attention" (cuDNN flash attention where it fits on GPU) is the
+  same function as openpi's einsum arithmetic; on CPU JAX runs its XLA version."""
+  fused = dataclasses.replace(config, attention_impl="dot_product_attention")
+  obs, actions = pi05.fake_observation(config, 2), pi05.fake_actions(config, 2)
+  noise = jax.random.normal(jax.random.key(4), actions.shape)
+  run = functools.partial(
+    pi05.compute_losses, params, observation=obs, actions=actions, rng=None, train=True,
+    noise=noise, time=jnp.array([0.3, 0.7]),
+  )
+  reference, ours = run(config=config), run(config=fused)
+  for term in ("fast_ce", "flow_mse"):
+    np.testing.assert_allclose(ours[term], reference[term], rtol=1e-4)
+  sample = functools.partial(pi05.sample_actions, params, observation=obs, rng=None, noise=noise)
+  np.testing.assert_allclose(sample(config=fused), sample(config=config), rtol=1e-4, atol=1e-5)
