@@ -20,13 +20,14 @@ samples/s, i.e. two worker processes.
 """
 
 import argparse
-import json
 import os
 import platform
 import tempfile
 import time
 
 import numpy as np
+
+from benchmarks import results_writer
 
 H = 16  # openpi's pi0.5 DROID action horizon.
 ACTION_DIM = 32
@@ -223,9 +224,9 @@ def main(argv=None):
   parser.add_argument("--out", default=os.path.join("benchmarks", "results", "data.json"))
   args = parser.parse_args(argv)
   results = run(args.quick)
-  os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-  with open(args.out, "w") as f:
-    json.dump(results, f, indent=2)
+  out = os.path.abspath(args.out)
+  results_writer.write(os.path.basename(out).removesuffix(".json"), results,
+                       command=results["command"], out_dir=os.path.dirname(out))
   print(markdown(results))
   return results
 

@@ -12,7 +12,6 @@ PaliGemma's layout (digits are split one per token as in Gemma's, so state costs
 """
 
 import argparse
-import json
 import os
 import platform
 import tempfile
@@ -20,6 +19,7 @@ import time
 
 import numpy as np
 
+from benchmarks import results_writer
 from ki.tokenizers import fast, prompt
 
 HORIZON = 16
@@ -164,9 +164,9 @@ def main(argv=None):
   parser.add_argument("--out", default=os.path.join("benchmarks", "results", "tokenizer.json"))
   args = parser.parse_args(argv)
   results = run(args.quick)
-  os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-  with open(args.out, "w") as f:
-    json.dump(results, f, indent=2)
+  out = os.path.abspath(args.out)
+  results_writer.write(os.path.basename(out).removesuffix(".json"), results,
+                       command=results["command"], out_dir=os.path.dirname(out))
   print(markdown(results))
   return results
 
