@@ -194,16 +194,17 @@ class Pi05(nn.Module):
     missing = [k for k in c.image_keys if k not in obs.images or k not in obs.image_masks]
     if missing:
       raise ValueError(f"Observation lacks images {missing}; the model encodes {c.image_keys}.")
-    # All cameras through SigLIP in one call: one larger matmul instead of one per camera.
-    batch = obs.tokenized_prompt.shape[0]
-    images = jnp.concatenate([obs.images[k] for k in c.image_keys], axis=0)
-    image_tokens = self.PaliGemma.img(images).astype(c.dtype)
-    image_tokens = image_tokens.reshape(len(c.image_keys), batch, *image_tokens.shape[1:])
-    per_camera = image_tokens.shape[2]
-    image_mask = jnp.concatenate(
-      [jnp.repeat(obs.image_masks[k][:, None], per_camera, axis=1) for k in c.image_keys], axis=1
+    # All cameras through SigLIP in one call: one larger matmul instead of one per camera. The
+    # flattening is batch-major ([B, cameras] -> [B * cameras]), so a batch sharded over devices
+    # stays sharded the same way and no device needs another's images.
+    batch, num_cameras = obs.tokenized_prompt.shape[0], len(c.image_keys)
+    images = jnp.stack([obs.images[k] for k in c.image_keys], axis=1)
+    image_tokens = self.PaliGemma.img(images.reshape(batch * num_cameras, *images.shape[2:]))
+    per_camera = image_tokens.shape[1]
+    image_tokens = image_tokens.astype(c.dtype).reshape(batch, num_cameras * per_camera, -1)
+    image_mask = jnp.repeat(
+      jnp.stack([obs.image_masks[k] for k in c.image_keys], axis=1), per_camera, axis=1
     )
-    image_tokens = jnp.concatenate(list(image_tokens), axis=1)
     text_tokens = self.PaliGemma.llm.embed(obs.tokenized_prompt)
     tokens = jnp.concatenate([image_tokens, text_tokens], axis=1)
     input_mask = jnp.concatenate([image_mask, obs.tokenized_prompt_mask.astype(bool)], axis=1)

@@ -104,3 +104,26 @@ def test_observation_from_host_batch_dict(config):
 def test_invalid_configs_are_refused_with_a_reason(overrides, message):
   with pytest.raises(ValueError, match=message):
     tiny_config(**overrides)
+
+
+def test_prefix_lays_out_each_camera_then_the_prompt(config, params):
+  """Batched SigLIP over all cameras puts each camera's tokens and mask in its own slot."""
+  obs = pi05.fake_observation(config, 2)
+  obs = obs.replace(image_masks={**obs.image_masks, "left_wrist_0_rgb": jnp.array([True, False])})
+  model = pi05.Pi05(config)
+  tokens, input_mask, ar_mask = model.apply({"params": params}, obs, method=pi05.Pi05.embed_prefix)
+  per_camera = config.num_image_tokens // len(config.image_keys)
+
+  def siglip(image):
+    return model.apply(
+      {"params": params}, image, method=lambda m, x: m.PaliGemma.img(x)
+    )
+
+  for i, key in enumerate(config.image_keys):
+    np.testing.assert_allclose(
+      tokens[:, i * per_camera : (i + 1) * per_camera], siglip(obs.images[key]), atol=1e-5
+    )
+    np.testing.assert_array_equal(input_mask[:, i * per_camera], obs.image_masks[key])
+  np.testing.assert_array_equal(input_mask[:, config.num_image_tokens :], obs.tokenized_prompt_mask)
+  np.testing.assert_array_equal(ar_mask[:, config.num_image_tokens :], obs.token_ar_mask)
+  assert not ar_mask[:, : config.num_image_tokens].any()
