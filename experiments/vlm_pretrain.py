@@ -18,8 +18,8 @@ Variants:
          (experiments/droid_ki.py:full with init.kind=paligemma) instead:
            python -m ki.main --config=experiments/vlm_pretrain.py:full --workdir=/ckpt/vlm \
              --config.data.arrayrecord_dir=... --config.assets.norm_stats=... \
-             --config.assets.fast_tokenizer=... --config.assets.prompt_tokenizer=... \
-             --config.data.vlm_sources='({"kind": "jsonl", "path": "/data/vqa.jsonl", "weight": 1},)'
+             --config.assets.fast_tokenizer=... --config.assets.prompt_tokenizer=...
+         after setting data.vlm_sources (empty at full size) to the question/answer manifests.
 """
 
 import ml_collections

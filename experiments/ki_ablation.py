@@ -1,0 +1,400 @@
+r"""The KI ablation: does insulation work? A small, reproducible replication of the paper's claims.
+
+The KI paper (Driess et al. 2025) claims that with the stop-gradient and FAST co-training
+  (1) the VLM keeps its language ability, where joint training without the stop-gradient
+      degrades it;
+  (2) the action expert learns faster than flow-only pi0.5 training;
+  (3) inference stays as fast as a flow-only model, far faster than autoregressive FAST decoding.
+This experiment tests each on the tiny models and synthetic DROID of the smoke variant:
+  stage 1  the pretrained VLM (experiments/vlm_pretrain.py: the VLM alone, next-token loss on the
+           synthetic scene questions) stands in for PaliGemma;
+  stage 2  from that checkpoint, the arms below train with identical data, seeds, steps and
+           optimizer; they differ ONLY in model.knowledge_insulation, model.fast_loss /
+           loss.fast_weight and data.vlm_sources (tests/experiments/test_ki_ablation.py checks it);
+  stage 3  held-out evaluation along training (ki.train.evaluation): action error in raw units
+           from sample_actions (10 Euler steps), FAST token accuracy, the VLM's held-out question
+           loss (text_ce) and exact-match accuracy; steps to reach an action-error threshold; the
+           latency of sample_actions against sample_fast (benchmarks/latency_bench.py).
+
+Run everything (synthetic data, pretraining, arms, table and plots) on a CPU:
+  python -m experiments.ki_ablation --out=docs/ablation --seeds=0,1,2 --steps=300
+  python -m experiments.ki_ablation --out=/tmp/ablation --quick   # minutes; what the test runs
+Outputs in --out: ablation.md (the table), curves.png, latency.png, results.json, runs/ (one
+workdir per arm and seed; a finished run is reused when the command is repeated).
+
+One arm alone, through the training entry point (variant "smoke" or "full", then ",<arm>"):
+  python -m ki.main --config=experiments/ki_ablation.py:smoke,joint_cotrain --workdir=/tmp/joint \
+    --config.init.path=$HOME/.cache/ki/smoke/vlm_pretrain
+"""
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+
+import ml_collections
+import numpy as np
+
+from experiments import droid_ki
+from experiments import vlm_pretrain
+from ki.train import trainer as trainer_lib
+
+# Each arm's switches; everything else is shared. Co-training only matters where a token loss
+# trains the VLM, so flow-only pi0.5 has no co-training arm (its VLM examples would carry no loss).
+ARMS = {
+  "ki_cotrain": dict(knowledge_insulation=True, fast_loss=True, cotrain=True,
+                     label="KI (stop-grad + FAST + flow), co-training"),
+  "ki": dict(knowledge_insulation=True, fast_loss=True, cotrain=False,
+             label="KI, no co-training"),
+  "joint_cotrain": dict(knowledge_insulation=False, fast_loss=True, cotrain=True,
+                        label="joint, no stop-grad, co-training"),
+  "joint": dict(knowledge_insulation=False, fast_loss=True, cotrain=False,
+                label="joint, no stop-grad, no co-training"),
+  "flow_only": dict(knowledge_insulation=False, fast_loss=False, cotrain=False,
+                    label="flow-only pi0.5"),
+}
+# The only config fields the arms may differ in.
+ARM_FIELDS = ("model.knowledge_insulation", "model.fast_loss", "loss.fast_weight",
+              "data.vlm_sources")
+QUICK_ARMS = ("ki_cotrain", "joint_cotrain")
+COTRAIN_WEIGHT = 0.2  # VLM examples per robot example in the co-training arms (the smoke mixture)
+# The metrics plotted and tabulated: (eval key, title, lower is better).
+CURVES = (
+  ("eval/robot/action_mae", "held-out action error (raw units, 10 flow steps)", True),
+  ("eval/robot/fast_accuracy", "held-out FAST token accuracy", False),
+  ("eval/vlm/text_ce", "VLM held-out question loss (language retention)", True),
+  ("eval/vlm/text_exact_match", "VLM held-out exact-match answers", False),
+)
+
+
+def arm_config(size: str, arm: str, *, init_path: str = "", seed: int = 0,
+               total_steps: int | None = None, eval_every: int | None = None
+               ) -> ml_collections.ConfigDict:
+  """The config of one arm; `size` is droid_ki's variant ("smoke" or "full")."""
+  if arm not in ARMS:
+    raise ValueError(f"Unknown ablation arm {arm!r}; choose from {sorted(ARMS)}.")
+  switches = ARMS[arm]
+  config = droid_ki.get_config(size)
+  config.unlock()
+  config.seed = seed
+  config.init.kind = "ki"
+  config.init.path = init_path or (
+    os.path.join(droid_ki.smoke_cache_dir(), "vlm_pretrain") if size == "smoke" else "")
+  if total_steps is not None:
+    config.total_steps = total_steps
+  if size == "smoke":
+    for group in config.optimizer.groups.values():
+      group.decay_steps = config.total_steps
+      group.warmup_steps = min(group.warmup_steps, max(config.total_steps // 10, 1))
+    config.checkpoint.update(dict(every=config.total_steps, max_to_keep=1))
+    config.eval.max_batches = 8
+  if eval_every is not None:
+    config.eval.every = eval_every
+  # Co-training data: the smoke variant's VLM manifest (any size: the path set on the command
+  # line for full), or none.
+  vlm_sources = tuple(dict(entry, weight=COTRAIN_WEIGHT) for entry in config.data.vlm_sources)
+  config.data.vlm_sources = vlm_sources if switches["cotrain"] else ()
+  config.model.knowledge_insulation = switches["knowledge_insulation"]
+  config.model.fast_loss = switches["fast_loss"]
+  config.loss.fast_weight = 1.0 if switches["fast_loss"] else 0.0
+  config.lock()
+  return config
+
+
+def get_config(variant: str = "smoke") -> ml_collections.ConfigDict:
+  """variant: "smoke" or "full", optionally ",<arm>" (default arm: ki_cotrain)."""
+  size, _, arm = variant.partition(",")
+  if size not in droid_ki.VARIANTS:
+    raise ValueError(f"Unknown size {size!r} in variant {variant!r}; choose from "
+                     f"{sorted(droid_ki.VARIANTS)}.")
+  return arm_config(size, arm or "ki_cotrain")
+
+
+# ----------------------------------------------------------------------------------------------
+# Running the arms.
+
+
+def _pretrain(cache: str, steps: int) -> str:
+  """Trains (or reuses) the pretrained VLM in cache/vlm_pretrain; returns that workdir."""
+  workdir = os.path.join(cache, "vlm_pretrain")
+  config = vlm_pretrain.get_config("smoke")
+  config.unlock()
+  config.total_steps = steps
+  config.optimizer.groups.vlm.decay_steps = steps
+  config.optimizer.groups.vlm.warmup_steps = min(config.optimizer.groups.vlm.warmup_steps,
+                                                 max(steps // 10, 1))
+  config.checkpoint.update(dict(every=steps, max_to_keep=1))
+  # No eval here: every arm evaluates the pretrained VLM at its step 0.
+  config.eval.every = 0
+  config.lock()
+  trainer = trainer_lib.Trainer(config, workdir)
+  trainer.run()  # nothing to do when the workdir already holds the finished pretraining
+  trainer.close()
+  return workdir
+
+
+class RecordingTrainer(trainer_lib.Trainer):
+  """A Trainer that keeps every evaluation's scalars in eval_history {step: {name: value}}."""
+
+  def __init__(self, *args, **kwargs):
+    self.eval_history = {}
+    super().__init__(*args, **kwargs)
+
+  def evaluate(self, step):
+    results = super().evaluate(step)
+    self.eval_history[int(step)] = results
+    return results
+
+
+def run_arm(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  """Trains one arm (evaluating first at step 0) and returns {"eval": {step: scalars},
+  "train": {step: scalars}, "seconds": wall time}; reuses workdir/ablation_run.json if there."""
+  done = os.path.join(workdir, "ablation_run.json")
+  if os.path.exists(done):
+    with open(done) as f:
+      return json.load(f)
+  start = time.perf_counter()
+  trainer = RecordingTrainer(config, workdir)
+  if trainer.start_step != 0:
+    raise RuntimeError(f"{workdir} holds a half-finished run (step {trainer.start_step}); delete "
+                       "it so that every arm's curve starts from the pretrained VLM.")
+  trainer.evaluate(0)
+  train_metrics = trainer.run()
+  trainer.close()
+  result = {
+    "eval": {str(k): v for k, v in sorted(trainer.eval_history.items())},
+    "train": {str(k): {n: v[n] for n in ("loss", "flow_mse", "fast_ce") if n in v}
+              for k, v in sorted(train_metrics.items())},
+    "seconds": time.perf_counter() - start,
+  }
+  with open(done, "w") as f:
+    json.dump(result, f)
+  return result
+
+
+# ----------------------------------------------------------------------------------------------
+# Summaries: table and plots.
+
+
+def _series(runs: list[dict], key: str) -> tuple[np.ndarray, np.ndarray]:
+  """Eval steps [T] and values [seeds, T] of `key` (NaN where a run lacks it)."""
+  steps = sorted({int(s) for run in runs for s in run["eval"]})
+  values = np.array([[run["eval"].get(str(s), {}).get(key, np.nan) for s in steps]
+                     for run in runs], dtype=np.float64)
+  return np.array(steps), values
+
+
+def steps_to_threshold(steps: np.ndarray, mae: np.ndarray, threshold: float) -> list[float]:
+  """Per seed, the first eval step with action error <= threshold (NaN if never). mae: [S, T]."""
+  reached = []
+  for row in mae:
+    hits = np.nonzero(row <= threshold)[0]
+    reached.append(float(steps[hits[0]]) if len(hits) else np.nan)
+  return reached
+
+
+def _mean_spread(values) -> str:
+  values = np.asarray([v for v in values if np.isfinite(v)], dtype=np.float64)
+  if not len(values):
+    return "-"
+  if len(values) == 1:
+    return f"{values[0]:.3g}"
+  return f"{values.mean():.3g} ± {values.std():.2g}"
+
+
+def summarise(results: dict, mae_threshold: float | None) -> dict:
+  """Per arm: final values, steps to threshold; the threshold used."""
+  arms = results["arms"]
+  final_mae = {}
+  for arm, runs in arms.items():
+    _, mae = _series(runs, "eval/robot/action_mae")
+    final_mae[arm] = float(np.nanmean(mae[:, -1]))
+  # Default rule: the worst arm's final mean error, so every arm reaches it and the steps compare.
+  threshold = mae_threshold if mae_threshold is not None else max(final_mae.values())
+  summary = {"mae_threshold": threshold, "threshold_rule": (
+    "given (--mae_threshold)" if mae_threshold is not None else
+    "the largest final mean action error over the arms")}
+  for arm, runs in arms.items():
+    row = {}
+    for key, _, _ in CURVES:
+      steps, values = _series(runs, key)
+      row[key] = {"start": values[:, 0].tolist(), "final": values[:, -1].tolist()}
+    steps, mae = _series(runs, "eval/robot/action_mae")
+    row["steps_to_threshold"] = steps_to_threshold(steps, mae, threshold)
+    summary[arm] = row
+  return summary
+
+
+def markdown(results: dict, summary: dict) -> str:
+  setup = results["setup"]
+  lines = [
+    "# KI ablation",
+    "",
+    f"Command: `{setup['command']}`  ",
+    f"Machine: {setup['device']}; seeds {setup['seeds']}; {setup['steps']} steps per arm, batch "
+    f"{setup['batch_size']}; VLM pretrained for {setup['pretrain_steps']} steps.  ",
+    "Values are mean ± std over seeds (start = step 0, the pretrained VLM; final = last step). "
+    f"Steps to action error <= {summary['mae_threshold']:.3g} ({summary['threshold_rule']}); "
+    "'-' = not reached or not measured (flow-only has no FAST postfix).",
+    "",
+    "| arm | stop-grad | FAST loss | co-train | action MAE final | steps to threshold | "
+    "FAST acc final | text CE start → final | exact match start → final |",
+    "|---|---|---|---|---|---|---|---|---|",
+  ]
+  for arm in results["arms"]:
+    switches, row = ARMS[arm], summary[arm]
+    text_ce, exact = row["eval/vlm/text_ce"], row["eval/vlm/text_exact_match"]
+    lines.append(
+      f"| {arm} | {'yes' if switches['knowledge_insulation'] else 'no'} | "
+      f"{'yes' if switches['fast_loss'] else 'no'} | {'yes' if switches['cotrain'] else 'no'} | "
+      f"{_mean_spread(row['eval/robot/action_mae']['final'])} | "
+      f"{_mean_spread(row['steps_to_threshold'])} | "
+      f"{_mean_spread(row['eval/robot/fast_accuracy']['final'])} | "
+      f"{_mean_spread(text_ce['start'])} → {_mean_spread(text_ce['final'])} | "
+      f"{_mean_spread(exact['start'])} → {_mean_spread(exact['final'])} |")
+  latency = results["latency"]
+  lines += [
+    "",
+    f"Inference latency ({latency['size']} model, batch 1, median of {latency['repeats']}): "
+    f"sample_actions ({latency['num_flow_steps']} Euler steps) {latency['flow']['median_ms']:.3g}"
+    f" ms, sample_fast ({latency['fast_tokens']} tokens) {latency['fast']['median_ms']:.3g} ms "
+    f"— FAST decoding is {latency['fast_over_flow']:.1f}x slower.",
+    "",
+    "![curves](curves.png) ![latency](latency.png)",
+    "",
+  ]
+  return "\n".join(lines)
+
+
+def plot(results: dict, out: str) -> list[str]:
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use("Agg")
+  from matplotlib import pyplot as plt  # pylint: disable=g-import-not-at-top
+
+  figure, axes = plt.subplots(2, 2, figsize=(12, 8))
+  for axis, (key, title, _) in zip(axes.flat, CURVES):
+    for arm, runs in results["arms"].items():
+      steps, values = _series(runs, key)
+      if np.all(np.isnan(values)):
+        continue
+      mean = np.nanmean(values, axis=0)
+      line, = axis.plot(steps, mean, marker="o", markersize=3, label=arm)
+      if len(runs) > 1:
+        axis.fill_between(steps, np.nanmin(values, axis=0), np.nanmax(values, axis=0),
+                          color=line.get_color(), alpha=0.15)
+    axis.set_title(title, fontsize=10)
+    axis.set_xlabel("training step")
+    axis.grid(alpha=0.3)
+  axes.flat[0].legend(fontsize=8)
+  setup = results["setup"]
+  figure.suptitle(f"KI ablation: mean over seeds {setup['seeds']} (band: min-max), "
+                  f"{setup['device']}", fontsize=11)
+  figure.tight_layout()
+  curves = os.path.join(out, "curves.png")
+  figure.savefig(curves, dpi=90)
+  plt.close(figure)
+
+  latency = results["latency"]
+  figure, axis = plt.subplots(figsize=(5, 3.5))
+  names = [f"sample_actions\n({latency['num_flow_steps']} flow steps)",
+           f"sample_fast\n({latency['fast_tokens']} tokens)"]
+  axis.bar(names, [latency["flow"]["median_ms"], latency["fast"]["median_ms"]],
+           color=["tab:blue", "tab:orange"])
+  axis.set_ylabel("median ms per chunk (batch 1)")
+  axis.set_title(f"inference, {latency['size']} model, {setup['device']}", fontsize=10)
+  figure.tight_layout()
+  latency_path = os.path.join(out, "latency.png")
+  figure.savefig(latency_path, dpi=90)
+  plt.close(figure)
+  return [curves, latency_path]
+
+
+# ----------------------------------------------------------------------------------------------
+# The command.
+
+
+def run(out: str, *, cache: str, arms, seeds, steps: int, eval_every: int, pretrain_steps: int,
+        latency_size: str, latency_repeats: int, mae_threshold: float | None,
+        command: str, quick: bool = False) -> dict:
+  from benchmarks import latency_bench  # pylint: disable=g-import-not-at-top
+  from benchmarks import results_writer  # pylint: disable=g-import-not-at-top
+  from ki.train import demo_data  # pylint: disable=g-import-not-at-top
+
+  os.makedirs(out, exist_ok=True)
+  os.environ["KI_CACHE"] = cache  # the smoke configs read their paths from it
+  data_config = droid_ki.get_config("smoke")
+  demo_data.ensure(data_config)
+  import jax  # pylint: disable=g-import-not-at-top
+  jax.config.update("jax_compilation_cache_dir", data_config.compilation_cache_dir)
+
+  pretrained = _pretrain(cache, pretrain_steps)
+  results = {"arms": {arm: [] for arm in arms}}
+  for seed in seeds:
+    for arm in arms:
+      config = arm_config("smoke", arm, init_path=pretrained, seed=seed, total_steps=steps,
+                          eval_every=eval_every)
+      if quick:
+        config.unlock()
+        config.eval.max_batches = 1
+        config.lock()
+      logging.info("Arm %s, seed %d.", arm, seed)
+      results["arms"][arm].append(run_arm(config, os.path.join(out, "runs", arm, f"seed{seed}")))
+  results["latency"] = latency_bench.run(latency_size, num_flow_steps=10,
+                                         fast_tokens=latency_bench.TYPICAL_DROID_FAST_TOKENS,
+                                         repeats=latency_repeats)
+  results["setup"] = dict(
+    command=command, device=results_writer.describe_device(results_writer.device_info()),
+    seeds=list(seeds), steps=steps, eval_every=eval_every, pretrain_steps=pretrain_steps,
+    batch_size=data_config.batch_size, cotrain_weight=COTRAIN_WEIGHT, quick=quick)
+  summary = summarise(results, mae_threshold)
+  results["summary"] = summary
+  with open(os.path.join(out, "results.json"), "w") as f:
+    json.dump(results, f, indent=1)
+  with open(os.path.join(out, "ablation.md"), "w") as f:
+    f.write(markdown(results, summary))
+  plot(results, out)
+  return results
+
+
+def main(argv=None):
+  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  parser.add_argument("--out", required=True, help="folder for the table, plots and runs")
+  parser.add_argument("--quick", action="store_true",
+                      help="minutes-long: 2 arms, 1 seed, a few steps (the test)")
+  parser.add_argument("--seeds", default="0,1,2", help="comma-separated data/noise seeds")
+  parser.add_argument("--steps", type=int, default=300, help="training steps per arm")
+  parser.add_argument("--eval_every", type=int, default=50)
+  parser.add_argument("--pretrain_steps", type=int, default=vlm_pretrain.SMOKE_STEPS)
+  parser.add_argument("--arms", default=",".join(ARMS), help=f"subset of {','.join(ARMS)}")
+  parser.add_argument("--mae_threshold", type=float, default=None,
+                      help="action error for steps-to-threshold (default: the worst arm's final)")
+  parser.add_argument("--cache", default=None,
+                      help="synthetic data + pretrained VLM folder (default: $KI_CACHE or "
+                           "~/.cache/ki/smoke)")
+  args = parser.parse_args(argv)
+  arms = [a for a in args.arms.split(",") if a]
+  unknown = sorted(set(arms) - set(ARMS))
+  if unknown:
+    parser.error(f"unknown arms {unknown}; choose from {list(ARMS)}")
+  seeds = [int(s) for s in args.seeds.split(",") if s]
+  steps, eval_every, pretrain_steps = args.steps, args.eval_every, args.pretrain_steps
+  latency_size, latency_repeats = "smoke", 20
+  if args.quick:
+    arms, seeds, steps, eval_every, pretrain_steps = list(QUICK_ARMS), seeds[:1], 6, 3, 6
+    latency_size, latency_repeats = "tiny", 3
+  command = " ".join(["python -m experiments.ki_ablation"]
+                     + (sys.argv[1:] if argv is None else list(argv)))
+  results = run(args.out, cache=args.cache or droid_ki.smoke_cache_dir(), arms=arms, seeds=seeds,
+                steps=steps, eval_every=eval_every, pretrain_steps=pretrain_steps,
+                latency_size=latency_size, latency_repeats=latency_repeats,
+                mae_threshold=args.mae_threshold, command=command, quick=args.quick)
+  print(markdown(results, results["summary"]))
+  return results
+
+
+if __name__ == "__main__":
+  logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+  logging.getLogger().setLevel(logging.INFO)
+  main()
