@@ -317,7 +317,7 @@ def plot(results: dict, out: str) -> list[str]:
 
 def run(out: str, *, cache: str, arms, seeds, steps: int, eval_every: int, pretrain_steps: int,
         latency_size: str, latency_repeats: int, mae_threshold: float | None,
-        command: str, quick: bool = False) -> dict:
+        command: str, quick: bool = False, compilation_cache: str = "") -> dict:
   from benchmarks import latency_bench  # pylint: disable=g-import-not-at-top
   from benchmarks import results_writer  # pylint: disable=g-import-not-at-top
   from ki.train import demo_data  # pylint: disable=g-import-not-at-top
@@ -327,7 +327,8 @@ def run(out: str, *, cache: str, arms, seeds, steps: int, eval_every: int, pretr
   data_config = droid_ki.get_config("smoke")
   demo_data.ensure(data_config)
   import jax  # pylint: disable=g-import-not-at-top
-  jax.config.update("jax_compilation_cache_dir", data_config.compilation_cache_dir)
+  jax.config.update("jax_compilation_cache_dir",
+                    compilation_cache or data_config.compilation_cache_dir)
 
   pretrained = _pretrain(cache, pretrain_steps)
   results = {"arms": {arm: [] for arm in arms}}
@@ -373,6 +374,8 @@ def main(argv=None):
   parser.add_argument("--cache", default=None,
                       help="synthetic data + pretrained VLM folder (default: $KI_CACHE or "
                            "~/.cache/ki/smoke)")
+  parser.add_argument("--compilation_cache", default="",
+                      help="persistent XLA compilation cache (default: CACHE/jax_cache)")
   args = parser.parse_args(argv)
   arms = [a for a in args.arms.split(",") if a]
   unknown = sorted(set(arms) - set(ARMS))
@@ -389,7 +392,8 @@ def main(argv=None):
   results = run(args.out, cache=args.cache or droid_ki.smoke_cache_dir(), arms=arms, seeds=seeds,
                 steps=steps, eval_every=eval_every, pretrain_steps=pretrain_steps,
                 latency_size=latency_size, latency_repeats=latency_repeats,
-                mae_threshold=args.mae_threshold, command=command, quick=args.quick)
+                mae_threshold=args.mae_threshold, command=command, quick=args.quick,
+                compilation_cache=args.compilation_cache)
   print(markdown(results, results["summary"]))
   return results
 

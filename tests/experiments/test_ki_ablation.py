@@ -66,12 +66,14 @@ def test_steps_to_threshold_is_the_first_eval_at_or_below_it():
 
 
 @pytest.mark.slow
-def test_quick_ablation_writes_its_table_and_plots(tmp_path):
+def test_quick_ablation_writes_its_table_and_plots(tmp_path, request):
+  # The compiled programs persist in pytest's cache folder, as the trainer tests' do.
+  compilation_cache = request.config.cache.mkdir("ki_jax_compilation_cache")
   env = dict(os.environ, JAX_PLATFORMS="cpu")
   env.pop("XLA_FLAGS", None)
   out = tmp_path / "ablation"
   command = [sys.executable, "-m", "experiments.ki_ablation", f"--out={out}", "--quick",
-             f"--cache={tmp_path / 'cache'}"]
+             f"--cache={tmp_path / 'cache'}", f"--compilation_cache={compilation_cache}"]
   result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True,
                           timeout=600)
   assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
