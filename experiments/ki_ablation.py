@@ -284,6 +284,9 @@ def plot(results: dict, out: str) -> list[str]:
       if len(runs) > 1:
         axis.fill_between(steps, np.nanmin(values, axis=0), np.nanmax(values, axis=0),
                           color=line.get_color(), alpha=0.15)
+    if key == "eval/robot/action_mae" and "summary" in results:
+      axis.axhline(results["summary"]["mae_threshold"], color="gray", linestyle="--",
+                   linewidth=1, label="steps-to-threshold level")
     axis.set_title(title, fontsize=10)
     axis.set_xlabel("training step")
     axis.grid(alpha=0.3)
