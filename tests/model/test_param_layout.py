@@ -8,7 +8,9 @@ import numpy as np
 
 from ki.model import pi05
 
-REFERENCE = pathlib.Path(__file__).parents[3] / "shared" / "reference" / "openpi_pi05_params.tsv"
+# A copy of shared/reference/openpi_pi05_params.tsv (read off openpi's model definition with
+# jax.eval_shape), kept beside the test so a clone on its own can run it.
+REFERENCE = pathlib.Path(__file__).parent / "openpi_pi05_params.tsv"
 
 
 def _reference_layout():
