@@ -17,7 +17,8 @@ This experiment tests each on the tiny models and synthetic DROID of the smoke v
            latency of sample_actions against sample_fast (benchmarks/latency_bench.py).
 
 Run everything (synthetic data, pretraining, arms, table and plots) on a CPU:
-  python -m experiments.ki_ablation --out=docs/ablation --seeds=0,1,2 --steps=300
+  python -m experiments.ki_ablation --out=/tmp/ki_ablation --seeds=0,1,2 --steps=150 \
+    --eval_every=25      # ~20 min on a quiet 2-core CPU; the result is in docs/ablation/
   python -m experiments.ki_ablation --out=/tmp/ablation --quick   # minutes; what the test runs
 Outputs in --out: ablation.md (the table), curves.png, latency.png, results.json, runs/ (one
 workdir per arm and seed; a finished run is reused when the command is repeated).
