@@ -17,7 +17,6 @@ table.
 """
 
 import argparse
-import sys
 import time
 from typing import Any
 
@@ -97,15 +96,8 @@ def main(argv=None):
     parser.error(f"--size={size} needs an accelerator; use --quick or --size=smoke on a CPU")
   results = run(size, num_flow_steps=args.num_flow_steps, fast_tokens=args.fast_tokens,
                 repeats=repeats)
-  results["quick"] = args.quick
-  command = " ".join(["python -m benchmarks.latency_bench"]
-                     + (sys.argv[1:] if argv is None else argv))
-  path = results_writer.write("latency_quick" if args.quick else "latency", results,
-                              command=command, out_dir=args.out_dir)
-  results["device"] = results_writer.describe_device(results_writer.device_info())
-  print(markdown(results))
-  print(f"\nWritten to {path}")
-  return results
+  return results_writer.publish("latency", results, quick=args.quick, argv=argv,
+                                 out_dir=args.out_dir, table=markdown)
 
 
 if __name__ == "__main__":

@@ -22,7 +22,6 @@ without --quick on the GPU that will train. Writes benchmarks/results/memory.jso
 """
 
 import argparse
-import sys
 from typing import Any
 
 import jax
@@ -123,15 +122,8 @@ def main(argv=None):
                  "and measures the CPU compiler); use --quick or --size=smoke")
   results = run(size, policies, batches, budget_gib=args.device_gib, num_devices=num_devices,
                 compiler_options=train_bench.QUICK_COMPILER_OPTIONS if args.quick else None)
-  results["quick"] = args.quick
-  command = " ".join(["python -m benchmarks.memory_bench"]
-                     + (sys.argv[1:] if argv is None else argv))
-  path = results_writer.write("memory_quick" if args.quick else "memory", results,
-                              command=command, out_dir=args.out_dir)
-  results["device"] = results_writer.describe_device(results_writer.device_info())
-  print(markdown(results))
-  print(f"\nWritten to {path}")
-  return results
+  return results_writer.publish("memory", results, quick=args.quick, argv=argv,
+                                 out_dir=args.out_dir, table=markdown)
 
 
 if __name__ == "__main__":

@@ -8,7 +8,8 @@ import datetime
 import json
 import os
 import platform
-from typing import Any, Sequence
+import sys
+from typing import Any, Callable, Sequence
 
 import jax
 
@@ -59,6 +60,20 @@ def write(name: str, results: dict[str, Any], *, command: str, out_dir: str | No
   with open(path, "w") as f:
     json.dump(record, f, indent=2, default=_jsonable)
   return path
+
+
+def publish(name: str, results: dict[str, Any], *, quick: bool, argv: Sequence[str] | None,
+            out_dir: str | None, table: Callable[[dict[str, Any]], str]) -> dict[str, Any]:
+  """The end of every benchmark's main: writes <name>[_quick].json with the command that produced
+  it (`python -m benchmarks.<name>_bench ...`), prints the table and returns the results."""
+  results["quick"] = quick
+  args = sys.argv[1:] if argv is None else list(argv)
+  command = " ".join([f"python -m benchmarks.{name}_bench", *args])
+  path = write(f"{name}_quick" if quick else name, results, command=command, out_dir=out_dir)
+  results["device"] = describe_device(device_info())
+  print(table(results))
+  print(f"\nWritten to {path}")
+  return results
 
 
 def _jsonable(value):

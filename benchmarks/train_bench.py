@@ -26,7 +26,6 @@ Writes benchmarks/results/train.json (train_quick.json with --quick) and prints 
 import argparse
 import dataclasses
 import functools
-import sys
 import time
 from typing import Any
 
@@ -272,15 +271,8 @@ def main(argv=None):
                 warmup_steps=warmup_steps, num_devices=num_devices,
                 compiler_options=QUICK_COMPILER_OPTIONS if args.quick else None,
                 profile_dir=args.profile_dir, ablations=ablations)
-  results["quick"] = args.quick
-  name = "train_quick" if args.quick else "train"
-  command = " ".join(["python -m benchmarks.train_bench"]
-                     + (sys.argv[1:] if argv is None else argv))
-  path = results_writer.write(name, results, command=command.strip(), out_dir=args.out_dir)
-  results["device"] = results_writer.describe_device(results_writer.device_info())
-  print(markdown(results))
-  print(f"\nWritten to {path}")
-  return results
+  return results_writer.publish("train", results, quick=args.quick, argv=argv,
+                                 out_dir=args.out_dir, table=markdown)
 
 
 if __name__ == "__main__":

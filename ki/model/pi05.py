@@ -10,7 +10,6 @@ positions are explained in ki/model/masks.py, the joint attention in ki/model/ge
 """
 
 import dataclasses
-import functools
 
 import flax.linen as nn
 import flax.struct

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from ki.model import pi05
-from tests.model.tiny import perturbed, tiny_config
+from tests.model.tiny import tiny_config
 
 
 def test_jitted_losses_and_sampling_in_bfloat16():
