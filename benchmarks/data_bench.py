@@ -1,6 +1,8 @@
 """Training-pipeline throughput on synthetic DROID, per worker process, and where the time goes.
 
-  python -m benchmarks.data_bench [--quick] [--out benchmarks/results/data.json]
+  python -m benchmarks.data_bench [--quick] [--out_dir benchmarks/results]
+
+Writes <out_dir>/data.json (data_quick.json with --quick) and prints a markdown table.
 
 Builds everything the way a user would, with nothing downloaded: synthetic DROID
 (data_prep.make_synthetic_droid: 180x320 JPEG cameras), the prepared ArrayRecord shards
@@ -180,8 +182,7 @@ def run(quick: bool) -> dict:
       )
     breakdown = _breakdown(setup, samples=32 if quick else 256)
   return {
-    "command": "python -m benchmarks.data_bench" + (" --quick" if quick else ""),
-    "device": f"CPU, {os.cpu_count()} cores ({platform.processor() or platform.machine()})",
+    "cpu": f"CPU, {os.cpu_count()} cores ({platform.processor() or platform.machine()})",
     "note": "wall-clock; a load average above the core count means other jobs shared the CPU",
     "load_average_1min": {"before": load_before, "after": os.getloadavg()[0]},
     "image_size": IMAGE_SIZE,
@@ -200,7 +201,7 @@ def run(quick: bool) -> dict:
 
 def markdown(results: dict) -> str:
   lines = [
-    f"Data pipeline on {results['device']} (224x224, H={results['action_horizon']}, "
+    f"Data pipeline on {results['cpu']} (224x224, H={results['action_horizon']}, "
     f"batch {results['batch_size']})",
     "",
     "| measure | value |",
@@ -221,14 +222,11 @@ def markdown(results: dict) -> str:
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--quick", action="store_true", help="tiny dataset, few batches")
-  parser.add_argument("--out", default=os.path.join("benchmarks", "results", "data.json"))
+  parser.add_argument("--out_dir", default=None, help="default: benchmarks/results")
   args = parser.parse_args(argv)
   results = run(args.quick)
-  out = os.path.abspath(args.out)
-  results_writer.write(os.path.basename(out).removesuffix(".json"), results,
-                       command=results["command"], out_dir=os.path.dirname(out))
-  print(markdown(results))
-  return results
+  return results_writer.publish("data", results, quick=args.quick, argv=argv,
+                                 out_dir=args.out_dir, table=markdown)
 
 
 if __name__ == "__main__":

@@ -21,17 +21,14 @@ import traceback
 
 from benchmarks import results_writer
 
-# (module, needs an accelerator in --full mode, quick-mode arguments). Quick runs must not
-# overwrite the committed full-mode results: ours write <name>_quick.json themselves, the data and
-# tokenizer benchmarks are pointed at one.
+# (module, needs an accelerator in --full mode, quick-mode arguments). Quick runs do not overwrite
+# the committed full-mode results: with --quick, results_writer.publish writes <name>_quick.json.
 BENCHMARKS = (
   ("train_bench", False, ["--quick"]),  # on a CPU, --full measures the sizes a CPU can hold
   ("memory_bench", True, ["--quick"]),
   ("latency_bench", True, ["--quick"]),
-  ("data_bench", False,
-   ["--quick", "--out", os.path.join(results_writer.RESULTS_DIR, "data_quick.json")]),
-  ("tokenizer_bench", False,
-   ["--quick", "--out", os.path.join(results_writer.RESULTS_DIR, "tokenizer_quick.json")]),
+  ("data_bench", False, ["--quick"]),
+  ("tokenizer_bench", False, ["--quick"]),
 )
 
 

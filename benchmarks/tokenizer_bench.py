@@ -1,6 +1,8 @@
 """Tokenizer speed and prompt lengths on DROID-like data.
 
-  python -m benchmarks.tokenizer_bench [--quick] [--out benchmarks/results/tokenizer.json]
+  python -m benchmarks.tokenizer_bench [--quick] [--out_dir benchmarks/results]
+
+Writes <out_dir>/tokenizer.json (tokenizer_quick.json with --quick) and prints a markdown table.
 
 Measures, for a host batch of 256 DROID-sized chunks (H = 16 steps at 15 Hz, D = 8: 7 joint
 positions + gripper), the time to FAST-encode the batch and the time to build the 256 full
@@ -133,8 +135,7 @@ def run(quick: bool) -> dict:
     }
 
   return {
-    "command": "python -m benchmarks.tokenizer_bench" + (" --quick" if quick else ""),
-    "device": f"CPU, {os.cpu_count()} cores ({platform.processor() or platform.machine()})",
+    "cpu": f"CPU, {os.cpu_count()} cores ({platform.processor() or platform.machine()})",
     "batch": BATCH, "horizon": HORIZON, "action_dim": ACTION_DIM,
     "fast_vocab_size": fast_tokenizer.vocab_size, "fast_fit_chunks": len(chunks),
     "fast_fit_seconds": fit_seconds,
@@ -154,21 +155,18 @@ def markdown(results: dict) -> str:
   for name, stats in results["lengths"].items():
     value = f"{stats['p50']:.0f} / {stats['p99']:.0f} / {stats['max']}"
     rows.append((f"{name} tokens (p50 / p99 / max)", value))
-  lines = [f"Tokenizers on {results['device']}", "", "| measure | value |", "|---|---|"]
+  lines = [f"Tokenizers on {results['cpu']}", "", "| measure | value |", "|---|---|"]
   return "\n".join(lines + [f"| {name} | {value} |" for name, value in rows])
 
 
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--quick", action="store_true", help="fewer episodes and repeats")
-  parser.add_argument("--out", default=os.path.join("benchmarks", "results", "tokenizer.json"))
+  parser.add_argument("--out_dir", default=None, help="default: benchmarks/results")
   args = parser.parse_args(argv)
   results = run(args.quick)
-  out = os.path.abspath(args.out)
-  results_writer.write(os.path.basename(out).removesuffix(".json"), results,
-                       command=results["command"], out_dir=os.path.dirname(out))
-  print(markdown(results))
-  return results
+  return results_writer.publish("tokenizer", results, quick=args.quick, argv=argv,
+                                 out_dir=args.out_dir, table=markdown)
 
 
 if __name__ == "__main__":

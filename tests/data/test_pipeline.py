@@ -246,9 +246,8 @@ def test_empty_shard_folder_and_unknown_field_are_errors(data, tmp_path):
 def test_data_benchmark_runs_in_quick_mode(tmp_path):
   from benchmarks import data_bench
 
-  out = tmp_path / "data.json"
-  results = data_bench.main(["--quick", "--out", str(out)])
-  assert out.exists()
+  results = data_bench.main(["--quick", "--out_dir", str(tmp_path)])
+  assert (tmp_path / "data_quick.json").exists()
   assert results["samples_per_second_one_process"] > 0
   stages = results["breakdown_ms_per_sample"]
   assert {"JPEG decode (2 cameras)", "tokenize (prompt + FAST)"} <= set(stages)

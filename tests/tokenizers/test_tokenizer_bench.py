@@ -6,9 +6,9 @@ from benchmarks import tokenizer_bench
 
 
 def test_quick_benchmark_writes_results(tmp_path, capsys):
-  out = tmp_path / "tokenizer.json"
-  tokenizer_bench.main(["--quick", "--out", str(out)])
-  results = json.loads(out.read_text())
+  tokenizer_bench.main(["--quick", "--out_dir", str(tmp_path)])
+  results = json.loads((tmp_path / "tokenizer_quick.json").read_text())
+  assert results["command"] == f"python -m benchmarks.tokenizer_bench --quick --out_dir {tmp_path}"
   assert results["batch"] == 256 and (results["horizon"], results["action_dim"]) == (16, 8)
   assert results["fast_encode_batch_ms"] > 0 and results["prompts_with_fast_batch_ms"] > 0
   lengths = results["lengths"]
