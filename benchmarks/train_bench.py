@@ -34,6 +34,7 @@ import numpy as np
 
 from benchmarks import fake_model
 from benchmarks import results_writer
+from experiments import droid_ki
 from ki.model import pi05
 from ki.train import checkpoint as checkpoint_lib
 from ki.train import metrics as metrics_lib
@@ -50,6 +51,8 @@ SIZES = {
   "smoke": dict(vlm_variant="dummy", expert_variant="dummy", siglip_variant="mu/16",
                 image_size=64, max_token_len=64, max_loss_tokens=24, vocab_size=2176,
                 dtype="float32", remat_policy="none"),
+  # pi0.5's proportions scaled down, ~90M parameters (experiments/droid_ki.py:medium).
+  "medium": droid_ki.MEDIUM_MODEL,
   # Gemma 300M in both streams with the full SigLIP: ~1.3B parameters.
   "gemma_300m": dict(vlm_variant="gemma_300m"),
   "full": {},
@@ -79,8 +82,6 @@ QUICK_COMPILER_OPTIONS = {"xla_backend_optimization_level": 0,
 
 def model_config(size: str, **overrides) -> pi05.Config:
   """The full experiment's model with a size's overrides (and any given here)."""
-  from experiments import droid_ki  # pylint: disable=g-import-not-at-top
-
   fields = dict(droid_ki.get_config("full").model)
   fields.update(SIZES[size])
   fields.update(overrides)
@@ -117,8 +118,6 @@ class TrainSetup:
 def build_train_step(config: pi05.Config, per_device_batch: int, *, num_devices: int | None = None
                      ) -> TrainSetup:
   """The trainer's step for `config`, FSDP over the first `num_devices` devices (default all)."""
-  from experiments import droid_ki  # pylint: disable=g-import-not-at-top
-
   experiment = droid_ki.get_config("full")
   devices = jax.devices()[:num_devices] if num_devices else jax.devices()
   mesh = sharding_lib.make_mesh(experiment.mesh, devices=devices)

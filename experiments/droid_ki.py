@@ -15,9 +15,15 @@ Variants:
          Expect ~11 TFLOP per example (MFU is logged); openpi's fine-tune runs ~18.5 examples/s
          per H100. fast_ce falls quickly (FAST tokens are easy to predict early), flow_mse more
          slowly; the language-retention eval (eval/vlm/text_ce) should stay flat.
-  smoke  a tiny model on synthetic DROID, generated on first use into $KI_CACHE (default
-         ~/.cache/ki/smoke): a few hundred steps on a 2-core CPU in about five minutes, both
-         losses clearly falling. `make demo` runs it:
+  medium pi0.5's proportions scaled down (~90M parameters: Gemma "small" 512-wide VLM, a
+         256-wide expert, 8 layers each; SigLIP S/16 at 112 px) on a larger synthetic DROID
+         (480 episodes, 3,600 scene questions; generated on first use into
+         $KI_CACHE/medium), batch 64, bf16: the size for one GPU, where the tiny model says too
+         little (the KI ablation's GPU mode, experiments/ki_ablation.py --size=medium):
+           python -m ki.main --config=experiments/droid_ki.py:medium --workdir=/tmp/ki_medium
+  smoke  a tiny model on synthetic DROID, generated on first use into $KI_CACHE/smoke ($KI_CACHE
+         defaults to ~/.cache/ki): a few hundred steps on a 2-core CPU in about five minutes,
+         both losses clearly falling. `make demo` runs it:
            python -m ki.main --config=experiments/droid_ki.py:smoke --workdir=/tmp/ki_demo
 
 Every field is plain data; override any with --config.a.b=value.
@@ -35,8 +41,16 @@ _FULL_GROUP = dict(peak_lr=5e-5, warmup_steps=1_000, decay_steps=1_000_000, end_
                    b2=0.95, eps=1e-8, weight_decay=1e-10, clip_norm=1.0, frozen=False)
 
 
-def smoke_cache_dir() -> str:
-  return os.environ.get("KI_CACHE", os.path.expanduser("~/.cache/ki/smoke"))
+# The synthetic-data variants: how much data each generates on first use (ki/train/demo_data.py).
+SYNTHETIC_DATA = {
+  "smoke": dict(episodes=48, vlm_images=120),
+  "medium": dict(episodes=480, vlm_images=1200),
+}
+
+
+def cache_dir(variant: str) -> str:
+  """Where a synthetic variant keeps its data, pretrained VLM and compile cache."""
+  return os.path.join(os.environ.get("KI_CACHE", os.path.expanduser("~/.cache/ki")), variant)
 
 
 def _data_config(model: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
@@ -81,8 +95,9 @@ def base_config() -> ml_collections.ConfigDict:
   config.data.num_workers = 8
   config.assets = ml_collections.ConfigDict(dict(norm_stats="", fast_tokenizer="",
                                                  prompt_tokenizer=""))
-  # Synthetic DROID generated on first use (smoke runs only): "" = real data at the paths above.
-  config.synthetic_data_dir = ""
+  # Synthetic DROID generated on first use into `dir` (smoke and medium runs only; see
+  # ki/train/demo_data.py): dir "" = real data at the paths above.
+  config.synthetic_data = ml_collections.ConfigDict(dict(dir="", episodes=0, vlm_images=0))
   config.checkpoint = ml_collections.ConfigDict(dict(
     every=1_000, max_to_keep=3, keep_period=10_000, asynchronous=True, params_item=True))
   config.log_every = 50
@@ -92,14 +107,38 @@ def base_config() -> ml_collections.ConfigDict:
   return config
 
 
-def smoke_config() -> ml_collections.ConfigDict:
+def _synthetic_config(variant: str) -> ml_collections.ConfigDict:
+  """The parts every synthetic-data variant shares: data, assets and evaluation in its cache."""
   config = base_config()
+  cache = cache_dir(variant)
+  config.mesh = (("data", -1), ("fsdp", 1))
+  config.compilation_cache_dir = os.path.join(cache, "jax_cache")
+  config.init.kind = "scratch"
+  config.synthetic_data.update(dict(dir=cache, **SYNTHETIC_DATA[variant]))
+  config.assets.norm_stats = os.path.join(cache, "norm_stats.json")
+  config.assets.fast_tokenizer = os.path.join(cache, "fast_tokenizer")
+  config.assets.prompt_tokenizer = os.path.join(cache, "tokenizer.model")
+  config.eval.vlm_heldout = os.path.join(cache, "vlm", "heldout.jsonl")
+  return config
+
+
+def _synthetic_data(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """The data config of a synthetic variant (call after the model is final)."""
+  cache = config.synthetic_data.dir
+  data = _data_config(config.model)
+  data.arrayrecord_dir = os.path.join(cache, "arrayrecord", "train")
+  data.eval_arrayrecord_dir = os.path.join(cache, "arrayrecord", "eval")
+  data.augment = False
+  data.vlm_sources = ({"kind": "jsonl", "path": os.path.join(cache, "vlm", "train.jsonl"),
+                       "weight": 0.2},)
+  return data
+
+
+def smoke_config() -> ml_collections.ConfigDict:
+  config = _synthetic_config("smoke")
   config.total_steps = 400
   config.batch_size = 16
-  config.mesh = (("data", -1), ("fsdp", 1))
   config.fsdp_min_size_bytes = 2**20
-  cache = smoke_cache_dir()
-  config.compilation_cache_dir = os.path.join(cache, "jax_cache")
   config.model.update(dict(
     vlm_variant="dummy", expert_variant="dummy", siglip_variant="mu/16", image_size=64,
     action_dim=32, action_horizon=8, max_token_len=96, max_loss_tokens=40,
@@ -107,26 +146,39 @@ def smoke_config() -> ml_collections.ConfigDict:
   smoke_group = dict(_FULL_GROUP, peak_lr=1e-3, warmup_steps=20, decay_steps=400, end_lr=1e-4,
                      weight_decay=1e-4)
   config.optimizer.groups = dict(vlm=dict(smoke_group), action_expert=dict(smoke_group))
-  config.init.kind = "scratch"
-  config.data = _data_config(config.model)
-  config.data.arrayrecord_dir = os.path.join(cache, "arrayrecord", "train")
-  config.data.eval_arrayrecord_dir = os.path.join(cache, "arrayrecord", "eval")
-  config.data.augment = False
+  config.data = _synthetic_data(config)
   config.data.read_threads = 1
-  config.data.vlm_sources = ({"kind": "jsonl", "path": os.path.join(cache, "vlm", "train.jsonl"),
-                              "weight": 0.2},)
-  config.assets.norm_stats = os.path.join(cache, "norm_stats.json")
-  config.assets.fast_tokenizer = os.path.join(cache, "fast_tokenizer")
-  config.assets.prompt_tokenizer = os.path.join(cache, "tokenizer.model")
-  config.synthetic_data_dir = cache
   config.checkpoint.update(dict(every=100, max_to_keep=2, keep_period=0))
   config.log_every = 20
-  config.eval.update(dict(every=200, batch_size=16, max_batches=4,
-                          vlm_heldout=os.path.join(cache, "vlm", "heldout.jsonl")))
+  config.eval.update(dict(every=200, batch_size=16, max_batches=4))
   return config
 
 
-VARIANTS = {"full": base_config, "smoke": smoke_config}
+# The medium model: overrides of the full model config (benchmarks/train_bench.py uses it too).
+MEDIUM_MODEL = dict(
+  vlm_variant="small", expert_variant="small_expert", siglip_variant="S/16", image_size=112,
+  action_horizon=16, max_token_len=128, max_loss_tokens=64, vocab_size=1024 + 1152,
+  dtype="bfloat16", remat_policy="none")
+
+
+def medium_config() -> ml_collections.ConfigDict:
+  config = _synthetic_config("medium")
+  config.total_steps = 3_000
+  config.batch_size = 64
+  config.fsdp_min_size_bytes = 2**20
+  config.model.update(MEDIUM_MODEL)
+  medium_group = dict(_FULL_GROUP, peak_lr=3e-4, warmup_steps=100, decay_steps=3_000,
+                      end_lr=3e-5, weight_decay=1e-4)
+  config.optimizer.groups = dict(vlm=dict(medium_group), action_expert=dict(medium_group))
+  config.data = _synthetic_data(config)
+  config.data.num_workers = 8  # ~200 examples/s per worker; a GPU step takes tens of ms
+  config.checkpoint.update(dict(every=1_000, max_to_keep=2, keep_period=0))
+  config.log_every = 50
+  config.eval.update(dict(every=500, batch_size=64, max_batches=4))
+  return config
+
+
+VARIANTS = {"full": base_config, "medium": medium_config, "smoke": smoke_config}
 
 
 def get_config(variant: str = "full") -> ml_collections.ConfigDict:

@@ -5,7 +5,8 @@ The KI paper (Driess et al. 2025) claims that with the stop-gradient and FAST co
       degrades it;
   (2) the action expert learns faster than flow-only pi0.5 training;
   (3) inference stays as fast as a flow-only model, far faster than autoregressive FAST decoding.
-This experiment tests each on the tiny models and synthetic DROID of the smoke variant:
+This experiment tests each on synthetic DROID, with the tiny model of the smoke variant (CPU) or
+the ~90M-parameter model of the medium variant (pi0.5's proportions scaled down; one GPU):
   stage 1  the pretrained VLM (experiments/vlm_pretrain.py: the VLM alone, next-token loss on the
            synthetic scene questions) stands in for PaliGemma;
   stage 2  from that checkpoint, the arms below train with identical data, seeds, steps and
@@ -20,12 +21,15 @@ Run everything (synthetic data, pretraining, arms, table and plots) on a CPU:
   python -m experiments.ki_ablation --out=/tmp/ki_ablation --seeds=0,1,2 --steps=150 \
     --eval_every=25      # ~20 min on a quiet 2-core CPU; the result is in docs/ablation/
   python -m experiments.ki_ablation --out=/tmp/ablation --quick   # minutes; what the test runs
+and larger, on one GPU (480 synthetic episodes, 3,600 scene questions, batch 64, 3,000 steps per
+arm after a 3,000-step VLM pretraining; the defaults of --size=medium):
+  python -m experiments.ki_ablation --size=medium --out=/tmp/ki_ablation_medium
 Outputs in --out: ablation.md (the table), curves.png, latency.png, results.json, runs/ (one
 workdir per arm and seed; a finished run is reused when the command is repeated).
 
-One arm alone, through the training entry point (variant "smoke" or "full", then ",<arm>"):
-  python -m ki.main --config=experiments/ki_ablation.py:smoke,joint_cotrain --workdir=/tmp/joint \
-    --config.init.path=$HOME/.cache/ki/smoke/vlm_pretrain
+One arm alone, through the training entry point (variant "smoke", "medium" or "full", then
+",<arm>"; the synthetic variants start from $KI_CACHE/<variant>/vlm_pretrain by default):
+  python -m ki.main --config=experiments/ki_ablation.py:smoke,joint_cotrain --workdir=/tmp/joint
 """
 
 import argparse
@@ -35,6 +39,7 @@ import os
 import sys
 import time
 
+import jax
 import ml_collections
 import numpy as np
 
@@ -60,6 +65,11 @@ ARMS = {
 ARM_FIELDS = ("model.knowledge_insulation", "model.fast_loss", "loss.fast_weight",
               "data.vlm_sources")
 QUICK_ARMS = ("ki_cotrain", "joint_cotrain")
+# The sizes the runner trains (synthetic data, a pretrained VLM of its own) and their defaults.
+SIZE_DEFAULTS = {
+  "smoke": dict(steps=300, eval_every=50),
+  "medium": dict(steps=3_000, eval_every=250),
+}
 COTRAIN_WEIGHT = 0.2  # VLM examples per robot example in the co-training arms (the smoke mixture)
 # The metrics plotted and tabulated: (eval key, title, lower is better).
 CURVES = (
@@ -73,7 +83,7 @@ CURVES = (
 def arm_config(size: str, arm: str, *, init_path: str = "", seed: int = 0,
                total_steps: int | None = None, eval_every: int | None = None
                ) -> ml_collections.ConfigDict:
-  """The config of one arm; `size` is droid_ki's variant ("smoke" or "full")."""
+  """The config of one arm; `size` is droid_ki's variant ("smoke", "medium" or "full")."""
   if arm not in ARMS:
     raise ValueError(f"Unknown ablation arm {arm!r}; choose from {sorted(ARMS)}.")
   switches = ARMS[arm]
@@ -81,16 +91,17 @@ def arm_config(size: str, arm: str, *, init_path: str = "", seed: int = 0,
   config.unlock()
   config.seed = seed
   config.init.kind = "ki"
+  synthetic = size in droid_ki.SYNTHETIC_DATA
   config.init.path = init_path or (
-    os.path.join(droid_ki.smoke_cache_dir(), "vlm_pretrain") if size == "smoke" else "")
+    os.path.join(droid_ki.cache_dir(size), "vlm_pretrain") if synthetic else "")
   if total_steps is not None:
     config.total_steps = total_steps
-  if size == "smoke":
+  if synthetic:
     for group in config.optimizer.groups.values():
       group.decay_steps = config.total_steps
       group.warmup_steps = min(group.warmup_steps, max(config.total_steps // 10, 1))
     config.checkpoint.update(dict(every=config.total_steps, max_to_keep=1))
-    config.eval.max_batches = 8
+    config.eval.max_batches = max(config.eval.max_batches, 128 // config.eval.batch_size)
   if eval_every is not None:
     config.eval.every = eval_every
   # Co-training data: the smoke variant's VLM manifest (any size: the path set on the command
@@ -105,7 +116,7 @@ def arm_config(size: str, arm: str, *, init_path: str = "", seed: int = 0,
 
 
 def get_config(variant: str = "smoke") -> ml_collections.ConfigDict:
-  """variant: "smoke" or "full", optionally ",<arm>" (default arm: ki_cotrain)."""
+  """variant: "smoke", "medium" or "full", optionally ",<arm>" (default arm: ki_cotrain)."""
   size, _, arm = variant.partition(",")
   if size not in droid_ki.VARIANTS:
     raise ValueError(f"Unknown size {size!r} in variant {variant!r}; choose from "
@@ -117,10 +128,11 @@ def get_config(variant: str = "smoke") -> ml_collections.ConfigDict:
 # Running the arms.
 
 
-def _pretrain(cache: str, steps: int) -> str:
-  """Trains (or reuses) the pretrained VLM in cache/vlm_pretrain; returns that workdir."""
-  workdir = os.path.join(cache, "vlm_pretrain")
-  config = vlm_pretrain.get_config("smoke")
+def _pretrain(size: str, steps: int) -> str:
+  """Trains (or reuses) the pretrained VLM in the size's cache/vlm_pretrain; returns that
+  workdir."""
+  workdir = os.path.join(droid_ki.cache_dir(size), "vlm_pretrain")
+  config = vlm_pretrain.get_config(size)
   config.unlock()
   config.total_steps = steps
   config.optimizer.groups.vlm.decay_steps = steps
@@ -226,13 +238,20 @@ def summarise(results: dict, mae_threshold: float | None) -> dict:
   return summary
 
 
+def _describe_model(setup: dict) -> str:
+  model = setup["model"]
+  return (f"Gemma {model['vlm_variant']} VLM + {model['expert_variant']} expert, SigLIP "
+          f"{model['siglip_variant']} at {model['image_size']} px")
+
+
 def markdown(results: dict, summary: dict) -> str:
   setup = results["setup"]
   lines = [
     "# KI ablation",
     "",
     f"Command: `{setup['command']}`  ",
-    f"Machine: {setup['device']}; seeds {setup['seeds']}; {setup['steps']} steps per arm, batch "
+    f"Machine: {setup['device']}; size {setup['size']} "
+    f"({_describe_model(setup)}); seeds {setup['seeds']}; {setup['steps']} steps per arm, batch "
     f"{setup['batch_size']}; VLM pretrained for {setup['pretrain_steps']} steps.  ",
     "Values are mean ± std over seeds (start = step 0, the pretrained VLM; final = last step). "
     f"Steps to action error <= {summary['mae_threshold']:.3g} ({summary['threshold_rule']}); "
@@ -318,26 +337,32 @@ def plot(results: dict, out: str) -> list[str]:
 # The command.
 
 
-def run(out: str, *, cache: str, arms, seeds, steps: int, eval_every: int, pretrain_steps: int,
-        latency_size: str, latency_repeats: int, mae_threshold: float | None,
-        command: str, quick: bool = False, compilation_cache: str = "") -> dict:
+def run(out: str, *, size: str, cache: str, arms, seeds, steps: int, eval_every: int,
+        pretrain_steps: int, latency_size: str, latency_repeats: int,
+        mae_threshold: float | None, command: str, quick: bool = False,
+        compilation_cache: str = "") -> dict:
+  """Everything for one size: data, pretrained VLM, every arm and seed, latency, table, plots.
+  `cache` is the root of the synthetic caches ($KI_CACHE): data and the pretrained VLM go to
+  cache/<size>."""
   from benchmarks import latency_bench  # pylint: disable=g-import-not-at-top
   from benchmarks import results_writer  # pylint: disable=g-import-not-at-top
   from ki.train import demo_data  # pylint: disable=g-import-not-at-top
 
   os.makedirs(out, exist_ok=True)
-  os.environ["KI_CACHE"] = cache  # the smoke configs read their paths from it
-  data_config = droid_ki.get_config("smoke")
+  os.environ["KI_CACHE"] = cache  # the synthetic configs read their paths from it
+  data_config = droid_ki.get_config(size)
+  if size == "medium" and not results_writer.has_accelerator():
+    logging.warning("--size=medium on a CPU: each training step takes seconds; this is the "
+                    "GPU mode (use --size=smoke on a CPU).")
   demo_data.ensure(data_config)
-  import jax  # pylint: disable=g-import-not-at-top
   jax.config.update("jax_compilation_cache_dir",
                     compilation_cache or data_config.compilation_cache_dir)
 
-  pretrained = _pretrain(cache, pretrain_steps)
+  pretrained = _pretrain(size, pretrain_steps)
   results = {"arms": {arm: [] for arm in arms}}
   for seed in seeds:
     for arm in arms:
-      config = arm_config("smoke", arm, init_path=pretrained, seed=seed, total_steps=steps,
+      config = arm_config(size, arm, init_path=pretrained, seed=seed, total_steps=steps,
                           eval_every=eval_every)
       if quick:
         config.unlock()
@@ -350,6 +375,8 @@ def run(out: str, *, cache: str, arms, seeds, steps: int, eval_every: int, pretr
                                          repeats=latency_repeats)
   results["setup"] = dict(
     command=command, device=results_writer.describe_device(results_writer.device_info()),
+    size=size, model={k: data_config.model[k] for k in ("vlm_variant", "expert_variant",
+                                                         "siglip_variant", "image_size")},
     seeds=list(seeds), steps=steps, eval_every=eval_every, pretrain_steps=pretrain_steps,
     batch_size=data_config.batch_size, cotrain_weight=COTRAIN_WEIGHT, quick=quick)
   summary = summarise(results, mae_threshold)
@@ -365,38 +392,46 @@ def run(out: str, *, cache: str, arms, seeds, steps: int, eval_every: int, pretr
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--out", required=True, help="folder for the table, plots and runs")
+  parser.add_argument("--size", default="smoke", choices=list(SIZE_DEFAULTS),
+                      help="smoke: the tiny model (CPU); medium: ~90M parameters (one GPU)")
   parser.add_argument("--quick", action="store_true",
                       help="minutes-long: 2 arms, 1 seed, a few steps (the test)")
   parser.add_argument("--seeds", default="0,1,2", help="comma-separated data/noise seeds")
-  parser.add_argument("--steps", type=int, default=300, help="training steps per arm")
-  parser.add_argument("--eval_every", type=int, default=50)
-  parser.add_argument("--pretrain_steps", type=int, default=vlm_pretrain.SMOKE_STEPS)
+  parser.add_argument("--steps", type=int, default=None,
+                      help="training steps per arm (default: per size, " + ", ".join(
+                        f"{k} {v['steps']}" for k, v in SIZE_DEFAULTS.items()) + ")")
+  parser.add_argument("--eval_every", type=int, default=None, help="default: per size")
+  parser.add_argument("--pretrain_steps", type=int, default=None,
+                      help="VLM pretraining steps (default: experiments/vlm_pretrain.py's)")
   parser.add_argument("--arms", default=",".join(ARMS), help=f"subset of {','.join(ARMS)}")
   parser.add_argument("--mae_threshold", type=float, default=None,
                       help="action error for steps-to-threshold (default: the worst arm's final)")
   parser.add_argument("--cache", default=None,
-                      help="synthetic data + pretrained VLM folder (default: $KI_CACHE or "
-                           "~/.cache/ki/smoke)")
+                      help="root of the synthetic caches; data and the pretrained VLM go to "
+                           "CACHE/<size> (default: $KI_CACHE or ~/.cache/ki)")
   parser.add_argument("--compilation_cache", default="",
-                      help="persistent XLA compilation cache (default: CACHE/jax_cache)")
+                      help="persistent XLA compilation cache (default: CACHE/<size>/jax_cache)")
   args = parser.parse_args(argv)
   arms = [a for a in args.arms.split(",") if a]
   unknown = sorted(set(arms) - set(ARMS))
   if unknown:
     parser.error(f"unknown arms {unknown}; choose from {list(ARMS)}")
+  size = args.size
   seeds = [int(s) for s in args.seeds.split(",") if s]
-  steps, eval_every, pretrain_steps = args.steps, args.eval_every, args.pretrain_steps
-  latency_size, latency_repeats = "smoke", 20
+  steps = args.steps or SIZE_DEFAULTS[size]["steps"]
+  eval_every = args.eval_every or SIZE_DEFAULTS[size]["eval_every"]
+  pretrain_steps = args.pretrain_steps or vlm_pretrain.STEPS[size]
+  latency_size, latency_repeats = size, 20
   if args.quick:
     arms, seeds, steps, eval_every, pretrain_steps = list(QUICK_ARMS), seeds[:1], 6, 3, 6
     latency_size, latency_repeats = "tiny", 3
   command = " ".join(["python -m experiments.ki_ablation"]
                      + (sys.argv[1:] if argv is None else list(argv)))
-  results = run(args.out, cache=args.cache or droid_ki.smoke_cache_dir(), arms=arms, seeds=seeds,
-                steps=steps, eval_every=eval_every, pretrain_steps=pretrain_steps,
-                latency_size=latency_size, latency_repeats=latency_repeats,
-                mae_threshold=args.mae_threshold, command=command, quick=args.quick,
-                compilation_cache=args.compilation_cache)
+  cache = args.cache or os.path.dirname(droid_ki.cache_dir(size))
+  results = run(args.out, size=size, cache=cache, arms=arms, seeds=seeds, steps=steps,
+                eval_every=eval_every, pretrain_steps=pretrain_steps, latency_size=latency_size,
+                latency_repeats=latency_repeats, mae_threshold=args.mae_threshold,
+                command=command, quick=args.quick, compilation_cache=args.compilation_cache)
   print(markdown(results, results["summary"]))
   return results
 

@@ -57,7 +57,7 @@ def main(argv):
   logging.info("Process %d of %d, %d local / %d global devices (%s).", jax.process_index(),
                jax.process_count(), jax.local_device_count(), jax.device_count(),
                jax.devices()[0].device_kind)
-  if config.synthetic_data_dir:
+  if config.synthetic_data.dir:
     from ki.train import demo_data  # pylint: disable=g-import-not-at-top
     demo_data.ensure(config)
 

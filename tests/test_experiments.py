@@ -9,6 +9,7 @@ import jax
 import ml_collections
 import pytest
 
+from experiments import droid_ki
 from ki.model import pi05
 from ki.train import optimizer, state
 
@@ -28,7 +29,7 @@ def test_there_are_experiments():
 
 
 @pytest.mark.parametrize("path", EXPERIMENTS, ids=os.path.basename)
-@pytest.mark.parametrize("variant", ["full", "smoke"])
+@pytest.mark.parametrize("variant", sorted(droid_ki.VARIANTS))
 def test_experiment_loads_and_validates(path, variant):
   config = _load(path, variant)
   assert isinstance(config, ml_collections.ConfigDict)
@@ -43,7 +44,7 @@ def test_experiment_loads_and_validates(path, variant):
   if config.loss.fast_weight:
     assert model_config.fast_loss
   params = jax.eval_shape(lambda: pi05.init_params(model_config, jax.random.PRNGKey(0))) \
-    if variant == "smoke" else state.abstract_params(model_config)
+    if variant != "full" else state.abstract_params(model_config)
   optimizer.make_optimizer(config.optimizer, params)
 
 
@@ -83,3 +84,21 @@ def test_variants_differ_as_documented():
 def test_unknown_variant_is_an_error():
   with pytest.raises(ValueError, match="smoke"):
     _load(os.path.join(REPO, "experiments", "droid_ki.py"), "tiny")
+
+
+def test_medium_variant_keeps_pi05_proportions():
+  """The GPU-size synthetic variant: the expert narrower than the VLM with the same depth and
+  heads (as Gemma 300M against 2B), its own cache and more data than smoke."""
+  medium = _load(os.path.join(REPO, "experiments", "droid_ki.py"), "medium")
+  smoke = _load(os.path.join(REPO, "experiments", "droid_ki.py"), "smoke")
+  model = pi05.Config(**medium.model)
+  params = jax.eval_shape(lambda: pi05.init_params(model, jax.random.PRNGKey(0)))
+  labels = optimizer.label_params(params, medium.optimizer.group_rules)
+  sizes = {}
+  for label, leaf in zip(jax.tree.leaves(labels), jax.tree.leaves(params)):
+    sizes[label] = sizes.get(label, 0) + leaf.size
+  assert 50e6 < sizes["vlm"] < 150e6 and 5e6 < sizes["action_expert"] < sizes["vlm"] / 4
+  assert medium.synthetic_data.dir != smoke.synthetic_data.dir
+  assert medium.synthetic_data.episodes > smoke.synthetic_data.episodes
+  assert medium.data.arrayrecord_dir.startswith(medium.synthetic_data.dir)
+  assert medium.eval.vlm_heldout.startswith(medium.synthetic_data.dir)

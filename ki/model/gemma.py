@@ -45,6 +45,11 @@ class Variant:
 VARIANTS = {
   "gemma_2b": Variant(width=2048, depth=18, mlp_dim=16_384, num_heads=8, num_kv_heads=1, head_dim=256),
   "gemma_300m": Variant(width=1024, depth=18, mlp_dim=4096, num_heads=8, num_kv_heads=1, head_dim=256),
+  # pi0.5's proportions at a quarter of the width and 8 of 18 layers (the "medium" experiments):
+  # the expert half as wide as the VLM with half its MLP ratio, the same depth and heads.
+  "small": Variant(width=512, depth=8, mlp_dim=4096, num_heads=8, num_kv_heads=1, head_dim=64),
+  "small_expert": Variant(width=256, depth=8, mlp_dim=1024, num_heads=8, num_kv_heads=1,
+                          head_dim=64),
   "dummy": Variant(width=64, depth=4, mlp_dim=128, num_heads=8, num_kv_heads=1, head_dim=16),
   # Smaller still, for tests that compile many times: same head layout as "dummy".
   "tiny": Variant(width=32, depth=2, mlp_dim=64, num_heads=8, num_kv_heads=1, head_dim=16),

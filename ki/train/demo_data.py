@@ -1,4 +1,4 @@
-"""Synthetic DROID for the smoke experiment, generated on first use into a cache folder.
+"""Synthetic DROID for the smoke and medium experiments, generated on first use into a cache folder.
 
 The same offline jobs a real run uses, in order, on a small synthetic dataset:
   data_prep.make_synthetic_droid   RLDS episodes + VLM question/answer set + SentencePiece model
@@ -6,7 +6,8 @@ The same offline jobs a real run uses, in order, on a small synthetic dataset:
   data_prep.compute_norm_stats     norm_stats.json
   data_prep.fit_fast_tokenizer     the FAST tokenizer folder
 The last ArrayRecord shard is moved to arrayrecord/eval as the held-out split. A READY file marks
-a complete cache; a half-written one (interrupted) is rebuilt from scratch.
+a complete cache; a half-written one (interrupted) is rebuilt from scratch. How much data:
+config.synthetic_data.{episodes, vlm_images} (experiments/droid_ki.py: SYNTHETIC_DATA).
 """
 
 import logging
@@ -17,17 +18,15 @@ import jax
 import ml_collections
 
 READY = "READY"
-EPISODES = 48
 EPISODES_PER_SHARD = 8
-VLM_IMAGES = 120
 TEXT_VOCAB_SIZE = 1024  # + 1152 <loc>/<seg> pieces = the smoke model's vocab_size
 FAST_VOCAB_SIZE = 256
 FAST_SCALE = 10.0
 
 
 def ensure(config: ml_collections.ConfigDict) -> str:
-  """Builds the smoke data in config.synthetic_data_dir unless it is already there."""
-  cache = config.synthetic_data_dir
+  """Builds the data in config.synthetic_data.dir unless it is already there."""
+  cache = config.synthetic_data.dir
   if os.path.exists(os.path.join(cache, READY)):
     return cache
   if jax.process_count() > 1:
@@ -39,11 +38,12 @@ def ensure(config: ml_collections.ConfigDict) -> str:
   from data_prep import make_synthetic_droid  # pylint: disable=g-import-not-at-top
   from ki.data import normalize  # pylint: disable=g-import-not-at-top
 
-  logging.info("Generating synthetic DROID into %s (first use only; about a minute).", cache)
+  logging.info("Generating synthetic DROID into %s (first use only).", cache)
   shutil.rmtree(cache, ignore_errors=True)
-  info = make_synthetic_droid.generate(cache, episodes=EPISODES, seed=0,
+  info = make_synthetic_droid.generate(cache, episodes=config.synthetic_data.episodes, seed=0,
                                        episodes_per_shard=EPISODES_PER_SHARD,
-                                       vlm_images=VLM_IMAGES, text_vocab_size=TEXT_VOCAB_SIZE)
+                                       vlm_images=config.synthetic_data.vlm_images,
+                                       text_vocab_size=TEXT_VOCAB_SIZE)
   train_dir = config.data.arrayrecord_dir
   droid_to_arrayrecord.run(droid_to_arrayrecord.Settings(
     rlds_dir=os.path.join(cache, info["dataset_dir"]), out_dir=train_dir,

@@ -25,7 +25,7 @@ def _flat(config: ml_collections.ConfigDict, prefix: str = "") -> dict:
   return flat
 
 
-@pytest.mark.parametrize("size", ["smoke", "full"])
+@pytest.mark.parametrize("size", ["smoke", "medium", "full"])
 def test_arms_differ_only_in_the_insulation_switches(size):
   configs = {arm: _flat(ki_ablation.arm_config(size, arm, init_path="/ckpt/vlm", seed=3,
                                                total_steps=100, eval_every=25))
@@ -39,15 +39,25 @@ def test_arms_differ_only_in_the_insulation_switches(size):
     assert config["model.knowledge_insulation"] == switches["knowledge_insulation"]
     assert config["model.fast_loss"] == switches["fast_loss"]
     assert config["loss.fast_weight"] == (1.0 if switches["fast_loss"] else 0.0)
-    assert bool(config["data.vlm_sources"]) == (switches["cotrain"] and size == "smoke")
+    assert bool(config["data.vlm_sources"]) == (switches["cotrain"] and size != "full")
     # Every arm starts from the same pretrained VLM, with the same seed and budget.
     assert (config["init.kind"], config["init.path"]) == ("ki", "/ckpt/vlm")
     assert (config["seed"], config["total_steps"], config["eval.every"]) == (3, 100, 25)
   # The arms really are different experiments.
   insulation = {arm: c["model.knowledge_insulation"] for arm, c in configs.items()}
   assert insulation["ki"] and not insulation["joint"]
-  if size == "smoke":  # full has co-training data only when its path is given
+  if size != "full":  # full has co-training data only when its path is given
     assert configs["ki"]["data.vlm_sources"] != configs["ki_cotrain"]["data.vlm_sources"]
+
+
+def test_synthetic_sizes_start_from_their_own_pretrained_vlm(monkeypatch, tmp_path):
+  monkeypatch.setenv("KI_CACHE", str(tmp_path))
+  for size in ki_ablation.SIZE_DEFAULTS:
+    config = ki_ablation.get_config(f"{size},joint")
+    assert config.init.path == str(tmp_path / size / "vlm_pretrain")
+    assert config.synthetic_data.dir == str(tmp_path / size)
+    # Held-out evaluation sees at least 128 robot frames at every size.
+    assert config.eval.batch_size * config.eval.max_batches >= 128
 
 
 def test_variant_names_an_arm():

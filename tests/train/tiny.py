@@ -30,7 +30,7 @@ def tiny_train_config(**overrides):
   config.model.update({k: getattr(model, k) for k in config.model})
   config.data = None
   config.assets = None
-  config.synthetic_data_dir = ""
+  config.synthetic_data.dir = ""
   config.compilation_cache_dir = ""
   config.batch_size = 8
   config.total_steps = 6
