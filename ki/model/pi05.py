@@ -367,6 +367,16 @@ def compute_losses(params, config: Config, observation: Observation, actions, rn
   }
 
 
+def encode_prefix(params, config: Config, observation: Observation):
+  """The prefix (cameras + prompt; a FAST postfix, if any, is ignored) once through the VLM.
+
+  Returns (hidden [B, T, D] VLM outputs, the per-layer KV cache, visible [B, T] bool: the cache
+  slots that the expert and FAST decoding read). Both decoders start with it.
+  """
+  hidden, kv, prefix_mask, prefix_ar = _apply(params, config, Pi05.fill_cache, observation)
+  return hidden, kv, masks_lib.visible_to_expert(prefix_mask, prefix_ar)
+
+
 def sample_actions(params, config: Config, observation: Observation, rng, *, num_steps=10,
                    noise=None):
   """Flow decoding: prefix once into a KV cache, then `num_steps` Euler steps from t=1 to 0.
@@ -377,8 +387,7 @@ def sample_actions(params, config: Config, observation: Observation, rng, *, num
   batch = observation.tokenized_prompt.shape[0]
   if noise is None:
     noise = jax.random.normal(rng, (batch, config.action_horizon, config.action_dim))
-  _, kv, prefix_mask, prefix_ar = _apply(params, config, Pi05.fill_cache, observation)
-  visible = masks_lib.visible_to_expert(prefix_mask, prefix_ar)
+  _, kv, visible = encode_prefix(params, config, observation)
   dt = -1.0 / num_steps
 
   def euler_step(i, x_t):
@@ -395,8 +404,7 @@ def sample_fast(params, config: Config, observation: Observation, *, max_tokens)
   The prompt is the prefix without any FAST postfix (a postfix in the observation is ignored).
   Returns int32 [B, max_tokens] language-model token ids; map them back with the tokenizer.
   """
-  hidden, kv, prefix_mask, prefix_ar = _apply(params, config, Pi05.fill_cache, observation)
-  visible = masks_lib.visible_to_expert(prefix_mask, prefix_ar)
+  hidden, kv, visible = encode_prefix(params, config, observation)
   batch, prefix_len = visible.shape
   last = jnp.max(jnp.where(visible, jnp.arange(prefix_len)[None, :], -1), axis=1)
   first_logits = _apply(

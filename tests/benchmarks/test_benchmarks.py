@@ -79,6 +79,7 @@ def test_latency_bench_quick(tmp_path):
   assert record["size"] == "tiny" and record["num_flow_steps"] == 10
   assert record["fast_tokens"] == latency_bench.TYPICAL_DROID_FAST_TOKENS
   assert record["flow"]["median_ms"] > 0 and record["fast"]["median_ms"] > 0
+  assert record["prefix"]["median_ms"] > 0
   assert record["fast_over_flow"] == pytest.approx(
     record["fast"]["median_ms"] / record["flow"]["median_ms"])
 
