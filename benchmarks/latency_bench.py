@@ -15,8 +15,8 @@ Each is jitted and compiled first; the reported time is the median (and 90th per
 `--repeats` calls, each ending when the result is on the host. The KI paper reports ~100 ms
 (flow) against ~750 ms (pi0-FAST) per chunk on an RTX 4090, a ratio of ~7.5.
 
-Writes benchmarks/results/latency.json (latency_quick.json with --quick) and prints a markdown
-table.
+Writes benchmarks/results/latency_<size>.json (latency_tiny_quick.json with --quick) and prints a
+markdown table.
 """
 
 import argparse
@@ -110,7 +110,7 @@ def main(argv=None):
                  f"{', '.join(CPU_SIZES)}")
   results = run(size, num_flow_steps=args.num_flow_steps, fast_tokens=args.fast_tokens,
                 repeats=repeats)
-  return results_writer.publish("latency", results, quick=args.quick, argv=argv,
+  return results_writer.publish(f"latency_{size}", results, quick=args.quick, argv=argv,
                                  out_dir=args.out_dir, table=markdown)
 
 
