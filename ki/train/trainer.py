@@ -101,6 +101,33 @@ def _read_assets(config: ml_collections.ConfigDict) -> dict[str, bytes]:
   return assets
 
 
+# The config fields the data iterator's saved state depends on. Resuming with one of them changed
+# cannot continue the same data stream (and Grain's restore fails obscurely, or not at all).
+DATA_STATE_FIELDS = ("seed", "batch_size", "data.source", "data.num_workers", "data.robot_weight",
+                     "data.vlm_sources", "data.shuffle_window", "data.num_epochs")
+
+
+def check_resumable(saved_config_json: str, config: ml_collections.ConfigDict,
+                    checkpoint_dir: str) -> None:
+  """Refuses to resume from a checkpoint whose data settings (DATA_STATE_FIELDS) differ."""
+  saved = json.loads(saved_config_json)
+  current = json.loads(config.to_json_best_effort())
+
+  def get(tree, dotted):
+    for key in dotted.split("."):
+      tree = tree.get(key) if isinstance(tree, dict) else None
+    return tree
+
+  changed = [f"{field}: {get(saved, field)!r} in the checkpoint, {get(current, field)!r} now"
+             for field in DATA_STATE_FIELDS if get(saved, field) != get(current, field)]
+  if changed:
+    raise ValueError(
+      f"Cannot resume from {checkpoint_dir}: the data stream it saved was made with other "
+      "settings:\n  " + "\n  ".join(changed) + "\nResume with the settings in its "
+      "assets/config.json, or start a new workdir from its weights (--config.init.kind=ki "
+      f"--config.init.path={checkpoint_dir}).")
+
+
 class Trainer:
   """One training run in `workdir`; resumes from the latest checkpoint there.
 
@@ -147,6 +174,8 @@ class Trainer:
     latest = self.checkpointer.latest_step()
     if latest is not None:
       logging.info("Resuming from checkpoint %d in %s.", latest, self.checkpointer.directory)
+      check_resumable(self.checkpointer.restore_assets(latest)["config.json"].decode(), config,
+                      os.path.join(self.checkpointer.directory, str(latest)))
       self.state = self.checkpointer.restore(
         latest, checkpoint_lib.abstract_with_shardings(state_shapes, self.state_shardings),
         data_iterator=self.train_iterator)

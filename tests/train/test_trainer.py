@@ -8,6 +8,7 @@ import sys
 import time
 
 import jax
+import ml_collections
 import numpy as np
 import pytest
 
@@ -46,6 +47,29 @@ def test_resume_is_exact(tmp_path, compilation_cache):
   # The serving item and the assets are in the checkpoint too.
   assert (tmp_path / "resumed" / "checkpoints" / "4" / "params").is_dir()
   assert json.loads(second.checkpointer.restore_assets(4)["config.json"])["total_steps"] == 4
+
+
+def test_resume_with_other_data_settings_is_refused(tmp_path, compilation_cache):
+  first, _ = _train(tmp_path / "run", 2)
+  config = tiny_train_config(total_steps=4, seed=1)  # the seed orders the data stream
+  with pytest.raises(ValueError, match=r"seed: 0 in the checkpoint, 1 now") as error:
+    Trainer(config, str(tmp_path / "run"), train_iterator=fake_iterator(config))
+  assert "init.path=" in str(error.value)
+  # Nothing was lost: the checkpoint is still there, and the same settings resume from it.
+  second, resumed = _train(tmp_path / "run", 4)
+  assert second.start_step == 2 and sorted(resumed) == [3, 4]
+
+
+def test_resumable_compares_only_the_data_stream_fields():
+  saved = tiny_train_config().to_dict()
+  saved["data"] = {"num_workers": 0, "vlm_sources": [], "robot_weight": 1.0}
+  saved_json = ml_collections.ConfigDict(saved).to_json_best_effort()
+  # Step counts, logging and the like may change on resume.
+  trainer_lib.check_resumable(
+    saved_json, ml_collections.ConfigDict(dict(saved, total_steps=99, log_every=7)), "/ckpt/2")
+  workers = ml_collections.ConfigDict(dict(saved, data=dict(saved["data"], num_workers=8)))
+  with pytest.raises(ValueError, match="data.num_workers: 0 in the checkpoint, 8 now"):
+    trainer_lib.check_resumable(saved_json, workers, "/ckpt/2")
 
 
 class _PoisonedIterator:
