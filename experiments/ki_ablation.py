@@ -24,6 +24,8 @@ Run everything (synthetic data, pretraining, arms, table and plots) on a CPU:
 and larger, on one GPU (480 synthetic episodes, 3,600 scene questions, batch 64, 3,000 steps per
 arm after a 3,000-step VLM pretraining; the defaults of --size=medium):
   python -m experiments.ki_ablation --size=medium --out=/tmp/ki_ablation_medium
+(on a GPU with less memory, e.g. --override=batch_size=32: --override=KEY=VALUE sets a config
+field for the pretraining and every arm alike).
 Outputs in --out: ablation.md (the table), curves.png, latency.png, results.json, runs/ (one
 workdir per arm and seed; a finished run is reused when the command is repeated).
 
@@ -33,6 +35,7 @@ One arm alone, through the training entry point (variant "smoke", "medium" or "f
 """
 
 import argparse
+import ast
 import json
 import logging
 import os
@@ -80,15 +83,31 @@ CURVES = (
 )
 
 
+def parse_overrides(items) -> dict:
+  """["a.b=value", ...] -> {"a.b": value}; values are Python literals, or else strings."""
+  overrides = {}
+  for item in items:
+    key, sep, text = item.partition("=")
+    if not sep or not key:
+      raise ValueError(f"Override {item!r} is not key=value (e.g. batch_size=32).")
+    try:
+      overrides[key] = ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+      overrides[key] = text
+  return overrides
+
+
 def arm_config(size: str, arm: str, *, init_path: str = "", seed: int = 0,
-               total_steps: int | None = None, eval_every: int | None = None
-               ) -> ml_collections.ConfigDict:
-  """The config of one arm; `size` is droid_ki's variant ("smoke", "medium" or "full")."""
+               total_steps: int | None = None, eval_every: int | None = None,
+               overrides: dict | None = None) -> ml_collections.ConfigDict:
+  """The config of one arm; `size` is droid_ki's variant ("smoke", "medium" or "full").
+  `overrides` ({"a.b": value}) apply to every arm alike, before the ablation's own settings."""
   if arm not in ARMS:
     raise ValueError(f"Unknown ablation arm {arm!r}; choose from {sorted(ARMS)}.")
   switches = ARMS[arm]
   config = droid_ki.get_config(size)
   config.unlock()
+  config.update_from_flattened_dict(overrides or {})
   config.seed = seed
   config.init.kind = "ki"
   synthetic = size in droid_ki.SYNTHETIC_DATA
@@ -128,12 +147,13 @@ def get_config(variant: str = "smoke") -> ml_collections.ConfigDict:
 # Running the arms.
 
 
-def _pretrain(size: str, steps: int) -> str:
+def _pretrain(size: str, steps: int, overrides: dict) -> str:
   """Trains (or reuses) the pretrained VLM in the size's cache/vlm_pretrain; returns that
   workdir."""
   workdir = os.path.join(droid_ki.cache_dir(size), "vlm_pretrain")
   config = vlm_pretrain.get_config(size)
   config.unlock()
+  config.update_from_flattened_dict(overrides)
   config.total_steps = steps
   config.optimizer.groups.vlm.decay_steps = steps
   config.optimizer.groups.vlm.warmup_steps = min(config.optimizer.groups.vlm.warmup_steps,
@@ -340,7 +360,7 @@ def plot(results: dict, out: str) -> list[str]:
 def run(out: str, *, size: str, cache: str, arms, seeds, steps: int, eval_every: int,
         pretrain_steps: int, latency_size: str, latency_repeats: int,
         mae_threshold: float | None, command: str, quick: bool = False,
-        compilation_cache: str = "") -> dict:
+        compilation_cache: str = "", overrides: dict | None = None) -> dict:
   """Everything for one size: data, pretrained VLM, every arm and seed, latency, table, plots.
   `cache` is the root of the synthetic caches ($KI_CACHE): data and the pretrained VLM go to
   cache/<size>."""
@@ -358,12 +378,13 @@ def run(out: str, *, size: str, cache: str, arms, seeds, steps: int, eval_every:
   jax.config.update("jax_compilation_cache_dir",
                     compilation_cache or data_config.compilation_cache_dir)
 
-  pretrained = _pretrain(size, pretrain_steps)
+  overrides = overrides or {}
+  pretrained = _pretrain(size, pretrain_steps, overrides)
   results = {"arms": {arm: [] for arm in arms}}
   for seed in seeds:
     for arm in arms:
       config = arm_config(size, arm, init_path=pretrained, seed=seed, total_steps=steps,
-                          eval_every=eval_every)
+                          eval_every=eval_every, overrides=overrides)
       if quick:
         config.unlock()
         config.eval.max_batches = 1
@@ -375,7 +396,7 @@ def run(out: str, *, size: str, cache: str, arms, seeds, steps: int, eval_every:
                                          repeats=latency_repeats)
   results["setup"] = dict(
     command=command, device=results_writer.describe_device(results_writer.device_info()),
-    size=size, model={k: data_config.model[k] for k in ("vlm_variant", "expert_variant",
+    size=size, overrides=overrides, model={k: data_config.model[k] for k in ("vlm_variant", "expert_variant",
                                                          "siglip_variant", "image_size")},
     seeds=list(seeds), steps=steps, eval_every=eval_every, pretrain_steps=pretrain_steps,
     batch_size=data_config.batch_size, cotrain_weight=COTRAIN_WEIGHT, quick=quick)
@@ -409,6 +430,9 @@ def main(argv=None):
   parser.add_argument("--cache", default=None,
                       help="root of the synthetic caches; data and the pretrained VLM go to "
                            "CACHE/<size> (default: $KI_CACHE or ~/.cache/ki)")
+  parser.add_argument("--override", action="append", default=[], metavar="KEY=VALUE",
+                      help="a config setting for the pretraining and every arm alike, e.g. "
+                           "--override=batch_size=32 on a smaller GPU (repeatable)")
   parser.add_argument("--compilation_cache", default="",
                       help="persistent XLA compilation cache (default: CACHE/<size>/jax_cache)")
   args = parser.parse_args(argv)
@@ -431,7 +455,8 @@ def main(argv=None):
   results = run(args.out, size=size, cache=cache, arms=arms, seeds=seeds, steps=steps,
                 eval_every=eval_every, pretrain_steps=pretrain_steps, latency_size=latency_size,
                 latency_repeats=latency_repeats, mae_threshold=args.mae_threshold,
-                command=command, quick=args.quick, compilation_cache=args.compilation_cache)
+                command=command, quick=args.quick, compilation_cache=args.compilation_cache,
+                overrides=parse_overrides(args.override))
   print(markdown(results, results["summary"]))
   return results
 

@@ -60,6 +60,20 @@ def test_synthetic_sizes_start_from_their_own_pretrained_vlm(monkeypatch, tmp_pa
     assert config.eval.batch_size * config.eval.max_batches >= 128
 
 
+def test_overrides_apply_to_every_arm_alike():
+  overrides = ki_ablation.parse_overrides(["batch_size=8", "eval.batch_size=8",
+                                           "data.num_workers=0", "model.dtype=float32"])
+  assert overrides == {"batch_size": 8, "eval.batch_size": 8, "data.num_workers": 0,
+                       "model.dtype": "float32"}
+  for arm in ki_ablation.ARMS:
+    config = ki_ablation.arm_config("medium", arm, init_path="/ckpt/vlm", overrides=overrides)
+    assert (config.batch_size, config.data.num_workers, config.model.dtype) == (8, 0, "float32")
+    # Derived after the overrides: still at least 128 held-out robot frames.
+    assert config.eval.batch_size * config.eval.max_batches >= 128
+  with pytest.raises(ValueError, match="key=value"):
+    ki_ablation.parse_overrides(["batch_size"])
+
+
 def test_variant_names_an_arm():
   config = ki_ablation.get_config("smoke,flow_only")
   assert not config.model.fast_loss and config.loss.fast_weight == 0.0
