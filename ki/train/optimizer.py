@@ -117,8 +117,10 @@ def make_optimizer(optimizer_config: ml_collections.ConfigDict, params_shape):
   """
   labels = label_params(params_shape, optimizer_config.group_rules)
   groups = dict(optimizer_config.groups)
-  used = set(jax.tree.leaves(labels))
-  missing = sorted(used - set(groups))
+  # Sorted: the traced program (hence the compile cache key, and the order of collectives on
+  # every host) must not depend on Python's per-process string hashing.
+  used = sorted(set(jax.tree.leaves(labels)))
+  missing = sorted(set(used) - set(groups))
   if missing:
     raise ValueError(
       f"Optimizer group(s) {missing} are named by group_rules but have no settings in "
