@@ -124,9 +124,6 @@ def test_sbatch_script_trains_two_processes_under_fake_slurm(tmp_path, synthetic
     "JAX_CPU_COLLECTIVES_IMPLEMENTATION": "gloo",
     "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
     "KI_CACHE": str(synthetic_cache),
-    # With Python's per-process hash seed the traced programs differ from run to run (set
-    # iteration order), so the persistent compilation cache would never hit.
-    "PYTHONHASHSEED": "0",
   })
   # The smoke experiment with tests/train/tiny.py's model widths (its vocabulary and token
   # lengths stay: they are the synthetic data's), so that compiling takes seconds.
