@@ -370,15 +370,16 @@ def run(out: str, *, size: str, cache: str, arms, seeds, steps: int, eval_every:
 
   os.makedirs(out, exist_ok=True)
   os.environ["KI_CACHE"] = cache  # the synthetic configs read their paths from it
-  data_config = droid_ki.get_config(size)
+  overrides = overrides or {}
+  # What every arm shares (data, model, batch), overrides included.
+  shared = arm_config(size, arms[0], overrides=overrides)
   if size == "medium" and not results_writer.has_accelerator():
     logging.warning("--size=medium on a CPU: each training step takes seconds; this is the "
                     "GPU mode (use --size=smoke on a CPU).")
-  demo_data.ensure(data_config)
+  demo_data.ensure(shared)
   jax.config.update("jax_compilation_cache_dir",
-                    compilation_cache or data_config.compilation_cache_dir)
+                    compilation_cache or shared.compilation_cache_dir)
 
-  overrides = overrides or {}
   pretrained = _pretrain(size, pretrain_steps, overrides)
   results = {"arms": {arm: [] for arm in arms}}
   for seed in seeds:
@@ -396,10 +397,11 @@ def run(out: str, *, size: str, cache: str, arms, seeds, steps: int, eval_every:
                                          repeats=latency_repeats)
   results["setup"] = dict(
     command=command, device=results_writer.describe_device(results_writer.device_info()),
-    size=size, overrides=overrides, model={k: data_config.model[k] for k in ("vlm_variant", "expert_variant",
-                                                         "siglip_variant", "image_size")},
+    size=size, overrides=overrides,
+    model={k: shared.model[k] for k in ("vlm_variant", "expert_variant", "siglip_variant",
+                                        "image_size")},
     seeds=list(seeds), steps=steps, eval_every=eval_every, pretrain_steps=pretrain_steps,
-    batch_size=data_config.batch_size, cotrain_weight=COTRAIN_WEIGHT, quick=quick)
+    batch_size=shared.batch_size, cotrain_weight=COTRAIN_WEIGHT, quick=quick)
   summary = summarise(results, mae_threshold)
   results["summary"] = summary
   with open(os.path.join(out, "results.json"), "w") as f:
