@@ -3,13 +3,15 @@ r"""Training entry point.
   python -m ki.main --config=experiments/droid_ki.py[:variant] --workdir=DIR [--config.a.b=value]
 
 Multi-host: under SLURM (SLURM_* variables set by srun) jax.distributed finds the coordinator
-itself; elsewhere pass --coordinator_address=HOST:PORT --num_processes=N --process_id=I. Every
-process runs this same command. Restarting with the same workdir resumes from its latest
-checkpoint.
+itself; on Vertex AI ki.main reads them from CLUSTER_SPEC (see `vertex_cluster`); elsewhere pass
+--coordinator_address=HOST:PORT --num_processes=N --process_id=I. Every process runs this same
+command. Restarting with the same workdir resumes from its latest checkpoint.
 """
 
+import json
 import logging
 import os
+import re
 
 from absl import app
 from absl import flags
@@ -26,13 +28,80 @@ _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index.")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
+_WORKER_POOL = re.compile(r"workerpool(\d+)")
+
+
+def vertex_cluster(cluster_spec: str) -> tuple[str, int, int]:
+  """(coordinator_address, num_processes, process_id) of this replica, from the CLUSTER_SPEC
+  JSON that Vertex AI sets on every replica of a custom job:
+
+    {"cluster": {"workerpool0": ["host:port"], "workerpool1": ["host:port", ...]},
+     "task": {"type": "workerpool1", "index": i, ...}, ...}
+
+  Replicas of one worker pool all get the same command line, so this is where each process
+  finds its index. Every replica of every pool is one JAX process, numbered in pool order
+  (workerpool0 first, so its single replica, the primary, is process 0). The coordinator is
+  workerpool0's first entry as Vertex gives it, host and port: that port (2222) is the one
+  Vertex reserves on the primary for the training code, and ki runs nothing else on it.
+  Raises ValueError naming what is missing or malformed.
+  """
+  try:
+    spec = json.loads(cluster_spec)
+  except json.JSONDecodeError as e:
+    raise ValueError(f"CLUSTER_SPEC is not JSON ({e}): {cluster_spec!r}") from e
+  if not isinstance(spec, dict):
+    raise ValueError(f"CLUSTER_SPEC is not a JSON object: {cluster_spec!r}")
+  cluster, task = spec.get("cluster"), spec.get("task")
+  if not isinstance(cluster, dict) or not cluster:
+    raise ValueError(f"CLUSTER_SPEC has no 'cluster' mapping of worker pools: {cluster_spec!r}")
+  pools = {}
+  for name, addresses in cluster.items():
+    match = _WORKER_POOL.fullmatch(name)
+    if not match:
+      raise ValueError(f"CLUSTER_SPEC cluster entry {name!r} is not a workerpoolN pool")
+    if (not isinstance(addresses, list) or not addresses
+        or not all(isinstance(a, str) and a for a in addresses)):
+      raise ValueError(f"CLUSTER_SPEC {name} is not a non-empty list of addresses: {addresses!r}")
+    pools[int(match.group(1))] = (name, addresses)
+  if 0 not in pools:
+    raise ValueError(f"CLUSTER_SPEC has no workerpool0 (the coordinator): {cluster_spec!r}")
+  coordinator = pools[0][1][0]
+  host, sep, port = coordinator.rpartition(":")
+  if not sep or not host or not port.isdigit():
+    raise ValueError(f"CLUSTER_SPEC workerpool0 address {coordinator!r} is not host:port")
+  if not isinstance(task, dict):
+    raise ValueError(f"CLUSTER_SPEC has no 'task' (this replica's pool and index): "
+                     f"{cluster_spec!r}")
+  pool, index = task.get("type"), task.get("index")
+  if not isinstance(pool, str) or pool not in cluster:
+    raise ValueError(f"CLUSTER_SPEC task type {pool!r} is not one of the pools {sorted(cluster)}")
+  if not isinstance(index, int) or isinstance(index, bool) or not 0 <= index < len(cluster[pool]):
+    raise ValueError(f"CLUSTER_SPEC task index {index!r} is not a replica of {pool} "
+                     f"(0..{len(cluster[pool]) - 1})")
+  process_id = index
+  for number in sorted(pools):
+    name, addresses = pools[number]
+    if name == pool:
+      break
+    process_id += len(addresses)
+  num_processes = sum(len(addresses) for _, addresses in pools.values())
+  return coordinator, num_processes, process_id
+
+
 def _initialize_distributed():
+  """jax.distributed from explicit flags, else Vertex's CLUSTER_SPEC, else SLURM's variables;
+  nothing for a single process."""
   explicit = [_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value]
   if any(v is not None for v in explicit):
     if any(v is None for v in explicit):
       raise app.UsageError("--coordinator_address, --num_processes and --process_id go together.")
     jax.distributed.initialize(coordinator_address=_COORDINATOR.value,
                                num_processes=_NUM_PROCESSES.value, process_id=_PROCESS_ID.value)
+  elif os.environ.get("CLUSTER_SPEC"):
+    coordinator, num_processes, process_id = vertex_cluster(os.environ["CLUSTER_SPEC"])
+    if num_processes > 1:  # Vertex sets CLUSTER_SPEC on single-replica jobs too
+      jax.distributed.initialize(coordinator_address=coordinator, num_processes=num_processes,
+                                 process_id=process_id)
   elif int(os.environ.get("SLURM_NTASKS", "1")) > 1:
     # JAX reads the coordinator, process count and id from SLURM's environment.
     jax.distributed.initialize()

@@ -4,21 +4,16 @@ launch/xm_launch.py turns these NodeJobs into xm.Jobs; tests/launch checks them 
 ki.main really defines. A NodeJob's `args` is the dict handed to xm.Job(args=...), which xmanager
 renders as `--key=value` after `python -m ki.main`; `to_argv` does the same for tests.
 
-Vertex AI runs the xm.Jobs of one JobGroup as worker pools 0, 1, 2, ... (one replica each) and
-sets CLUSTER_SPEC in every container. Its workerpool0 entry is already `host:port` (port 2222),
-and xmanager's image wrapper replaces the late binding `%objectname(workerpool0)%` in the container
-arguments with that entry, so it is the whole --coordinator_address: no port is appended. Vertex
-allows at most 4 worker pools, so at most 4 nodes (xmanager's Vertex client raises beyond that);
-more would need one pool with replicas, whose index ki.main would have to read from CLUSTER_SPEC.
+A multi-node Vertex job is the layout Vertex intends: worker pool 0 is one replica (the primary,
+JAX process 0 and coordinator), worker pool 1 is the other nodes-1 replicas of the same job, so
+any number of nodes fits in two pools. Replicas of one pool get the same command line: no node
+gets process flags. ki.main reads the coordinator, process count and its own index from the
+CLUSTER_SPEC variable Vertex sets on every replica (ki.main.vertex_cluster).
 """
 
 import dataclasses
 import re
 
-# Late binding that xmanager's Vertex image wrapper (cloud/utils.py map_workerpool_address_args)
-# replaces at run time with CLUSTER_SPEC's workerpool0 entry, `host:port`.
-VERTEX_COORDINATOR = "%objectname(workerpool0)%"
-MAX_VERTEX_NODES = 4
 DEFAULT_VERTEX_ACCELERATORS = 8
 EXECUTORS = ("local", "vertex")
 
@@ -30,10 +25,12 @@ _VERTEX_SAFE_VALUE = re.compile(r"[A-Za-z0-9_@%+=:./-]*")
 
 @dataclasses.dataclass(frozen=True)
 class NodeJob:
-  """One node: its job name, ki.main's flags (in order) and its xm.JobRequirements kwargs."""
+  """One worker pool: its job name, ki.main's flags (in order), its xm.JobRequirements resource
+  kwargs (per replica) and how many identical replicas (nodes) run it."""
   name: str
   args: dict[str, str | int]
   requirements: dict[str, int]
+  replicas: int = 1
 
 
 def parse_overrides(overrides: list[str] | tuple[str, ...]) -> dict[str, str]:
@@ -51,13 +48,12 @@ def parse_overrides(overrides: list[str] | tuple[str, ...]) -> dict[str, str]:
 
 
 def node_jobs(*, executor: str, config: str, workdir: str, overrides=(), nodes: int = 1,
-              accelerator: str | None = None, accelerators_per_node: int | None = None,
-              coordinator_address: str = VERTEX_COORDINATOR) -> list[NodeJob]:
-  """The jobs of one work unit: one per node, each running `python -m ki.main` with its flags.
+              accelerator: str | None = None,
+              accelerators_per_node: int | None = None) -> list[NodeJob]:
+  """The jobs of one work unit, each running `python -m ki.main` with the same flags.
 
-  With more than one node every job gets --coordinator_address (process 0's address, which ki.main
-  passes to jax.distributed.initialize), --num_processes and its own --process_id; job i must
-  run on worker pool i, which is where Vertex puts the i-th job of a JobGroup.
+  One node: one job. More (Vertex only): `node_0` with one replica, then `workers` with nodes-1
+  replicas; Vertex puts the i-th job of a JobGroup in worker pool i, so the order matters.
 
   Requirements: on Vertex `{accelerator: accelerators_per_node}` (default 8 when an accelerator
   is named, none without one); xmanager's local executor only honours `local_gpu` (GPUs handed
@@ -73,9 +69,6 @@ def node_jobs(*, executor: str, config: str, workdir: str, overrides=(), nodes: 
     raise ValueError(f"nodes={nodes} must be at least 1")
   if executor == "local" and nodes > 1:
     raise ValueError("the local executor runs one container: use nodes=1")
-  if executor == "vertex" and nodes > MAX_VERTEX_NODES:
-    raise ValueError(f"nodes={nodes}: a Vertex job has at most {MAX_VERTEX_NODES} worker pools "
-                     "and each node is one pool")
   if accelerators_per_node is None:
     vertex_gpus = executor == "vertex" and accelerator
     accelerators_per_node = DEFAULT_VERTEX_ACCELERATORS if vertex_gpus else 0
@@ -93,12 +86,10 @@ def node_jobs(*, executor: str, config: str, workdir: str, overrides=(), nodes: 
     if not resource:
       raise ValueError("accelerators_per_node needs an accelerator name on Vertex")
     requirements[resource] = accelerators_per_node
-  jobs = []
-  for index in range(nodes):
-    args = dict(base)
-    if nodes > 1:
-      args.update(coordinator_address=coordinator_address, num_processes=nodes, process_id=index)
-    jobs.append(NodeJob(name=f"node_{index}", args=args, requirements=dict(requirements)))
+  jobs = [NodeJob(name="node_0", args=dict(base), requirements=dict(requirements))]
+  if nodes > 1:
+    jobs.append(NodeJob(name="workers", args=dict(base), requirements=dict(requirements),
+                        replicas=nodes - 1))
   return jobs
 
 

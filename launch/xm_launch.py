@@ -3,14 +3,15 @@ r"""XManager launcher: the same `python -m ki.main` on a local Docker executor o
   pip install xmanager   # launcher-side only; the training image does not need it
   xmanager launch launch/xm_launch.py -- --executor=local \
     --config=experiments/droid_ki.py:smoke --workdir=/tmp/ki_xm
-  xmanager launch launch/xm_launch.py -- --executor=vertex --nodes=4 --accelerator=a100 \
+  xmanager launch launch/xm_launch.py -- --executor=vertex --nodes=16 --accelerator=a100 \
     --accelerators_per_node=8 --config=experiments/droid_ki.py:full --workdir=gs://bucket/ki \
     --override=data.arrayrecord_dir=gs://bucket/droid_ar/train --override=init.path=gs://...
 
 The repository is packaged as a Python container (`pip install .` on --base_image) whose
-entrypoint is `ki.main`. A multi-node Vertex job is one work unit with one job per node (Vertex
-worker pool i runs node i, so at most 4 nodes): every node gets the coordinator address of worker
-pool 0, the process count and its own index, which ki.main passes to jax.distributed.initialize.
+entrypoint is `ki.main`. A multi-node Vertex job (any number of nodes) is one work unit of two
+jobs: worker pool 0, one replica (JAX process 0, the coordinator), and worker pool 1, nodes-1
+replicas. All run the same command line; each ki.main finds the coordinator, the process count
+and its own index in the CLUSTER_SPEC variable Vertex sets, for jax.distributed.initialize.
 Each --override=key=value becomes --config.key=value. What each node runs is built, without
 xmanager, by launch/xm_jobs.py (tested in tests/launch).
 """
@@ -39,7 +40,7 @@ _CONFIG = flags.DEFINE_string("config", "experiments/droid_ki.py:smoke", "Experi
 _WORKDIR = flags.DEFINE_string("workdir", None, "Checkpoints and logs (gs:// on Vertex).",
                                required=True)
 _OVERRIDES = flags.DEFINE_multi_string("override", [], "key=value config overrides.")
-_NODES = flags.DEFINE_integer("nodes", 1, "Hosts (one JAX process each; at most 4 on Vertex).")
+_NODES = flags.DEFINE_integer("nodes", 1, "Hosts (one JAX process each; >1 only on Vertex).")
 _ACCELERATOR = flags.DEFINE_string(
   "accelerator", "a100", "xm.JobRequirements resource name (a100, a100_80gib, h100, ...).")
 _ACCELERATORS_PER_NODE = flags.DEFINE_integer(
@@ -65,7 +66,7 @@ def stage_repo(repo: str = REPO) -> str:
 def docker_instructions(path: str) -> list[str]:
   """The image steps. xmanager's default ones install a requirements.txt, which ki does not have.
   pyproject asks for plain jax, so its CUDA plugin is named here; google-cloud-storage is imported
-  by xmanager's Vertex entrypoint wrapper (it resolves the coordinator's late binding)."""
+  by the entrypoint wrapper xmanager puts in every Vertex image (it resolves late bindings)."""
   directory = os.path.basename(path.rstrip(os.sep))
   return [
     "ENV LANG=C.UTF-8",
@@ -83,19 +84,15 @@ def executable_spec(base_image: str, path: str) -> xm.PythonContainer:
                             docker_instructions=docker_instructions(path))
 
 
-def to_xm_args(job: xm_jobs.NodeJob) -> dict:
-  """The job's flags for xm.Job(args=...). The coordinator late binding must reach the container
-  unquoted (xm shell-quotes ordinary values), so it goes in as an xm.ShellSafeArg."""
-  args = dict(job.args)
-  if "coordinator_address" in args:
-    args["coordinator_address"] = xm.ShellSafeArg(args["coordinator_address"])
-  return args
-
-
 def to_executor(job: xm_jobs.NodeJob, executor: str) -> xm.Executor:
-  requirements = xm.JobRequirements(**job.requirements)
+  """Vertex: the job's replica count is its worker pool's replicaCount (xmanager's Vertex client
+  makes one pool per job of the JobGroup, in order, and refuses replicas > 1 in pool 0)."""
   if executor == "vertex":
-    return xm_local.Vertex(requirements=requirements)
+    return xm_local.Vertex(
+      requirements=xm.JobRequirements(**job.requirements, replicas=job.replicas))
+  if job.replicas != 1:
+    raise ValueError(f"{job.name}: the local executor runs one replica, not {job.replicas}")
+  requirements = xm.JobRequirements(**job.requirements)
   # A local workdir (made absolute by main) is mounted at the same path, so checkpoints outlive
   # the container.
   workdir = str(job.args["workdir"])
@@ -130,7 +127,7 @@ async def main(argv):
     ])
     xm_jobs_by_name = {
       job.name: xm.Job(executable=executable, executor=to_executor(job, _EXECUTOR.value),
-                       args=to_xm_args(job))
+                       args=dict(job.args))
       for job in jobs
     }
     await experiment.add(xm.JobGroup(**xm_jobs_by_name))
