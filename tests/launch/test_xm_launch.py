@@ -15,6 +15,11 @@ REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 CONFIG = "experiments/droid_ki.py:smoke"
 OVERRIDES = ["data.arrayrecord_dir=gs://bucket/droid_ar/train", "init.path=gs://bucket/vlm",
              "total_steps=7", "model.fast_loss=false"]
+# What every Vertex job runs: ki.main's flags, the overrides after --config.
+VERTEX_ARGV = [f"--config={CONFIG}", "--workdir=gs://bucket/ki",
+               "--config.data.arrayrecord_dir=gs://bucket/droid_ar/train",
+               "--config.init.path=gs://bucket/vlm",
+               "--config.total_steps=7", "--config.model.fast_loss=false"]
 
 
 def _load(name):
@@ -81,11 +86,7 @@ def test_one_node_runs_ki_main_without_distributed_flags():
                             overrides=OVERRIDES, accelerator="h100", accelerators_per_node=8)
   assert (job.name, job.replicas) == ("node_0", 1)
   assert job.requirements == {"h100": 8}
-  assert xm_jobs.to_argv(job.args) == [
-    f"--config={CONFIG}", "--workdir=gs://bucket/ki",
-    "--config.data.arrayrecord_dir=gs://bucket/droid_ar/train",
-    "--config.init.path=gs://bucket/vlm",
-    "--config.total_steps=7", "--config.model.fast_loss=false"]
+  assert xm_jobs.to_argv(job.args) == VERTEX_ARGV
 
 
 @pytest.mark.parametrize("nodes", [1, 2, 4, 16, 64])
@@ -99,11 +100,7 @@ def test_nodes_are_pool_0_with_one_replica_and_pool_1_with_the_rest(nodes):
   for job in jobs:
     assert job.requirements == {"a100": 8}
     # Replicas of a pool cannot differ in flags: no job carries process flags, all are alike.
-    assert xm_jobs.to_argv(job.args) == [
-      f"--config={CONFIG}", "--workdir=gs://bucket/ki",
-      "--config.data.arrayrecord_dir=gs://bucket/droid_ar/train",
-      "--config.init.path=gs://bucket/vlm",
-      "--config.total_steps=7", "--config.model.fast_loss=false"]
+    assert xm_jobs.to_argv(job.args) == VERTEX_ARGV
 
 
 def test_local_is_one_node_without_requirements_unless_asked():
