@@ -110,7 +110,7 @@ def main(argv=None):
                  f"{', '.join(CPU_SIZES)}")
   results = run(size, num_flow_steps=args.num_flow_steps, fast_tokens=args.fast_tokens,
                 repeats=repeats)
-  return results_writer.publish(f"latency_{size}", results, quick=args.quick, argv=argv,
+  return results_writer.publish("latency", results, variant=size, quick=args.quick, argv=argv,
                                  out_dir=args.out_dir, table=markdown)
 
 

@@ -42,9 +42,10 @@ def has_accelerator() -> bool:
   return jax.default_backend() != "cpu"
 
 
-def write(name: str, results: dict[str, Any], *, command: str, out_dir: str | None = None) -> str:
-  """Adds the command, device and time to `results` and writes <out_dir>/<name>.json (default
-  benchmarks/results/); returns the path."""
+def write(name: str, results: dict[str, Any], *, command: str, out_dir: str | None = None,
+          file_stem: str | None = None) -> str:
+  """Adds the benchmark's name, the command, device and time to `results` and writes
+  <out_dir>/<file_stem or name>.json (default benchmarks/results/); returns the path."""
   info = device_info()
   record = {
     "benchmark": name,
@@ -56,20 +57,23 @@ def write(name: str, results: dict[str, Any], *, command: str, out_dir: str | No
   }
   out_dir = out_dir or RESULTS_DIR
   os.makedirs(out_dir, exist_ok=True)
-  path = os.path.join(out_dir, f"{name}.json")
+  path = os.path.join(out_dir, f"{file_stem or name}.json")
   with open(path, "w") as f:
     json.dump(record, f, indent=2, default=_jsonable)
   return path
 
 
 def publish(name: str, results: dict[str, Any], *, quick: bool, argv: Sequence[str] | None,
-            out_dir: str | None, table: Callable[[dict[str, Any]], str]) -> dict[str, Any]:
-  """The end of every benchmark's main: writes <name>[_quick].json with the command that produced
-  it (`python -m benchmarks.<name>_bench ...`), prints the table and returns the results."""
+            out_dir: str | None, table: Callable[[dict[str, Any]], str],
+            variant: str = "") -> dict[str, Any]:
+  """The end of every benchmark's main: writes <name>[_<variant>][_quick].json with the command
+  that produced it (`python -m benchmarks.<name>_bench ...`), prints the table and returns the
+  results. `variant` keeps results that differ in kind (e.g. model sizes) in separate files."""
   results["quick"] = quick
   args = sys.argv[1:] if argv is None else list(argv)
   command = " ".join([f"python -m benchmarks.{name}_bench", *args])
-  path = write(f"{name}_quick" if quick else name, results, command=command, out_dir=out_dir)
+  stem = "_".join([name] + ([variant] if variant else []) + (["quick"] if quick else []))
+  path = write(name, results, command=command, out_dir=out_dir, file_stem=stem)
   results["device"] = describe_device(device_info())
   print(table(results))
   print(f"\nWritten to {path}")

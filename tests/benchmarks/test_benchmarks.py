@@ -76,6 +76,8 @@ def test_largest_batch_linear_estimate():
 def test_latency_bench_quick(tmp_path):
   latency_bench.main(["--quick", "--out_dir", str(tmp_path)])
   record = _read(tmp_path, "latency_tiny_quick")
+  assert record["benchmark"] == "latency"
+  assert record["command"] == f"python -m benchmarks.latency_bench --quick --out_dir {tmp_path}"
   assert record["size"] == "tiny" and record["num_flow_steps"] == 10
   assert record["fast_tokens"] == latency_bench.TYPICAL_DROID_FAST_TOKENS
   assert record["flow"]["median_ms"] > 0 and record["fast"]["median_ms"] > 0
