@@ -97,6 +97,16 @@ def parse_overrides(items) -> dict:
   return overrides
 
 
+def _fit_to_steps(config: ml_collections.ConfigDict, steps: int) -> None:
+  """A short synthetic run: every schedule ends at `steps` (warm-up at most a tenth of it), and
+  only the final checkpoint is kept."""
+  config.total_steps = steps
+  for group in config.optimizer.groups.values():
+    group.decay_steps = steps
+    group.warmup_steps = min(group.warmup_steps, max(steps // 10, 1))
+  config.checkpoint.update(dict(every=steps, max_to_keep=1))
+
+
 def arm_config(size: str, arm: str, *, init_path: str = "", seed: int = 0,
                total_steps: int | None = None, eval_every: int | None = None,
                overrides: dict | None = None) -> ml_collections.ConfigDict:
@@ -116,10 +126,7 @@ def arm_config(size: str, arm: str, *, init_path: str = "", seed: int = 0,
   if total_steps is not None:
     config.total_steps = total_steps
   if synthetic:
-    for group in config.optimizer.groups.values():
-      group.decay_steps = config.total_steps
-      group.warmup_steps = min(group.warmup_steps, max(config.total_steps // 10, 1))
-    config.checkpoint.update(dict(every=config.total_steps, max_to_keep=1))
+    _fit_to_steps(config, config.total_steps)
     config.eval.max_batches = max(config.eval.max_batches, 128 // config.eval.batch_size)
   if eval_every is not None:
     config.eval.every = eval_every
@@ -154,11 +161,7 @@ def _pretrain(size: str, steps: int, overrides: dict) -> str:
   config = vlm_pretrain.get_config(size)
   config.unlock()
   config.update_from_flattened_dict(overrides)
-  config.total_steps = steps
-  config.optimizer.groups.vlm.decay_steps = steps
-  config.optimizer.groups.vlm.warmup_steps = min(config.optimizer.groups.vlm.warmup_steps,
-                                                 max(steps // 10, 1))
-  config.checkpoint.update(dict(every=steps, max_to_keep=1))
+  _fit_to_steps(config, steps)
   # No eval here: every arm evaluates the pretrained VLM at its step 0.
   config.eval.every = 0
   config.lock()

@@ -23,6 +23,15 @@ def _load(path, variant):
   return importlib.import_module(f"experiments.{name}").get_config(variant)
 
 
+def _group_sizes(params, group_rules) -> dict[str, int]:
+  """Parameters per optimizer group."""
+  labels = optimizer.label_params(params, group_rules)
+  sizes = {}
+  for label, leaf in zip(jax.tree.leaves(labels), jax.tree.leaves(params)):
+    sizes[label] = sizes.get(label, 0) + leaf.size
+  return sizes
+
+
 def test_there_are_experiments():
   names = {os.path.basename(p) for p in EXPERIMENTS}
   assert {"droid_ki.py", "pi05_flow_only.py", "joint_no_stopgrad.py"} <= names
@@ -53,10 +62,7 @@ def test_full_variant_matches_the_openpi_parameter_layout():
   params = state.abstract_params(pi05.Config(**config.model))
   count = sum(x.size for x in jax.tree.leaves(params))
   assert count == 3_353_433_872  # reference/openpi_pi05_params.tsv
-  labels = optimizer.label_params(params, config.optimizer.group_rules)
-  sizes = {}
-  for label, leaf in zip(jax.tree.leaves(labels), jax.tree.leaves(params)):
-    sizes[label] = sizes.get(label, 0) + leaf.size
+  sizes = _group_sizes(params, config.optimizer.group_rules)
   assert 300e6 < sizes["action_expert"] < 500e6
   assert sizes["vlm"] > 2.5e9
 
@@ -93,10 +99,7 @@ def test_medium_variant_keeps_pi05_proportions():
   smoke = _load(os.path.join(REPO, "experiments", "droid_ki.py"), "smoke")
   model = pi05.Config(**medium.model)
   params = jax.eval_shape(lambda: pi05.init_params(model, jax.random.PRNGKey(0)))
-  labels = optimizer.label_params(params, medium.optimizer.group_rules)
-  sizes = {}
-  for label, leaf in zip(jax.tree.leaves(labels), jax.tree.leaves(params)):
-    sizes[label] = sizes.get(label, 0) + leaf.size
+  sizes = _group_sizes(params, medium.optimizer.group_rules)
   assert 50e6 < sizes["vlm"] < 150e6 and 5e6 < sizes["action_expert"] < sizes["vlm"] / 4
   assert medium.synthetic_data.dir != smoke.synthetic_data.dir
   assert medium.synthetic_data.episodes > smoke.synthetic_data.episodes

@@ -107,11 +107,11 @@ DATA_STATE_FIELDS = ("seed", "batch_size", "data.source", "data.num_workers", "d
                      "data.vlm_sources", "data.shuffle_window", "data.num_epochs")
 
 
-def check_resumable(saved_config_json: str, config: ml_collections.ConfigDict,
+def check_resumable(saved_config_json: str | bytes, config_json: str | bytes,
                     checkpoint_dir: str) -> None:
-  """Refuses to resume from a checkpoint whose data settings (DATA_STATE_FIELDS) differ."""
-  saved = json.loads(saved_config_json)
-  current = json.loads(config.to_json_best_effort())
+  """Refuses to resume from a checkpoint whose data settings (DATA_STATE_FIELDS) differ; both
+  configs as the JSON a checkpoint's assets/config.json holds."""
+  saved, current = json.loads(saved_config_json), json.loads(config_json)
 
   def get(tree, dotted):
     for key in dotted.split("."):
@@ -174,7 +174,8 @@ class Trainer:
     latest = self.checkpointer.latest_step()
     if latest is not None:
       logging.info("Resuming from checkpoint %d in %s.", latest, self.checkpointer.directory)
-      check_resumable(self.checkpointer.restore_assets(latest)["config.json"].decode(), config,
+      check_resumable(self.checkpointer.restore_assets(latest)["config.json"],
+                      self.assets["config.json"],
                       os.path.join(self.checkpointer.directory, str(latest)))
       self.state = self.checkpointer.restore(
         latest, checkpoint_lib.abstract_with_shardings(state_shapes, self.state_shardings),

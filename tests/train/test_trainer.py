@@ -66,8 +66,11 @@ def test_resumable_compares_only_the_data_stream_fields():
   saved_json = ml_collections.ConfigDict(saved).to_json_best_effort()
   # Step counts, logging and the like may change on resume.
   trainer_lib.check_resumable(
-    saved_json, ml_collections.ConfigDict(dict(saved, total_steps=99, log_every=7)), "/ckpt/2")
-  workers = ml_collections.ConfigDict(dict(saved, data=dict(saved["data"], num_workers=8)))
+    saved_json,
+    ml_collections.ConfigDict(dict(saved, total_steps=99, log_every=7)).to_json_best_effort(),
+    "/ckpt/2")
+  workers = ml_collections.ConfigDict(
+    dict(saved, data=dict(saved["data"], num_workers=8))).to_json_best_effort()
   with pytest.raises(ValueError, match="data.num_workers: 0 in the checkpoint, 8 now"):
     trainer_lib.check_resumable(saved_json, workers, "/ckpt/2")
 
