@@ -39,8 +39,12 @@ MAX_TOKEN_LEN = 200
 
 def _prepare(directory: str, *, episodes: int) -> dict:
   """Synthetic DROID -> ArrayRecord shards, norm stats and tokenizers, as data_prep makes them."""
-  from data_prep import (compute_norm_stats, droid_to_arrayrecord, fit_fast_tokenizer,
-                         make_synthetic_droid)
+  from data_prep import (
+    compute_norm_stats,
+    droid_to_arrayrecord,
+    fit_fast_tokenizer,
+    make_synthetic_droid,
+  )
   from ki.tokenizers import prompt
 
   start = time.perf_counter()
@@ -56,9 +60,7 @@ def _prepare(directory: str, *, episodes: int) -> dict:
   norm_stats = compute_norm_stats.compute_norm_stats(prepared)
   chunks = fit_fast_tokenizer.normalized_chunks(prepared, norm_stats, max_chunks=None)
   fast_tokenizer, _ = fit_fast_tokenizer.fit(chunks, vocab_size=512, scale=10.0)
-  prompt_tokenizer = prompt.PromptTokenizer(
-    os.path.join(directory, info["sentencepiece_model"])
-  )
+  prompt_tokenizer = prompt.PromptTokenizer(os.path.join(directory, info["sentencepiece_model"]))
   return {
     "prepared": prepared,
     "norm_stats": norm_stats,
@@ -110,9 +112,9 @@ def _pipeline_rate(setup: dict, *, num_workers: int, batch_size: int, batches: i
 
 def _breakdown(setup: dict, *, samples: int) -> dict[str, float]:
   """Milliseconds per sample in each stage, each timed on its own over the same records."""
-  from ki.data import droid, images, normalize, records, sources, transforms
-
   import grain
+
+  from ki.data import droid, images, normalize, records, sources, transforms
 
   source = grain.sources.ArrayRecordDataSource(sources.find_arrayrecord_files(setup["prepared"]))
   raw = [source[i % len(source)] for i in range(samples)]  # The undecoded bytes.
@@ -160,8 +162,13 @@ def _breakdown(setup: dict, *, samples: int) -> dict[str, float]:
     list(zip(texts, normalised)),
   )
   transform = transforms.RobotTransform(
-    tokenizer=tokenizer, norm_stats=setup["norm_stats"], action_dim=ACTION_DIM, action_horizon=H,
-    delta_action_mask=droid.DEFAULT_DELTA_ACTION_MASK, augment=True, image_size=IMAGE_SIZE,
+    tokenizer=tokenizer,
+    norm_stats=setup["norm_stats"],
+    action_dim=ACTION_DIM,
+    action_horizon=H,
+    delta_action_mask=droid.DEFAULT_DELTA_ACTION_MASK,
+    augment=True,
+    image_size=IMAGE_SIZE,
   )
   timed("whole RobotTransform", lambda f: transform(f, rng), frames)
   return stages
@@ -225,8 +232,9 @@ def main(argv=None):
   parser.add_argument("--out_dir", default=None, help="default: benchmarks/results")
   args = parser.parse_args(argv)
   results = run(args.quick)
-  return results_writer.publish("data", results, quick=args.quick, argv=argv,
-                                 out_dir=args.out_dir, table=markdown)
+  return results_writer.publish(
+    "data", results, quick=args.quick, argv=argv, out_dir=args.out_dir, table=markdown
+  )
 
 
 if __name__ == "__main__":

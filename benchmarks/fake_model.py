@@ -30,12 +30,14 @@ def random_params(config: pi05.Config, seed: int = 0, *, shardings=None):
     values = []
     for index, leaf in enumerate(leaves):
       position = jnp.arange(np.prod(leaf.shape, dtype=int), dtype=jnp.float32)
-      uniform = jnp.mod(jnp.sin(position * 12.9898 + (index + 1000 * seed) * 78.233) * 43758.5453,
-                        1.0)
+      uniform = jnp.mod(
+        jnp.sin(position * 12.9898 + (index + 1000 * seed) * 78.233) * 43758.5453, 1.0
+      )
       scale = 1.0 / np.sqrt(leaf.shape[-2]) if len(leaf.shape) >= 2 else 0.05
       # A uniform on [-a, a] has standard deviation a / sqrt(3).
-      values.append(((2.0 * uniform - 1.0) * scale * np.sqrt(3.0)).reshape(leaf.shape)
-                    .astype(leaf.dtype))
+      values.append(
+        ((2.0 * uniform - 1.0) * scale * np.sqrt(3.0)).reshape(leaf.shape).astype(leaf.dtype)
+      )
     return jax.tree.unflatten(treedef, values)
 
   return jax.jit(draw, out_shardings=shardings)()
@@ -61,4 +63,5 @@ def abstract_host_batch(config: pi05.Config, batch_size: int, sharding=None):
   """ShapeDtypeStructs of fake_host_batch(config, batch_size), allocating nothing."""
   one = fake_host_batch(config, 1)
   return jax.tree.map(
-    lambda x: jax.ShapeDtypeStruct((batch_size,) + x.shape[1:], x.dtype, sharding=sharding), one)
+    lambda x: jax.ShapeDtypeStruct((batch_size,) + x.shape[1:], x.dtype, sharding=sharding), one
+  )

@@ -26,9 +26,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from benchmarks import fake_model
-from benchmarks import results_writer
-from benchmarks import train_bench
+from benchmarks import fake_model, results_writer, train_bench
 from ki.model import pi05
 
 TYPICAL_DROID_FAST_TOKENS = 32
@@ -50,7 +48,8 @@ def _time_calls(function, repeats: int) -> dict[str, float]:
 def run(size: str, *, num_flow_steps: int, fast_tokens: int, repeats: int) -> dict[str, Any]:
   config = train_bench.model_config(size, remat_policy="none")  # no gradients at inference
   params = fake_model.random_params(
-    config, shardings=jax.sharding.SingleDeviceSharding(jax.devices()[0]))
+    config, shardings=jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  )
   observation = pi05.fake_observation(config, 1, with_fast=False)
   rng = jax.random.key(0)
   # The KV cache is returned, so no part of the prefix pass is dead code.
@@ -79,18 +78,32 @@ def run(size: str, *, num_flow_steps: int, fast_tokens: int, repeats: int) -> di
 def markdown(results: dict[str, Any]) -> str:
   prefix = results["prefix"]["median_ms"]
   rows = [
-    [f"prefix only ({results['image_tokens']} image + {results['prompt_tokens']} prompt tokens "
-     "into the KV cache)", prefix, results["prefix"]["p90_ms"], 0.0],
-    [f"sample_actions ({results['num_flow_steps']} Euler steps, H={results['action_horizon']})",
-     results["flow"]["median_ms"], results["flow"]["p90_ms"],
-     results["flow"]["median_ms"] - prefix],
-    [f"sample_fast ({results['fast_tokens']} tokens)", results["fast"]["median_ms"],
-     results["fast"]["p90_ms"], results["fast"]["median_ms"] - prefix],
+    [
+      f"prefix only ({results['image_tokens']} image + {results['prompt_tokens']} prompt tokens "
+      "into the KV cache)",
+      prefix,
+      results["prefix"]["p90_ms"],
+      0.0,
+    ],
+    [
+      f"sample_actions ({results['num_flow_steps']} Euler steps, H={results['action_horizon']})",
+      results["flow"]["median_ms"],
+      results["flow"]["p90_ms"],
+      results["flow"]["median_ms"] - prefix,
+    ],
+    [
+      f"sample_fast ({results['fast_tokens']} tokens)",
+      results["fast"]["median_ms"],
+      results["fast"]["p90_ms"],
+      results["fast"]["median_ms"] - prefix,
+    ],
   ]
   return results_writer.markdown_table(
     f"Inference latency, {results['size']} model, batch 1, on {results['device']} "
     f"(FAST / flow = {results['fast_over_flow']:.1f}x)",
-    ["decoding", "median ms", "p90 ms", "median ms after the prefix"], rows)
+    ["decoding", "median ms", "p90 ms", "median ms after the prefix"],
+    rows,
+  )
 
 
 def main(argv=None):
@@ -106,12 +119,22 @@ def main(argv=None):
   if args.quick:
     size, repeats = "tiny", 3
   elif size not in CPU_SIZES and not results_writer.has_accelerator():
-    parser.error(f"--size={size} needs an accelerator; on a CPU use --quick or --size in "
-                 f"{', '.join(CPU_SIZES)}")
-  results = run(size, num_flow_steps=args.num_flow_steps, fast_tokens=args.fast_tokens,
-                repeats=repeats)
-  return results_writer.publish("latency", results, variant=size, quick=args.quick, argv=argv,
-                                 out_dir=args.out_dir, table=markdown)
+    parser.error(
+      f"--size={size} needs an accelerator; on a CPU use --quick or --size in "
+      f"{', '.join(CPU_SIZES)}"
+    )
+  results = run(
+    size, num_flow_steps=args.num_flow_steps, fast_tokens=args.fast_tokens, repeats=repeats
+  )
+  return results_writer.publish(
+    "latency",
+    results,
+    variant=size,
+    quick=args.quick,
+    argv=argv,
+    out_dir=args.out_dir,
+    table=markdown,
+  )
 
 
 if __name__ == "__main__":

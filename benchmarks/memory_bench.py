@@ -27,17 +27,21 @@ from typing import Any
 import jax
 import numpy as np
 
-from benchmarks import results_writer
-from benchmarks import train_bench
+from benchmarks import results_writer, train_bench
 
-REMAT_POLICIES = ("none", "nothing_saveable", "dots_with_no_batch_dims_saveable",
-                  "checkpoint_dots")
+REMAT_POLICIES = ("none", "nothing_saveable", "dots_with_no_batch_dims_saveable", "checkpoint_dots")
 BATCHES = (8, 16, 32)
 GIB = 2**30
 
 
-def analyse(size: str, remat: str, per_device_batch: int, *, num_devices: int | None,
-            compiler_options: dict | None = None) -> dict[str, Any]:
+def analyse(
+  size: str,
+  remat: str,
+  per_device_batch: int,
+  *,
+  num_devices: int | None,
+  compiler_options: dict | None = None,
+) -> dict[str, Any]:
   """Compiles one configuration for abstract inputs; returns its memory per device in GiB."""
   config = train_bench.model_config(size, remat_policy=remat)
   setup = train_bench.build_train_step(config, per_device_batch, num_devices=num_devices)
@@ -46,8 +50,12 @@ def analyse(size: str, remat: str, per_device_batch: int, *, num_devices: int | 
   memory = compiled.memory_analysis()
   if memory is None:
     raise RuntimeError(f"the {jax.default_backend()} backend gives no memory analysis")
-  peak = (memory.argument_size_in_bytes + memory.output_size_in_bytes
-          - memory.alias_size_in_bytes + memory.temp_size_in_bytes)
+  peak = (
+    memory.argument_size_in_bytes
+    + memory.output_size_in_bytes
+    - memory.alias_size_in_bytes
+    + memory.temp_size_in_bytes
+  )
   return {
     "remat_policy": remat,
     "per_device_batch": per_device_batch,
@@ -63,8 +71,9 @@ def analyse(size: str, remat: str, per_device_batch: int, *, num_devices: int | 
 def largest_batch(rows: list[dict[str, Any]], budget_gib: float) -> dict[str, Any]:
   """Per policy: the largest measured batch under the budget, and the linear-fit crossing."""
   measured = [r for r in rows if r["peak_gib"] <= budget_gib]
-  result = {"largest_tested_batch_that_fits": max(
-    (r["per_device_batch"] for r in measured), default=None)}
+  result = {
+    "largest_tested_batch_that_fits": max((r["per_device_batch"] for r in measured), default=None)
+  }
   if len(rows) >= 2:
     batches = np.array([r["per_device_batch"] for r in rows], float)
     peaks = np.array([r["peak_gib"] for r in rows])
@@ -72,32 +81,68 @@ def largest_batch(rows: list[dict[str, Any]], budget_gib: float) -> dict[str, An
     result["gib_per_example"] = float(slope)
     result["fixed_gib"] = float(intercept)
     # The small tolerance keeps an exact fit (e.g. 25.0 computed as 24.9999999) on its integer.
-    result["estimated_max_batch"] = (int(np.floor((budget_gib - intercept) / slope + 1e-6))
-                                     if slope > 0 else None)
+    result["estimated_max_batch"] = (
+      int(np.floor((budget_gib - intercept) / slope + 1e-6)) if slope > 0 else None
+    )
   return result
 
 
-def run(size: str, policies, batches, *, budget_gib: float, num_devices: int | None,
-        compiler_options: dict | None = None) -> dict[str, Any]:
-  rows = [analyse(size, remat, batch, num_devices=num_devices, compiler_options=compiler_options)
-          for remat in policies for batch in batches]
-  fits = {remat: largest_batch([r for r in rows if r["remat_policy"] == remat], budget_gib)
-          for remat in policies}
-  return {"size": size, "budget_gib": budget_gib, "results": rows, "largest_batch": fits,
-          "compiler_options": compiler_options}
+def run(
+  size: str,
+  policies,
+  batches,
+  *,
+  budget_gib: float,
+  num_devices: int | None,
+  compiler_options: dict | None = None,
+) -> dict[str, Any]:
+  rows = [
+    analyse(size, remat, batch, num_devices=num_devices, compiler_options=compiler_options)
+    for remat in policies
+    for batch in batches
+  ]
+  fits = {
+    remat: largest_batch([r for r in rows if r["remat_policy"] == remat], budget_gib)
+    for remat in policies
+  }
+  return {
+    "size": size,
+    "budget_gib": budget_gib,
+    "results": rows,
+    "largest_batch": fits,
+    "compiler_options": compiler_options,
+  }
 
 
 def markdown(results: dict[str, Any]) -> str:
-  rows = [[r["remat_policy"], r["per_device_batch"], r["peak_gib"], r["temporaries_gib"],
-           r["arguments_gib"]] for r in results["results"]]
+  rows = [
+    [
+      r["remat_policy"],
+      r["per_device_batch"],
+      r["peak_gib"],
+      r["temporaries_gib"],
+      r["arguments_gib"],
+    ]
+    for r in results["results"]
+  ]
   table = results_writer.markdown_table(
     f"Training memory per device, {results['size']} model, on {results['device']}",
-    ["remat", "batch/device", "peak GiB", "temporaries GiB", "arguments GiB"], rows)
-  fits = [[remat, f["largest_tested_batch_that_fits"], f.get("estimated_max_batch")]
-          for remat, f in results["largest_batch"].items()]
-  return table + "\n\n" + results_writer.markdown_table(
-    f"Largest batch per device under {results['budget_gib']:.0f} GiB",
-    ["remat", "largest tested", "linear estimate"], fits)
+    ["remat", "batch/device", "peak GiB", "temporaries GiB", "arguments GiB"],
+    rows,
+  )
+  fits = [
+    [remat, f["largest_tested_batch_that_fits"], f.get("estimated_max_batch")]
+    for remat, f in results["largest_batch"].items()
+  ]
+  return (
+    table
+    + "\n\n"
+    + results_writer.markdown_table(
+      f"Largest batch per device under {results['budget_gib']:.0f} GiB",
+      ["remat", "largest tested", "linear estimate"],
+      fits,
+    )
+  )
 
 
 def main(argv=None):
@@ -106,8 +151,12 @@ def main(argv=None):
   parser.add_argument("--size", default="full", choices=list(train_bench.SIZES))
   parser.add_argument("--policies", default=",".join(REMAT_POLICIES))
   parser.add_argument("--batches", default=",".join(map(str, BATCHES)))
-  parser.add_argument("--device_gib", type=float, default=80 * 1e9 / GIB,
-                      help="memory budget per device in GiB (default 80 GB = 74.5 GiB)")
+  parser.add_argument(
+    "--device_gib",
+    type=float,
+    default=80 * 1e9 / GIB,
+    help="memory budget per device in GiB (default 80 GB = 74.5 GiB)",
+  )
   parser.add_argument("--num_devices", type=int, default=None, help="default: all")
   parser.add_argument("--out_dir", default=None, help="default: benchmarks/results")
   args = parser.parse_args(argv)
@@ -118,12 +167,21 @@ def main(argv=None):
     # Compiling the tiny step costs ~20 s on a 2-core CPU: two policies at one batch.
     size, policies, batches, num_devices = "tiny", ["none", "nothing_saveable"], [8], 1
   elif size not in train_bench.CPU_SIZES and not results_writer.has_accelerator():
-    parser.error(f"--size={size} needs an accelerator (compiling it on a CPU takes very long "
-                 "and measures the CPU compiler); use --quick or --size=smoke")
-  results = run(size, policies, batches, budget_gib=args.device_gib, num_devices=num_devices,
-                compiler_options=train_bench.QUICK_COMPILER_OPTIONS if args.quick else None)
-  return results_writer.publish("memory", results, quick=args.quick, argv=argv,
-                                 out_dir=args.out_dir, table=markdown)
+    parser.error(
+      f"--size={size} needs an accelerator (compiling it on a CPU takes very long "
+      "and measures the CPU compiler); use --quick or --size=smoke"
+    )
+  results = run(
+    size,
+    policies,
+    batches,
+    budget_gib=args.device_gib,
+    num_devices=num_devices,
+    compiler_options=train_bench.QUICK_COMPILER_OPTIONS if args.quick else None,
+  )
+  return results_writer.publish(
+    "memory", results, quick=args.quick, argv=argv, out_dir=args.out_dir, table=markdown
+  )
 
 
 if __name__ == "__main__":

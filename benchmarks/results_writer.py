@@ -4,12 +4,13 @@ markdown table it prints.
 Results go to benchmarks/results/<name>.json; README quotes them with the command and device.
 """
 
+from collections.abc import Callable, Sequence
 import datetime
 import json
 import os
 import platform
 import sys
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import jax
 
@@ -42,8 +43,14 @@ def has_accelerator() -> bool:
   return jax.default_backend() != "cpu"
 
 
-def write(name: str, results: dict[str, Any], *, command: str, out_dir: str | None = None,
-          file_stem: str | None = None) -> str:
+def write(
+  name: str,
+  results: dict[str, Any],
+  *,
+  command: str,
+  out_dir: str | None = None,
+  file_stem: str | None = None,
+) -> str:
   """Adds the benchmark's name, the command, device and time to `results` and writes
   <out_dir>/<file_stem or name>.json (default benchmarks/results/); returns the path."""
   info = device_info()
@@ -52,7 +59,7 @@ def write(name: str, results: dict[str, Any], *, command: str, out_dir: str | No
     "command": command,
     "device": describe_device(info),
     "device_info": info,
-    "utc_time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    "utc_time": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
     **results,
   }
   out_dir = out_dir or RESULTS_DIR
@@ -63,9 +70,16 @@ def write(name: str, results: dict[str, Any], *, command: str, out_dir: str | No
   return path
 
 
-def publish(name: str, results: dict[str, Any], *, quick: bool, argv: Sequence[str] | None,
-            out_dir: str | None, table: Callable[[dict[str, Any]], str],
-            variant: str = "") -> dict[str, Any]:
+def publish(
+  name: str,
+  results: dict[str, Any],
+  *,
+  quick: bool,
+  argv: Sequence[str] | None,
+  out_dir: str | None,
+  table: Callable[[dict[str, Any]], str],
+  variant: str = "",
+) -> dict[str, Any]:
   """The end of every benchmark's main: writes <name>[_<variant>][_quick].json with the command
   that produced it (`python -m benchmarks.<name>_bench ...`), prints the table and returns the
   results. `variant` keeps results that differ in kind (e.g. model sizes) in separate files."""

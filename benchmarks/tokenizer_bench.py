@@ -29,16 +29,39 @@ ACTION_DIM = 8
 BATCH = 256
 _VERBS = ("put", "place", "move", "pick up", "push", "take", "drop", "stack")
 _OBJECTS = (
-  "the marker", "the red cup", "the blue block", "the spoon", "the towel", "the green bowl",
-  "the tape", "the lid", "the black pen", "the small plush toy", "the orange", "the sponge",
+  "the marker",
+  "the red cup",
+  "the blue block",
+  "the spoon",
+  "the towel",
+  "the green bowl",
+  "the tape",
+  "the lid",
+  "the black pen",
+  "the small plush toy",
+  "the orange",
+  "the sponge",
 )
 _PLACES = (
-  "in the bowl", "on the plate", "into the drawer", "to the left", "next to the mug",
-  "on top of the box", "in the sink", "onto the shelf", "behind the laptop", "",
+  "in the bowl",
+  "on the plate",
+  "into the drawer",
+  "to the left",
+  "next to the mug",
+  "on top of the box",
+  "in the sink",
+  "onto the shelf",
+  "behind the laptop",
+  "",
 )
 _OTHERS = (
-  "close the top drawer", "open the cabinet door", "turn on the faucet", "wipe the table",
-  "fold the cloth in half", "unplug the charger from the socket", "close the laptop lid",
+  "close the top drawer",
+  "open the cabinet door",
+  "turn on the faucet",
+  "wipe the table",
+  "fold the cloth in half",
+  "unplug the charger from the socket",
+  "close the laptop lid",
 )
 
 
@@ -130,14 +153,18 @@ def run(quick: bool) -> dict:
 
   def summary(values):
     return {
-      "p50": float(np.percentile(values, 50)), "p99": float(np.percentile(values, 99)),
+      "p50": float(np.percentile(values, 50)),
+      "p99": float(np.percentile(values, 99)),
       "max": int(np.max(values)),
     }
 
   return {
     "cpu": f"CPU, {os.cpu_count()} cores ({platform.processor() or platform.machine()})",
-    "batch": BATCH, "horizon": HORIZON, "action_dim": ACTION_DIM,
-    "fast_vocab_size": fast_tokenizer.vocab_size, "fast_fit_chunks": len(chunks),
+    "batch": BATCH,
+    "horizon": HORIZON,
+    "action_dim": ACTION_DIM,
+    "fast_vocab_size": fast_tokenizer.vocab_size,
+    "fast_fit_chunks": len(chunks),
     "fast_fit_seconds": fit_seconds,
     "fast_encode_batch_ms": encode_ms,
     "prompts_with_fast_batch_ms": prompts_ms,
@@ -165,8 +192,9 @@ def main(argv=None):
   parser.add_argument("--out_dir", default=None, help="default: benchmarks/results")
   args = parser.parse_args(argv)
   results = run(args.quick)
-  return results_writer.publish("tokenizer", results, quick=args.quick, argv=argv,
-                                 out_dir=args.out_dir, table=markdown)
+  return results_writer.publish(
+    "tokenizer", results, quick=args.quick, argv=argv, out_dir=args.out_dir, table=markdown
+  )
 
 
 if __name__ == "__main__":

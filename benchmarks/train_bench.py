@@ -32,8 +32,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from benchmarks import fake_model
-from benchmarks import results_writer
+from benchmarks import fake_model, results_writer
 from experiments import droid_ki
 from ki.model import pi05
 from ki.train import checkpoint as checkpoint_lib
@@ -45,12 +44,28 @@ from ki.train import step as step_lib
 
 # Model sizes, smallest first: overrides of experiments/droid_ki.py's full model config.
 SIZES = {
-  "tiny": dict(vlm_variant="tiny", expert_variant="tiny", siglip_variant="mu/16", image_size=32,
-               max_token_len=48, max_loss_tokens=16, vocab_size=2176, dtype="float32",
-               remat_policy="none"),
-  "smoke": dict(vlm_variant="dummy", expert_variant="dummy", siglip_variant="mu/16",
-                image_size=64, max_token_len=64, max_loss_tokens=24, vocab_size=2176,
-                dtype="float32", remat_policy="none"),
+  "tiny": dict(
+    vlm_variant="tiny",
+    expert_variant="tiny",
+    siglip_variant="mu/16",
+    image_size=32,
+    max_token_len=48,
+    max_loss_tokens=16,
+    vocab_size=2176,
+    dtype="float32",
+    remat_policy="none",
+  ),
+  "smoke": dict(
+    vlm_variant="dummy",
+    expert_variant="dummy",
+    siglip_variant="mu/16",
+    image_size=64,
+    max_token_len=64,
+    max_loss_tokens=24,
+    vocab_size=2176,
+    dtype="float32",
+    remat_policy="none",
+  ),
   # pi0.5's proportions scaled down, ~90M parameters (experiments/droid_ki.py:medium).
   "medium": droid_ki.MEDIUM_MODEL,
   # Gemma 300M in both streams with the full SigLIP: ~1.3B parameters.
@@ -63,21 +78,31 @@ CPU_SIZES = ("tiny", "smoke")
 ABLATIONS = {
   "baseline": ("the configuration as trained", lambda c: {}),
   "remat_none": ("no rematerialisation", lambda c: {"remat_policy": "none"}),
-  "remat_dots": ("remat saving matmul outputs",
-                 lambda c: {"remat_policy": "dots_with_no_batch_dims_saveable"}),
-  "empty_camera_slot": ("openpi's third, always-empty camera slot encoded too",
-                        lambda c: {"image_keys": tuple(c.image_keys) + ("right_wrist_0_rgb",)}),
-  "logits_everywhere": ("vocabulary logits at every text position, not only loss positions",
-                        lambda c: {"max_loss_tokens": c.max_token_len - 1}),
+  "remat_dots": (
+    "remat saving matmul outputs",
+    lambda c: {"remat_policy": "dots_with_no_batch_dims_saveable"},
+  ),
+  "empty_camera_slot": (
+    "openpi's third, always-empty camera slot encoded too",
+    lambda c: {"image_keys": tuple(c.image_keys) + ("right_wrist_0_rgb",)},
+  ),
+  "logits_everywhere": (
+    "vocabulary logits at every text position, not only loss positions",
+    lambda c: {"max_loss_tokens": c.max_token_len - 1},
+  ),
   "float32": ("float32 compute instead of bfloat16", lambda c: {"dtype": "float32"}),
   # The other direction: a kernel the trained configuration does not use yet (GPU question).
-  "fused_attention": ("jax.nn.dot_product_attention (cuDNN flash attention where it fits)",
-                      lambda c: {"attention_impl": "dot_product_attention"}),
+  "fused_attention": (
+    "jax.nn.dot_product_attention (cuDNN flash attention where it fits)",
+    lambda c: {"attention_impl": "dot_product_attention"},
+  ),
 }
 # Quick mode checks that the code runs and its numbers are sane, not speed: XLA's CPU backend
 # without its expensive passes compiles the tiny step in half the time (same memory plan).
-QUICK_COMPILER_OPTIONS = {"xla_backend_optimization_level": 0,
-                          "xla_llvm_disable_expensive_passes": True}
+QUICK_COMPILER_OPTIONS = {
+  "xla_backend_optimization_level": 0,
+  "xla_llvm_disable_expensive_passes": True,
+}
 
 
 def model_config(size: str, **overrides) -> pi05.Config:
@@ -103,20 +128,24 @@ class TrainSetup:
   def abstract_inputs(self):
     """(state, batch) as ShapeDtypeStructs with shardings: compile without allocating."""
     state = checkpoint_lib.abstract_with_shardings(self.state_shapes, self.state_shardings)
-    batch = fake_model.abstract_host_batch(self.model_config, self.batch_size,
-                                           sharding_lib.batch_sharding(self.mesh))
+    batch = fake_model.abstract_host_batch(
+      self.model_config, self.batch_size, sharding_lib.batch_sharding(self.mesh)
+    )
     return state, batch
 
   def create_state(self):
     """A fresh state with random params, born sharded."""
     params = fake_model.random_params(self.model_config, shardings=self.state_shardings.params)
-    return jax.jit(functools.partial(state_lib.state_from_params, tx=self.tx, use_ema=False),
-                   out_shardings=self.state_shardings, donate_argnums=0)(
-                     params, jax.random.PRNGKey(0))
+    return jax.jit(
+      functools.partial(state_lib.state_from_params, tx=self.tx, use_ema=False),
+      out_shardings=self.state_shardings,
+      donate_argnums=0,
+    )(params, jax.random.PRNGKey(0))
 
 
-def build_train_step(config: pi05.Config, per_device_batch: int, *, num_devices: int | None = None
-                     ) -> TrainSetup:
+def build_train_step(
+  config: pi05.Config, per_device_batch: int, *, num_devices: int | None = None
+) -> TrainSetup:
   """The trainer's step for `config`, FSDP over the first `num_devices` devices (default all)."""
   experiment = droid_ki.get_config("full")
   devices = jax.devices()[:num_devices] if num_devices else jax.devices()
@@ -124,21 +153,32 @@ def build_train_step(config: pi05.Config, per_device_batch: int, *, num_devices:
   abstract_params = state_lib.abstract_params(config)
   tx, labels, schedules = optimizer_lib.make_optimizer(experiment.optimizer, abstract_params)
   state_shapes, state_shardings = state_lib.abstract_train_state(
-    config, tx, mesh, seed=0, use_ema=False, fsdp_min_size_bytes=experiment.fsdp_min_size_bytes)
-  settings = step_lib.StepSettings(model=config, flow_weight=1.0,
-                                   fast_weight=1.0 if config.fast_loss else 0.0)
+    config, tx, mesh, seed=0, use_ema=False, fsdp_min_size_bytes=experiment.fsdp_min_size_bytes
+  )
+  settings = step_lib.StepSettings(
+    model=config, flow_weight=1.0, fast_weight=1.0 if config.fast_loss else 0.0
+  )
   jitted = jax.jit(
     functools.partial(step_lib.train_step, settings, tx, labels, schedules),
     in_shardings=(state_shardings, sharding_lib.batch_sharding(mesh)),
     out_shardings=(state_shardings, sharding_lib.replicated(mesh)),
-    donate_argnums=0)
-  return TrainSetup(jitted, mesh, state_shapes, state_shardings, per_device_batch * len(devices),
-                    config, tx)
+    donate_argnums=0,
+  )
+  return TrainSetup(
+    jitted, mesh, state_shapes, state_shardings, per_device_batch * len(devices), config, tx
+  )
 
 
-def measure(config: pi05.Config, per_device_batch: int, *, steps: int, warmup_steps: int,
-            num_devices: int | None = None, compiler_options: dict | None = None,
-            profile_dir: str | None = None) -> dict[str, Any]:
+def measure(
+  config: pi05.Config,
+  per_device_batch: int,
+  *,
+  steps: int,
+  warmup_steps: int,
+  num_devices: int | None = None,
+  compiler_options: dict | None = None,
+  profile_dir: str | None = None,
+) -> dict[str, Any]:
   """Compiles the step, runs warm-up steps, times `steps` steps; returns the measurements.
 
   profile_dir: when set, three more steps are traced there with jax.profiler (open in
@@ -146,8 +186,9 @@ def measure(config: pi05.Config, per_device_batch: int, *, steps: int, warmup_st
   """
   setup = build_train_step(config, per_device_batch, num_devices=num_devices)
   state = setup.create_state()
-  batch = sharding_lib.global_batch(fake_model.fake_host_batch(config, setup.batch_size),
-                                    setup.mesh)
+  batch = sharding_lib.global_batch(
+    fake_model.fake_host_batch(config, setup.batch_size), setup.mesh
+  )
 
   start = time.perf_counter()
   compiled = setup.jitted_step.lower(state, batch).compile(compiler_options=compiler_options)
@@ -194,9 +235,18 @@ def measure(config: pi05.Config, per_device_batch: int, *, steps: int, warmup_st
   }
 
 
-def run(sizes, *, per_device_batch: int | None, remat: str | None, steps: int, warmup_steps: int,
-        num_devices: int | None, compiler_options: dict | None = None,
-        profile_dir: str | None = None, ablations=("baseline",)) -> dict[str, Any]:
+def run(
+  sizes,
+  *,
+  per_device_batch: int | None,
+  remat: str | None,
+  steps: int,
+  warmup_steps: int,
+  num_devices: int | None,
+  compiler_options: dict | None = None,
+  profile_dir: str | None = None,
+  ablations=("baseline",),
+) -> dict[str, Any]:
   """One row per (size, ablation); sizes above CPU_SIZES are skipped without an accelerator."""
   rows = []
   for size in sizes:
@@ -208,16 +258,39 @@ def run(sizes, *, per_device_batch: int | None, remat: str | None, steps: int, w
     for ablation in ablations:
       config = dataclasses.replace(base, **ABLATIONS[ablation][1](base)).validate()
       try:
-        row = measure(config, batch, steps=steps, warmup_steps=warmup_steps,
-                      num_devices=num_devices, compiler_options=compiler_options,
-                      profile_dir=profile_dir and f"{profile_dir}/{size}_{ablation}")
+        row = measure(
+          config,
+          batch,
+          steps=steps,
+          warmup_steps=warmup_steps,
+          num_devices=num_devices,
+          compiler_options=compiler_options,
+          profile_dir=profile_dir and f"{profile_dir}/{size}_{ablation}",
+        )
       except Exception as error:  # e.g. out of memory at this batch: record it, go on
         if "RESOURCE_EXHAUSTED" not in str(error) and "out of memory" not in str(error).lower():
           raise
         row = {"per_device_batch": batch, "error": f"out of memory: {str(error)[:200]}"}
-      rows.append({"size": size, "ablation": ablation, "model": {k: getattr(config, k) for k in (
-        "vlm_variant", "expert_variant", "siglip_variant", "image_size", "image_keys",
-        "max_token_len", "max_loss_tokens", "action_horizon")}, **row})
+      rows.append(
+        {
+          "size": size,
+          "ablation": ablation,
+          "model": {
+            k: getattr(config, k)
+            for k in (
+              "vlm_variant",
+              "expert_variant",
+              "siglip_variant",
+              "image_size",
+              "image_keys",
+              "max_token_len",
+              "max_loss_tokens",
+              "action_horizon",
+            )
+          },
+          **row,
+        }
+      )
   return {"results": rows, "compiler_options": compiler_options}
 
 
@@ -225,33 +298,66 @@ def markdown(results: dict[str, Any]) -> str:
   rows = []
   for r in results["results"]:
     if "samples_per_second" not in r:
-      rows.append([r["size"], r.get("ablation", "-")] + ["-"] * 7
-                  + [r.get("skipped") or r.get("error")])
+      rows.append(
+        [r["size"], r.get("ablation", "-")] + ["-"] * 7 + [r.get("skipped") or r.get("error")]
+      )
       continue
-    rows.append([r["size"], r["ablation"], r["global_batch"], r["remat_policy"], r["dtype"],
-                 r["step_seconds"] * 1000, r["samples_per_second_per_device"],
-                 r["training_tflop_per_example"],
-                 None if r["mfu"] is None else f"{100 * r['mfu']:.1f}%", ""])
+    rows.append(
+      [
+        r["size"],
+        r["ablation"],
+        r["global_batch"],
+        r["remat_policy"],
+        r["dtype"],
+        r["step_seconds"] * 1000,
+        r["samples_per_second_per_device"],
+        r["training_tflop_per_example"],
+        None if r["mfu"] is None else f"{100 * r['mfu']:.1f}%",
+        "",
+      ]
+    )
   return results_writer.markdown_table(
     f"Training throughput on {results['device']}",
-    ["size", "variant", "global batch", "remat", "dtype", "step ms", "samples/s/device",
-     "TFLOP/example", "MFU", "note"], rows)
+    [
+      "size",
+      "variant",
+      "global batch",
+      "remat",
+      "dtype",
+      "step ms",
+      "samples/s/device",
+      "TFLOP/example",
+      "MFU",
+      "note",
+    ],
+    rows,
+  )
 
 
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--quick", action="store_true", help="tiny model, 2 steps (CPU, tests)")
   parser.add_argument("--sizes", default=",".join(SIZES), help=f"comma list of {list(SIZES)}")
-  parser.add_argument("--per_device_batch", type=int, default=None,
-                      help="default: 32 for gemma_300m/full, 8 otherwise")
+  parser.add_argument(
+    "--per_device_batch",
+    type=int,
+    default=None,
+    help="default: 32 for gemma_300m/full, 8 otherwise",
+  )
   parser.add_argument("--remat", default=None, help="override every size's remat policy")
   parser.add_argument("--steps", type=int, default=20)
   parser.add_argument("--warmup_steps", type=int, default=3)
   parser.add_argument("--num_devices", type=int, default=None, help="default: all")
-  parser.add_argument("--ablations", default="baseline",
-                      help=f"comma list of {list(ABLATIONS)} (before/after of each speed choice)")
-  parser.add_argument("--profile_dir", default=None,
-                      help="trace 3 extra steps per size here (jax.profiler): where time goes")
+  parser.add_argument(
+    "--ablations",
+    default="baseline",
+    help=f"comma list of {list(ABLATIONS)} (before/after of each speed choice)",
+  )
+  parser.add_argument(
+    "--profile_dir",
+    default=None,
+    help="trace 3 extra steps per size here (jax.profiler): where time goes",
+  )
   parser.add_argument("--out_dir", default=None, help="default: benchmarks/results")
   args = parser.parse_args(argv)
   sizes = [s for s in args.sizes.split(",") if s]
@@ -266,12 +372,20 @@ def main(argv=None):
     sizes, steps, warmup_steps, num_devices, ablations = ["tiny"], 2, 1, 1, ["baseline"]
   else:
     steps, warmup_steps, num_devices = args.steps, args.warmup_steps, args.num_devices
-  results = run(sizes, per_device_batch=args.per_device_batch, remat=args.remat, steps=steps,
-                warmup_steps=warmup_steps, num_devices=num_devices,
-                compiler_options=QUICK_COMPILER_OPTIONS if args.quick else None,
-                profile_dir=args.profile_dir, ablations=ablations)
-  return results_writer.publish("train", results, quick=args.quick, argv=argv,
-                                 out_dir=args.out_dir, table=markdown)
+  results = run(
+    sizes,
+    per_device_batch=args.per_device_batch,
+    remat=args.remat,
+    steps=steps,
+    warmup_steps=warmup_steps,
+    num_devices=num_devices,
+    compiler_options=QUICK_COMPILER_OPTIONS if args.quick else None,
+    profile_dir=args.profile_dir,
+    ablations=ablations,
+  )
+  return results_writer.publish(
+    "train", results, quick=args.quick, argv=argv, out_dir=args.out_dir, table=markdown
+  )
 
 
 if __name__ == "__main__":

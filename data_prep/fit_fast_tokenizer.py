@@ -14,8 +14,8 @@ round-trip error.
 
 import time
 
-import numpy as np
 from absl import app, flags, logging
+import numpy as np
 
 from data_prep import prepared_frames
 from ki.data import droid, normalize

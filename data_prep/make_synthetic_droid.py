@@ -24,8 +24,8 @@ import dataclasses
 import json
 import os
 
-import numpy as np
 from absl import app, flags, logging
+import numpy as np
 from PIL import Image
 
 from data_prep import rlds_writer, synthetic_scene
@@ -92,16 +92,17 @@ def plan_episode(seed: int, index: int) -> EpisodePlan:
     rng, reached, idle_start=idle_start, idle_end=idle_end
   )
   joints = synthetic_scene.joint_trajectory(rng, trajectory)
-  return EpisodePlan(
-    scene, target, failure, instructions, idle_start, idle_end, trajectory, joints
-  )
+  return EpisodePlan(scene, target, failure, instructions, idle_start, idle_end, trajectory, joints)
 
 
 def make_episode(seed: int, index: int) -> dict:
   """One RLDS episode (TFDS example dict) with numpy images; depends only on (seed, index)."""
   plan = plan_episode(seed, index)
   scene, trajectory, joints, instructions = (
-    plan.scene, plan.trajectory, plan.joints, plan.instructions
+    plan.scene,
+    plan.trajectory,
+    plan.joints,
+    plan.instructions,
   )
   failure = plan.failure
   gripper = trajectory.gripper[:, None]
@@ -116,40 +117,42 @@ def make_episode(seed: int, index: int) -> dict:
   steps = []
   for t in range(length):
     position, closure = trajectory.position[t], float(trajectory.gripper[t])
-    steps.append({
-      "is_first": t == 0,
-      "is_last": t == length - 1,
-      "is_terminal": t == length - 1,
-      "language_instruction": instructions[0],
-      "language_instruction_2": instructions[1],
-      "language_instruction_3": instructions[2],
-      "observation": {
-        "exterior_image_1_left": synthetic_scene.render_exterior(
-          scene, synthetic_scene.FRONT_VIEW, position, closure
+    steps.append(
+      {
+        "is_first": t == 0,
+        "is_last": t == length - 1,
+        "is_terminal": t == length - 1,
+        "language_instruction": instructions[0],
+        "language_instruction_2": instructions[1],
+        "language_instruction_3": instructions[2],
+        "observation": {
+          "exterior_image_1_left": synthetic_scene.render_exterior(
+            scene, synthetic_scene.FRONT_VIEW, position, closure
+          ),
+          "exterior_image_2_left": synthetic_scene.render_exterior(
+            scene, synthetic_scene.SIDE_VIEW, position, closure
+          ),
+          "wrist_image_left": synthetic_scene.render_wrist(scene, position, closure),
+          "cartesian_position": cartesian[t],
+          "joint_position": joints[t],
+          "gripper_position": gripper[t],
+        },
+        "action_dict": {
+          "cartesian_position": cartesian[following[t]],
+          "cartesian_velocity": (cartesian[following[t]] - cartesian[t]) * hz,
+          "joint_position": joints[following[t]],
+          "joint_velocity": (joints[following[t]] - joints[t]) * hz,
+          "gripper_position": gripper[following[t]],
+          "gripper_velocity": (gripper[following[t]] - gripper[t]) * hz,
+        },
+        # DROID documents `action` inconsistently; here: cartesian velocity + gripper position.
+        "action": np.concatenate(
+          [(cartesian[following[t]] - cartesian[t]) * hz, gripper[following[t]]]
         ),
-        "exterior_image_2_left": synthetic_scene.render_exterior(
-          scene, synthetic_scene.SIDE_VIEW, position, closure
-        ),
-        "wrist_image_left": synthetic_scene.render_wrist(scene, position, closure),
-        "cartesian_position": cartesian[t],
-        "joint_position": joints[t],
-        "gripper_position": gripper[t],
-      },
-      "action_dict": {
-        "cartesian_position": cartesian[following[t]],
-        "cartesian_velocity": (cartesian[following[t]] - cartesian[t]) * hz,
-        "joint_position": joints[following[t]],
-        "joint_velocity": (joints[following[t]] - joints[t]) * hz,
-        "gripper_position": gripper[following[t]],
-        "gripper_velocity": (gripper[following[t]] - gripper[t]) * hz,
-      },
-      # DROID documents `action` inconsistently; here: cartesian velocity + gripper position.
-      "action": np.concatenate(
-        [(cartesian[following[t]] - cartesian[t]) * hz, gripper[following[t]]]
-      ),
-      "discount": np.float32(1.0),
-      "reward": np.float32(t == length - 1 and not failure),
-    })
+        "discount": np.float32(1.0),
+        "reward": np.float32(t == length - 1 and not failure),
+      }
+    )
   return {
     "episode_metadata": {
       "file_path": f"{folder}/trajectory.h5",

@@ -2,8 +2,8 @@
 
 from collections.abc import Iterator, Sequence
 
-import numpy as np
 from array_record.python import array_record_data_source
+import numpy as np
 
 from ki.data import droid, records
 

@@ -8,10 +8,10 @@ features.json and `droid-train.tfrecord-NNNNN-of-MMMMM` shards. The builder live
 a rerun with the same inputs writes the same bytes.
 """
 
+from collections.abc import Callable, Mapping
 import os
 import shutil
 import tempfile
-from collections.abc import Callable, Mapping
 from typing import Any
 
 import numpy as np
@@ -30,39 +30,49 @@ def droid_features() -> tfds.features.FeaturesDict:
     return tfds.features.Tensor(shape=(size,), dtype=np.float64)
 
   image = tfds.features.Image(shape=droid.IMAGE_SHAPE, dtype=np.uint8, encoding_format="jpeg")
-  return tfds.features.FeaturesDict({
-    "episode_metadata": tfds.features.FeaturesDict({
-      "file_path": tfds.features.Text(),
-      "recording_folderpath": tfds.features.Text(),
-    }),
-    "steps": tfds.features.Dataset({
-      "is_first": tfds.features.Scalar(dtype=np.bool_),
-      "is_last": tfds.features.Scalar(dtype=np.bool_),
-      "is_terminal": tfds.features.Scalar(dtype=np.bool_),
-      "language_instruction": tfds.features.Text(),
-      "language_instruction_2": tfds.features.Text(),
-      "language_instruction_3": tfds.features.Text(),
-      "observation": tfds.features.FeaturesDict({
-        "exterior_image_1_left": image,
-        "exterior_image_2_left": image,
-        "wrist_image_left": image,
-        "cartesian_position": vector(6),
-        "joint_position": vector(droid.NUM_JOINTS),
-        "gripper_position": vector(1),
-      }),
-      "action_dict": tfds.features.FeaturesDict({
-        "cartesian_position": vector(6),
-        "cartesian_velocity": vector(6),
-        "joint_position": vector(droid.NUM_JOINTS),
-        "joint_velocity": vector(droid.NUM_JOINTS),
-        "gripper_position": vector(1),
-        "gripper_velocity": vector(1),
-      }),
-      "action": vector(7),
-      "discount": tfds.features.Scalar(dtype=np.float32),
-      "reward": tfds.features.Scalar(dtype=np.float32),
-    }),
-  })
+  return tfds.features.FeaturesDict(
+    {
+      "episode_metadata": tfds.features.FeaturesDict(
+        {
+          "file_path": tfds.features.Text(),
+          "recording_folderpath": tfds.features.Text(),
+        }
+      ),
+      "steps": tfds.features.Dataset(
+        {
+          "is_first": tfds.features.Scalar(dtype=np.bool_),
+          "is_last": tfds.features.Scalar(dtype=np.bool_),
+          "is_terminal": tfds.features.Scalar(dtype=np.bool_),
+          "language_instruction": tfds.features.Text(),
+          "language_instruction_2": tfds.features.Text(),
+          "language_instruction_3": tfds.features.Text(),
+          "observation": tfds.features.FeaturesDict(
+            {
+              "exterior_image_1_left": image,
+              "exterior_image_2_left": image,
+              "wrist_image_left": image,
+              "cartesian_position": vector(6),
+              "joint_position": vector(droid.NUM_JOINTS),
+              "gripper_position": vector(1),
+            }
+          ),
+          "action_dict": tfds.features.FeaturesDict(
+            {
+              "cartesian_position": vector(6),
+              "cartesian_velocity": vector(6),
+              "joint_position": vector(droid.NUM_JOINTS),
+              "joint_velocity": vector(droid.NUM_JOINTS),
+              "gripper_position": vector(1),
+              "gripper_velocity": vector(1),
+            }
+          ),
+          "action": vector(7),
+          "discount": tfds.features.Scalar(dtype=np.float32),
+          "reward": tfds.features.Scalar(dtype=np.float32),
+        }
+      ),
+    }
+  )
 
 
 EpisodeFactory = Callable[[int], Mapping[str, Any]]

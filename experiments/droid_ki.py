@@ -37,8 +37,18 @@ from ki.train import optimizer
 
 # openpi's DROID fine-tune optimizer (pi05_droid_finetune): AdamW with a tiny weight decay, global
 # norm clipping, 1k warmup to 5e-5 then a slow cosine that barely decays over a run.
-_FULL_GROUP = dict(peak_lr=5e-5, warmup_steps=1_000, decay_steps=1_000_000, end_lr=5e-5, b1=0.9,
-                   b2=0.95, eps=1e-8, weight_decay=1e-10, clip_norm=1.0, frozen=False)
+_FULL_GROUP = dict(
+  peak_lr=5e-5,
+  warmup_steps=1_000,
+  decay_steps=1_000_000,
+  end_lr=5e-5,
+  b1=0.9,
+  b2=0.95,
+  eps=1e-8,
+  weight_decay=1e-10,
+  clip_norm=1.0,
+  frozen=False,
+)
 
 
 # The synthetic-data variants: how much data each generates on first use (ki/train/demo_data.py).
@@ -74,36 +84,54 @@ def base_config() -> ml_collections.ConfigDict:
   config.fsdp_min_size_bytes = 4 * 2**20
   config.compilation_cache_dir = ""
 
-  config.model = ml_collections.ConfigDict(dict(
-    vlm_variant="gemma_2b", expert_variant="gemma_300m", siglip_variant="So400m/14",
-    image_keys=("base_0_rgb", "left_wrist_0_rgb"), image_size=224, action_dim=32,
-    data_action_dim=8, action_horizon=16, max_token_len=200, max_loss_tokens=64,
-    vocab_size=257_152, knowledge_insulation=True, fast_loss=True, dtype="bfloat16",
-    remat_policy="nothing_saveable"))
+  config.model = ml_collections.ConfigDict(
+    dict(
+      vlm_variant="gemma_2b",
+      expert_variant="gemma_300m",
+      siglip_variant="So400m/14",
+      image_keys=("base_0_rgb", "left_wrist_0_rgb"),
+      image_size=224,
+      action_dim=32,
+      data_action_dim=8,
+      action_horizon=16,
+      max_token_len=200,
+      max_loss_tokens=64,
+      vocab_size=257_152,
+      knowledge_insulation=True,
+      fast_loss=True,
+      dtype="bfloat16",
+      remat_policy="nothing_saveable",
+    )
+  )
   # total = flow_weight * flow_mse + fast_weight * fast_ce (the KI paper: 1 and 1).
   config.loss = ml_collections.ConfigDict(dict(flow_weight=1.0, fast_weight=1.0))
-  config.optimizer = ml_collections.ConfigDict(dict(
-    group_rules=optimizer.PI05_GROUP_RULES,
-    groups=dict(vlm=dict(_FULL_GROUP), action_expert=dict(_FULL_GROUP)),
-    ema_decay=None,
-  ))
+  config.optimizer = ml_collections.ConfigDict(
+    dict(
+      group_rules=optimizer.PI05_GROUP_RULES,
+      groups=dict(vlm=dict(_FULL_GROUP), action_expert=dict(_FULL_GROUP)),
+      ema_decay=None,
+    )
+  )
   # kind: scratch | openpi | paligemma | ki (see ki/model/weights.py).
   config.init = ml_collections.ConfigDict(dict(kind="openpi", path="", cast_dtypes=True))
   config.data = _data_config(config.model)
   # One process decodes + augments ~200 examples/s (benchmarks/data_bench.py); 8 H100s at the
   # target throughput need ~300/s per host, so 8 workers leave headroom.
   config.data.num_workers = 8
-  config.assets = ml_collections.ConfigDict(dict(norm_stats="", fast_tokenizer="",
-                                                 prompt_tokenizer=""))
+  config.assets = ml_collections.ConfigDict(
+    dict(norm_stats="", fast_tokenizer="", prompt_tokenizer="")
+  )
   # Synthetic DROID generated on first use into `dir` (smoke and medium runs only; see
   # ki/train/demo_data.py): dir "" = real data at the paths above.
   config.synthetic_data = ml_collections.ConfigDict(dict(dir="", episodes=0, vlm_images=0))
-  config.checkpoint = ml_collections.ConfigDict(dict(
-    every=1_000, max_to_keep=3, keep_period=10_000, asynchronous=True, params_item=True))
+  config.checkpoint = ml_collections.ConfigDict(
+    dict(every=1_000, max_to_keep=3, keep_period=10_000, asynchronous=True, params_item=True)
+  )
   config.log_every = 50
   # vlm_heldout: a JSONL manifest of held-out co-training examples ('' = no language eval).
-  config.eval = ml_collections.ConfigDict(dict(every=5_000, batch_size=256, max_batches=8,
-                                               flow_steps=10, vlm_heldout=""))
+  config.eval = ml_collections.ConfigDict(
+    dict(every=5_000, batch_size=256, max_batches=8, flow_steps=10, vlm_heldout="")
+  )
   return config
 
 
@@ -129,8 +157,9 @@ def _synthetic_data(config: ml_collections.ConfigDict) -> ml_collections.ConfigD
   data.arrayrecord_dir = os.path.join(cache, "arrayrecord", "train")
   data.eval_arrayrecord_dir = os.path.join(cache, "arrayrecord", "eval")
   data.augment = False
-  data.vlm_sources = ({"kind": "jsonl", "path": os.path.join(cache, "vlm", "train.jsonl"),
-                       "weight": 0.2},)
+  data.vlm_sources = (
+    {"kind": "jsonl", "path": os.path.join(cache, "vlm", "train.jsonl"), "weight": 0.2},
+  )
   return data
 
 
@@ -139,12 +168,24 @@ def smoke_config() -> ml_collections.ConfigDict:
   config.total_steps = 400
   config.batch_size = 16
   config.fsdp_min_size_bytes = 2**20
-  config.model.update(dict(
-    vlm_variant="dummy", expert_variant="dummy", siglip_variant="mu/16", image_size=64,
-    action_dim=32, action_horizon=8, max_token_len=96, max_loss_tokens=40,
-    vocab_size=1024 + 1152, dtype="float32", remat_policy="none"))
-  smoke_group = dict(_FULL_GROUP, peak_lr=1e-3, warmup_steps=20, decay_steps=400, end_lr=1e-4,
-                     weight_decay=1e-4)
+  config.model.update(
+    dict(
+      vlm_variant="dummy",
+      expert_variant="dummy",
+      siglip_variant="mu/16",
+      image_size=64,
+      action_dim=32,
+      action_horizon=8,
+      max_token_len=96,
+      max_loss_tokens=40,
+      vocab_size=1024 + 1152,
+      dtype="float32",
+      remat_policy="none",
+    )
+  )
+  smoke_group = dict(
+    _FULL_GROUP, peak_lr=1e-3, warmup_steps=20, decay_steps=400, end_lr=1e-4, weight_decay=1e-4
+  )
   config.optimizer.groups = dict(vlm=dict(smoke_group), action_expert=dict(smoke_group))
   config.data = _synthetic_data(config)
   config.data.read_threads = 1
@@ -156,9 +197,17 @@ def smoke_config() -> ml_collections.ConfigDict:
 
 # The medium model: overrides of the full model config (benchmarks/train_bench.py uses it too).
 MEDIUM_MODEL = dict(
-  vlm_variant="small", expert_variant="small_expert", siglip_variant="S/16", image_size=112,
-  action_horizon=16, max_token_len=128, max_loss_tokens=64, vocab_size=1024 + 1152,
-  dtype="bfloat16", remat_policy="none")
+  vlm_variant="small",
+  expert_variant="small_expert",
+  siglip_variant="S/16",
+  image_size=112,
+  action_horizon=16,
+  max_token_len=128,
+  max_loss_tokens=64,
+  vocab_size=1024 + 1152,
+  dtype="bfloat16",
+  remat_policy="none",
+)
 
 
 def medium_config() -> ml_collections.ConfigDict:
@@ -167,8 +216,9 @@ def medium_config() -> ml_collections.ConfigDict:
   config.batch_size = 64
   config.fsdp_min_size_bytes = 2**20
   config.model.update(MEDIUM_MODEL)
-  medium_group = dict(_FULL_GROUP, peak_lr=3e-4, warmup_steps=100, decay_steps=3_000,
-                      end_lr=3e-5, weight_decay=1e-4)
+  medium_group = dict(
+    _FULL_GROUP, peak_lr=3e-4, warmup_steps=100, decay_steps=3_000, end_lr=3e-5, weight_decay=1e-4
+  )
   config.optimizer.groups = dict(vlm=dict(medium_group), action_expert=dict(medium_group))
   config.data = _synthetic_data(config)
   config.data.num_workers = 8  # ~200 examples/s per worker; a GPU step takes tens of ms

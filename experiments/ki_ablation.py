@@ -46,27 +46,42 @@ import jax
 import ml_collections
 import numpy as np
 
-from experiments import droid_ki
-from experiments import vlm_pretrain
+from experiments import droid_ki, vlm_pretrain
 from ki.train import trainer as trainer_lib
 
 # Each arm's switches; everything else is shared. Co-training only matters where a token loss
 # trains the VLM, so flow-only pi0.5 has no co-training arm (its VLM examples would carry no loss).
 ARMS = {
-  "ki_cotrain": dict(knowledge_insulation=True, fast_loss=True, cotrain=True,
-                     label="KI (stop-grad + FAST + flow), co-training"),
-  "ki": dict(knowledge_insulation=True, fast_loss=True, cotrain=False,
-             label="KI, no co-training"),
-  "joint_cotrain": dict(knowledge_insulation=False, fast_loss=True, cotrain=True,
-                        label="joint, no stop-grad, co-training"),
-  "joint": dict(knowledge_insulation=False, fast_loss=True, cotrain=False,
-                label="joint, no stop-grad, no co-training"),
-  "flow_only": dict(knowledge_insulation=False, fast_loss=False, cotrain=False,
-                    label="flow-only pi0.5"),
+  "ki_cotrain": dict(
+    knowledge_insulation=True,
+    fast_loss=True,
+    cotrain=True,
+    label="KI (stop-grad + FAST + flow), co-training",
+  ),
+  "ki": dict(knowledge_insulation=True, fast_loss=True, cotrain=False, label="KI, no co-training"),
+  "joint_cotrain": dict(
+    knowledge_insulation=False,
+    fast_loss=True,
+    cotrain=True,
+    label="joint, no stop-grad, co-training",
+  ),
+  "joint": dict(
+    knowledge_insulation=False,
+    fast_loss=True,
+    cotrain=False,
+    label="joint, no stop-grad, no co-training",
+  ),
+  "flow_only": dict(
+    knowledge_insulation=False, fast_loss=False, cotrain=False, label="flow-only pi0.5"
+  ),
 }
 # The only config fields the arms may differ in.
-ARM_FIELDS = ("model.knowledge_insulation", "model.fast_loss", "loss.fast_weight",
-              "data.vlm_sources")
+ARM_FIELDS = (
+  "model.knowledge_insulation",
+  "model.fast_loss",
+  "loss.fast_weight",
+  "data.vlm_sources",
+)
 QUICK_ARMS = ("ki_cotrain", "joint_cotrain")
 # The sizes the runner trains (synthetic data, a pretrained VLM of its own) and their defaults.
 SIZE_DEFAULTS = {
@@ -107,9 +122,16 @@ def _fit_to_steps(config: ml_collections.ConfigDict, steps: int) -> None:
   config.checkpoint.update(dict(every=steps, max_to_keep=1))
 
 
-def arm_config(size: str, arm: str, *, init_path: str = "", seed: int = 0,
-               total_steps: int | None = None, eval_every: int | None = None,
-               overrides: dict | None = None) -> ml_collections.ConfigDict:
+def arm_config(
+  size: str,
+  arm: str,
+  *,
+  init_path: str = "",
+  seed: int = 0,
+  total_steps: int | None = None,
+  eval_every: int | None = None,
+  overrides: dict | None = None,
+) -> ml_collections.ConfigDict:
   """The config of one arm; `size` is droid_ki's variant ("smoke", "medium" or "full").
   `overrides` ({"a.b": value}) apply to every arm alike, before the ablation's own settings."""
   if arm not in ARMS:
@@ -122,7 +144,8 @@ def arm_config(size: str, arm: str, *, init_path: str = "", seed: int = 0,
   config.init.kind = "ki"
   synthetic = size in droid_ki.SYNTHETIC_DATA
   config.init.path = init_path or (
-    os.path.join(droid_ki.cache_dir(size), "vlm_pretrain") if synthetic else "")
+    os.path.join(droid_ki.cache_dir(size), "vlm_pretrain") if synthetic else ""
+  )
   if total_steps is not None:
     config.total_steps = total_steps
   if synthetic:
@@ -145,8 +168,9 @@ def get_config(variant: str = "smoke") -> ml_collections.ConfigDict:
   """variant: "smoke", "medium" or "full", optionally ",<arm>" (default arm: ki_cotrain)."""
   size, _, arm = variant.partition(",")
   if size not in droid_ki.VARIANTS:
-    raise ValueError(f"Unknown size {size!r} in variant {variant!r}; choose from "
-                     f"{sorted(droid_ki.VARIANTS)}.")
+    raise ValueError(
+      f"Unknown size {size!r} in variant {variant!r}; choose from {sorted(droid_ki.VARIANTS)}."
+    )
   return arm_config(size, arm or "ki_cotrain")
 
 
@@ -194,15 +218,19 @@ def run_arm(config: ml_collections.ConfigDict, workdir: str) -> dict:
   start = time.perf_counter()
   trainer = RecordingTrainer(config, workdir)
   if trainer.start_step != 0:
-    raise RuntimeError(f"{workdir} holds a half-finished run (step {trainer.start_step}); delete "
-                       "it so that every arm's curve starts from the pretrained VLM.")
+    raise RuntimeError(
+      f"{workdir} holds a half-finished run (step {trainer.start_step}); delete "
+      "it so that every arm's curve starts from the pretrained VLM."
+    )
   trainer.evaluate(0)
   train_metrics = trainer.run()
   trainer.close()
   result = {
     "eval": {str(k): v for k, v in sorted(trainer.eval_history.items())},
-    "train": {str(k): {n: v[n] for n in ("loss", "flow_mse", "fast_ce") if n in v}
-              for k, v in sorted(train_metrics.items())},
+    "train": {
+      str(k): {n: v[n] for n in ("loss", "flow_mse", "fast_ce") if n in v}
+      for k, v in sorted(train_metrics.items())
+    },
     "seconds": time.perf_counter() - start,
   }
   with open(done, "w") as f:
@@ -217,8 +245,10 @@ def run_arm(config: ml_collections.ConfigDict, workdir: str) -> dict:
 def _series(runs: list[dict], key: str) -> tuple[np.ndarray, np.ndarray]:
   """Eval steps [T] and values [seeds, T] of `key` (NaN where a run lacks it)."""
   steps = sorted({int(s) for run in runs for s in run["eval"]})
-  values = np.array([[run["eval"].get(str(s), {}).get(key, np.nan) for s in steps]
-                     for run in runs], dtype=np.float64)
+  values = np.array(
+    [[run["eval"].get(str(s), {}).get(key, np.nan) for s in steps] for run in runs],
+    dtype=np.float64,
+  )
   return np.array(steps), values
 
 
@@ -243,13 +273,19 @@ def _mean_spread(values) -> str:
 def summarise(results: dict, mae_threshold: float | None) -> dict:
   """Per arm: final values, steps to threshold; the threshold used."""
   arms = results["arms"]
-  final_mae = [float(np.nanmax(_series(runs, "eval/robot/action_mae")[1][:, -1]))
-               for runs in arms.values()]
+  final_mae = [
+    float(np.nanmax(_series(runs, "eval/robot/action_mae")[1][:, -1])) for runs in arms.values()
+  ]
   # Default rule: the worst final error of any run, so every run reaches it and the steps compare.
   threshold = mae_threshold if mae_threshold is not None else max(final_mae)
-  summary = {"mae_threshold": threshold, "threshold_rule": (
-    "given (--mae_threshold)" if mae_threshold is not None else
-    "the largest final action error of any arm and seed")}
+  summary = {
+    "mae_threshold": threshold,
+    "threshold_rule": (
+      "given (--mae_threshold)"
+      if mae_threshold is not None
+      else "the largest final action error of any arm and seed"
+    ),
+  }
   for arm, runs in arms.items():
     row = {}
     for key, _, _ in CURVES:
@@ -263,8 +299,10 @@ def summarise(results: dict, mae_threshold: float | None) -> dict:
 
 def _describe_model(setup: dict) -> str:
   model = setup["model"]
-  return (f"Gemma {model['vlm_variant']} VLM + {model['expert_variant']} expert, SigLIP "
-          f"{model['siglip_variant']} at {model['image_size']} px")
+  return (
+    f"Gemma {model['vlm_variant']} VLM + {model['expert_variant']} expert, SigLIP "
+    f"{model['siglip_variant']} at {model['image_size']} px"
+  )
 
 
 def markdown(results: dict, summary: dict) -> str:
@@ -295,7 +333,8 @@ def markdown(results: dict, summary: dict) -> str:
       f"{_mean_spread(row['steps_to_threshold'])} ({reached}/{len(row['steps_to_threshold'])}) | "
       f"{_mean_spread(row['eval/robot/fast_accuracy']['final'])} | "
       f"{_mean_spread(text_ce['start'])} → {_mean_spread(text_ce['final'])} | "
-      f"{_mean_spread(exact['start'])} → {_mean_spread(exact['final'])} |")
+      f"{_mean_spread(exact['start'])} → {_mean_spread(exact['final'])} |"
+    )
   latency = results["latency"]
   lines += [
     "",
@@ -312,6 +351,7 @@ def markdown(results: dict, summary: dict) -> str:
 
 def plot(results: dict, out: str) -> list[str]:
   import matplotlib  # pylint: disable=g-import-not-at-top
+
   matplotlib.use("Agg")
   from matplotlib import pyplot as plt  # pylint: disable=g-import-not-at-top
 
@@ -322,20 +362,31 @@ def plot(results: dict, out: str) -> list[str]:
       if np.all(np.isnan(values)):
         continue
       mean = np.nanmean(values, axis=0)
-      line, = axis.plot(steps, mean, marker="o", markersize=3, label=arm)
+      (line,) = axis.plot(steps, mean, marker="o", markersize=3, label=arm)
       if len(runs) > 1:
-        axis.fill_between(steps, np.nanmin(values, axis=0), np.nanmax(values, axis=0),
-                          color=line.get_color(), alpha=0.15)
+        axis.fill_between(
+          steps,
+          np.nanmin(values, axis=0),
+          np.nanmax(values, axis=0),
+          color=line.get_color(),
+          alpha=0.15,
+        )
     if key == "eval/robot/action_mae" and "summary" in results:
-      axis.axhline(results["summary"]["mae_threshold"], color="gray", linestyle="--",
-                   linewidth=1, label="steps-to-threshold level")
+      axis.axhline(
+        results["summary"]["mae_threshold"],
+        color="gray",
+        linestyle="--",
+        linewidth=1,
+        label="steps-to-threshold level",
+      )
     axis.set_title(title, fontsize=10)
     axis.set_xlabel("training step")
     axis.grid(alpha=0.3)
   axes.flat[0].legend(fontsize=8)
   setup = results["setup"]
-  figure.suptitle(f"KI ablation: mean over seeds {setup['seeds']} (band: min-max), "
-                  f"{setup['device']}", fontsize=11)
+  figure.suptitle(
+    f"KI ablation: mean over seeds {setup['seeds']} (band: min-max), {setup['device']}", fontsize=11
+  )
   figure.tight_layout()
   curves = os.path.join(out, "curves.png")
   figure.savefig(curves, dpi=90)
@@ -343,10 +394,15 @@ def plot(results: dict, out: str) -> list[str]:
 
   latency = results["latency"]
   figure, axis = plt.subplots(figsize=(5, 3.5))
-  names = [f"sample_actions\n({latency['num_flow_steps']} flow steps)",
-           f"sample_fast\n({latency['fast_tokens']} tokens)"]
-  axis.bar(names, [latency["flow"]["median_ms"], latency["fast"]["median_ms"]],
-           color=["tab:blue", "tab:orange"])
+  names = [
+    f"sample_actions\n({latency['num_flow_steps']} flow steps)",
+    f"sample_fast\n({latency['fast_tokens']} tokens)",
+  ]
+  axis.bar(
+    names,
+    [latency["flow"]["median_ms"], latency["fast"]["median_ms"]],
+    color=["tab:blue", "tab:orange"],
+  )
   axis.set_ylabel("median ms per chunk (batch 1)")
   axis.set_title(f"inference, {latency['size']} model, {setup['device']}", fontsize=10)
   figure.tight_layout()
@@ -360,15 +416,31 @@ def plot(results: dict, out: str) -> list[str]:
 # The command.
 
 
-def run(out: str, *, size: str, cache: str, arms, seeds, steps: int, eval_every: int,
-        pretrain_steps: int, latency_size: str, latency_repeats: int,
-        mae_threshold: float | None, command: str, quick: bool = False,
-        compilation_cache: str = "", overrides: dict | None = None) -> dict:
+def run(
+  out: str,
+  *,
+  size: str,
+  cache: str,
+  arms,
+  seeds,
+  steps: int,
+  eval_every: int,
+  pretrain_steps: int,
+  latency_size: str,
+  latency_repeats: int,
+  mae_threshold: float | None,
+  command: str,
+  quick: bool = False,
+  compilation_cache: str = "",
+  overrides: dict | None = None,
+) -> dict:
   """Everything for one size: data, pretrained VLM, every arm and seed, latency, table, plots.
   `cache` is the root of the synthetic caches ($KI_CACHE): data and the pretrained VLM go to
   cache/<size>."""
-  from benchmarks import latency_bench  # pylint: disable=g-import-not-at-top
-  from benchmarks import results_writer  # pylint: disable=g-import-not-at-top
+  from benchmarks import (
+    latency_bench,  # pylint: disable=g-import-not-at-top
+    results_writer,  # pylint: disable=g-import-not-at-top
+  )
   from ki.train import demo_data  # pylint: disable=g-import-not-at-top
 
   os.makedirs(out, exist_ok=True)
@@ -377,34 +449,54 @@ def run(out: str, *, size: str, cache: str, arms, seeds, steps: int, eval_every:
   # What every arm shares (data, model, batch), overrides included.
   shared = arm_config(size, arms[0], overrides=overrides)
   if size == "medium" and not results_writer.has_accelerator():
-    logging.warning("--size=medium on a CPU: each training step takes seconds; this is the "
-                    "GPU mode (use --size=smoke on a CPU).")
+    logging.warning(
+      "--size=medium on a CPU: each training step takes seconds; this is the "
+      "GPU mode (use --size=smoke on a CPU)."
+    )
   demo_data.ensure(shared)
-  jax.config.update("jax_compilation_cache_dir",
-                    compilation_cache or shared.compilation_cache_dir)
+  jax.config.update("jax_compilation_cache_dir", compilation_cache or shared.compilation_cache_dir)
 
   pretrained = _pretrain(size, pretrain_steps, overrides)
   results = {"arms": {arm: [] for arm in arms}}
   for seed in seeds:
     for arm in arms:
-      config = arm_config(size, arm, init_path=pretrained, seed=seed, total_steps=steps,
-                          eval_every=eval_every, overrides=overrides)
+      config = arm_config(
+        size,
+        arm,
+        init_path=pretrained,
+        seed=seed,
+        total_steps=steps,
+        eval_every=eval_every,
+        overrides=overrides,
+      )
       if quick:
         config.unlock()
         config.eval.max_batches = 1
         config.lock()
       logging.info("Arm %s, seed %d.", arm, seed)
       results["arms"][arm].append(run_arm(config, os.path.join(out, "runs", arm, f"seed{seed}")))
-  results["latency"] = latency_bench.run(latency_size, num_flow_steps=10,
-                                         fast_tokens=latency_bench.TYPICAL_DROID_FAST_TOKENS,
-                                         repeats=latency_repeats)
+  results["latency"] = latency_bench.run(
+    latency_size,
+    num_flow_steps=10,
+    fast_tokens=latency_bench.TYPICAL_DROID_FAST_TOKENS,
+    repeats=latency_repeats,
+  )
   results["setup"] = dict(
-    command=command, device=results_writer.describe_device(results_writer.device_info()),
-    size=size, overrides=overrides,
-    model={k: shared.model[k] for k in ("vlm_variant", "expert_variant", "siglip_variant",
-                                        "image_size")},
-    seeds=list(seeds), steps=steps, eval_every=eval_every, pretrain_steps=pretrain_steps,
-    batch_size=shared.batch_size, cotrain_weight=COTRAIN_WEIGHT, quick=quick)
+    command=command,
+    device=results_writer.describe_device(results_writer.device_info()),
+    size=size,
+    overrides=overrides,
+    model={
+      k: shared.model[k] for k in ("vlm_variant", "expert_variant", "siglip_variant", "image_size")
+    },
+    seeds=list(seeds),
+    steps=steps,
+    eval_every=eval_every,
+    pretrain_steps=pretrain_steps,
+    batch_size=shared.batch_size,
+    cotrain_weight=COTRAIN_WEIGHT,
+    quick=quick,
+  )
   summary = summarise(results, mae_threshold)
   results["summary"] = summary
   with open(os.path.join(out, "results.json"), "w") as f:
@@ -418,28 +510,57 @@ def run(out: str, *, size: str, cache: str, arms, seeds, steps: int, eval_every:
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--out", required=True, help="folder for the table, plots and runs")
-  parser.add_argument("--size", default="smoke", choices=list(SIZE_DEFAULTS),
-                      help="smoke: the tiny model (CPU); medium: ~90M parameters (one GPU)")
-  parser.add_argument("--quick", action="store_true",
-                      help="minutes-long: 2 arms, 1 seed, a few steps (the test)")
+  parser.add_argument(
+    "--size",
+    default="smoke",
+    choices=list(SIZE_DEFAULTS),
+    help="smoke: the tiny model (CPU); medium: ~90M parameters (one GPU)",
+  )
+  parser.add_argument(
+    "--quick", action="store_true", help="minutes-long: 2 arms, 1 seed, a few steps (the test)"
+  )
   parser.add_argument("--seeds", default="0,1,2", help="comma-separated data/noise seeds")
-  parser.add_argument("--steps", type=int, default=None,
-                      help="training steps per arm (default: per size, " + ", ".join(
-                        f"{k} {v['steps']}" for k, v in SIZE_DEFAULTS.items()) + ")")
+  parser.add_argument(
+    "--steps",
+    type=int,
+    default=None,
+    help="training steps per arm (default: per size, "
+    + ", ".join(f"{k} {v['steps']}" for k, v in SIZE_DEFAULTS.items())
+    + ")",
+  )
   parser.add_argument("--eval_every", type=int, default=None, help="default: per size")
-  parser.add_argument("--pretrain_steps", type=int, default=None,
-                      help="VLM pretraining steps (default: experiments/vlm_pretrain.py's)")
+  parser.add_argument(
+    "--pretrain_steps",
+    type=int,
+    default=None,
+    help="VLM pretraining steps (default: experiments/vlm_pretrain.py's)",
+  )
   parser.add_argument("--arms", default=",".join(ARMS), help=f"subset of {','.join(ARMS)}")
-  parser.add_argument("--mae_threshold", type=float, default=None,
-                      help="action error for steps-to-threshold (default: the worst arm's final)")
-  parser.add_argument("--cache", default=None,
-                      help="root of the synthetic caches; data and the pretrained VLM go to "
-                           "CACHE/<size> (default: $KI_CACHE or ~/.cache/ki)")
-  parser.add_argument("--override", action="append", default=[], metavar="KEY=VALUE",
-                      help="a config setting for the pretraining and every arm alike, e.g. "
-                           "--override=batch_size=32 on a smaller GPU (repeatable)")
-  parser.add_argument("--compilation_cache", default="",
-                      help="persistent XLA compilation cache (default: CACHE/<size>/jax_cache)")
+  parser.add_argument(
+    "--mae_threshold",
+    type=float,
+    default=None,
+    help="action error for steps-to-threshold (default: the worst arm's final)",
+  )
+  parser.add_argument(
+    "--cache",
+    default=None,
+    help="root of the synthetic caches; data and the pretrained VLM go to "
+    "CACHE/<size> (default: $KI_CACHE or ~/.cache/ki)",
+  )
+  parser.add_argument(
+    "--override",
+    action="append",
+    default=[],
+    metavar="KEY=VALUE",
+    help="a config setting for the pretraining and every arm alike, e.g. "
+    "--override=batch_size=32 on a smaller GPU (repeatable)",
+  )
+  parser.add_argument(
+    "--compilation_cache",
+    default="",
+    help="persistent XLA compilation cache (default: CACHE/<size>/jax_cache)",
+  )
   args = parser.parse_args(argv)
   arms = [a for a in args.arms.split(",") if a]
   unknown = sorted(set(arms) - set(ARMS))
@@ -454,14 +575,27 @@ def main(argv=None):
   if args.quick:
     arms, seeds, steps, eval_every, pretrain_steps = list(QUICK_ARMS), seeds[:1], 6, 3, 6
     latency_size, latency_repeats = "tiny", 3
-  command = " ".join(["python -m experiments.ki_ablation"]
-                     + (sys.argv[1:] if argv is None else list(argv)))
+  command = " ".join(
+    ["python -m experiments.ki_ablation"] + (sys.argv[1:] if argv is None else list(argv))
+  )
   cache = args.cache or os.path.dirname(droid_ki.cache_dir(size))
-  results = run(args.out, size=size, cache=cache, arms=arms, seeds=seeds, steps=steps,
-                eval_every=eval_every, pretrain_steps=pretrain_steps, latency_size=latency_size,
-                latency_repeats=latency_repeats, mae_threshold=args.mae_threshold,
-                command=command, quick=args.quick, compilation_cache=args.compilation_cache,
-                overrides=parse_overrides(args.override))
+  results = run(
+    args.out,
+    size=size,
+    cache=cache,
+    arms=arms,
+    seeds=seeds,
+    steps=steps,
+    eval_every=eval_every,
+    pretrain_steps=pretrain_steps,
+    latency_size=latency_size,
+    latency_repeats=latency_repeats,
+    mae_threshold=args.mae_threshold,
+    command=command,
+    quick=args.quick,
+    compilation_cache=args.compilation_cache,
+    overrides=parse_overrides(args.override),
+  )
   print(markdown(results, results["summary"]))
   return results
 

@@ -2,8 +2,10 @@ r"""The KI paper's baseline: pi0.5 trained with the flow-matching loss only (no 
 
 Same model, data and optimizer as experiments/droid_ki.py; model.fast_loss=False and
 loss.fast_weight=0, so only the flow loss trains; the tokenizer is built without FAST, so robot
-prompts carry no FAST postfix (no FAST tokenizer asset is needed). Without the cross-entropy the VLM receives gradient only through the expert's attention to it, which is why
-knowledge_insulation is off here (with the stop-gradient on, the VLM would get no gradient at all).
+prompts carry no FAST postfix (no FAST tokenizer asset is needed).
+Without the cross-entropy the VLM receives gradient only through the expert's attention to it,
+which is why knowledge_insulation is off here (with the stop-gradient on, the VLM would get no
+gradient at all).
 
   python -m ki.main --config=experiments/pi05_flow_only.py:full --workdir=/ckpt/pi05_flow_only \
     --config.data.arrayrecord_dir=... --config.assets.norm_stats=... \

@@ -13,16 +13,17 @@ import logging
 import os
 import re
 
-from absl import app
-from absl import flags
+from absl import app, flags
 import jax
 from ml_collections import config_flags
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment file[:variant].",
-                                          lock_config=True)
+_CONFIG = config_flags.DEFINE_config_file(
+  "config", None, "Experiment file[:variant].", lock_config=True
+)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Checkpoints, TensorBoard logs and assets.")
-_COORDINATOR = flags.DEFINE_string("coordinator_address", None,
-                                   "HOST:PORT of process 0 (multi-host without SLURM).")
+_COORDINATOR = flags.DEFINE_string(
+  "coordinator_address", None, "HOST:PORT of process 0 (multi-host without SLURM)."
+)
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processes (hosts).")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index.")
 flags.mark_flags_as_required(["config", "workdir"])
@@ -59,8 +60,11 @@ def vertex_cluster(cluster_spec: str) -> tuple[str, int, int]:
     match = _WORKER_POOL.fullmatch(name)
     if not match:
       raise ValueError(f"CLUSTER_SPEC cluster entry {name!r} is not a workerpoolN pool")
-    if (not isinstance(addresses, list) or not addresses
-        or not all(isinstance(a, str) and a for a in addresses)):
+    if (
+      not isinstance(addresses, list)
+      or not addresses
+      or not all(isinstance(a, str) and a for a in addresses)
+    ):
       raise ValueError(f"CLUSTER_SPEC {name} is not a non-empty list of addresses: {addresses!r}")
     pools[int(match.group(1))] = (name, addresses)
   if 0 not in pools:
@@ -70,14 +74,16 @@ def vertex_cluster(cluster_spec: str) -> tuple[str, int, int]:
   if not sep or not host or not port.isdigit():
     raise ValueError(f"CLUSTER_SPEC workerpool0 address {coordinator!r} is not host:port")
   if not isinstance(task, dict):
-    raise ValueError(f"CLUSTER_SPEC has no 'task' (this replica's pool and index): "
-                     f"{cluster_spec!r}")
+    raise ValueError(
+      f"CLUSTER_SPEC has no 'task' (this replica's pool and index): {cluster_spec!r}"
+    )
   pool, index = task.get("type"), task.get("index")
   if not isinstance(pool, str) or pool not in cluster:
     raise ValueError(f"CLUSTER_SPEC task type {pool!r} is not one of the pools {sorted(cluster)}")
   if not isinstance(index, int) or isinstance(index, bool) or not 0 <= index < len(cluster[pool]):
-    raise ValueError(f"CLUSTER_SPEC task index {index!r} is not a replica of {pool} "
-                     f"(0..{len(cluster[pool]) - 1})")
+    raise ValueError(
+      f"CLUSTER_SPEC task index {index!r} is not a replica of {pool} (0..{len(cluster[pool]) - 1})"
+    )
   process_id = index
   for number in sorted(pools):
     name, addresses = pools[number]
@@ -95,13 +101,17 @@ def _initialize_distributed():
   if any(v is not None for v in explicit):
     if any(v is None for v in explicit):
       raise app.UsageError("--coordinator_address, --num_processes and --process_id go together.")
-    jax.distributed.initialize(coordinator_address=_COORDINATOR.value,
-                               num_processes=_NUM_PROCESSES.value, process_id=_PROCESS_ID.value)
+    jax.distributed.initialize(
+      coordinator_address=_COORDINATOR.value,
+      num_processes=_NUM_PROCESSES.value,
+      process_id=_PROCESS_ID.value,
+    )
   elif os.environ.get("CLUSTER_SPEC"):
     coordinator, num_processes, process_id = vertex_cluster(os.environ["CLUSTER_SPEC"])
     if num_processes > 1:  # Vertex sets CLUSTER_SPEC on single-replica jobs too
-      jax.distributed.initialize(coordinator_address=coordinator, num_processes=num_processes,
-                                 process_id=process_id)
+      jax.distributed.initialize(
+        coordinator_address=coordinator, num_processes=num_processes, process_id=process_id
+      )
   elif int(os.environ.get("SLURM_NTASKS", "1")) > 1:
     # JAX reads the coordinator, process count and id from SLURM's environment.
     jax.distributed.initialize()
@@ -123,14 +133,21 @@ def main(argv):
   _initialize_distributed()
   if config.compilation_cache_dir:
     jax.config.update("jax_compilation_cache_dir", config.compilation_cache_dir)
-  logging.info("Process %d of %d, %d local / %d global devices (%s).", jax.process_index(),
-               jax.process_count(), jax.local_device_count(), jax.device_count(),
-               jax.devices()[0].device_kind)
+  logging.info(
+    "Process %d of %d, %d local / %d global devices (%s).",
+    jax.process_index(),
+    jax.process_count(),
+    jax.local_device_count(),
+    jax.device_count(),
+    jax.devices()[0].device_kind,
+  )
   if config.synthetic_data.dir:
     from ki.train import demo_data  # pylint: disable=g-import-not-at-top
+
     demo_data.ensure(config)
 
   from ki.train.trainer import Trainer  # pylint: disable=g-import-not-at-top
+
   trainer = Trainer(config, _WORKDIR.value)
   trainer.run()
   trainer.close()

@@ -27,6 +27,7 @@ _VERTEX_SAFE_VALUE = re.compile(r"[A-Za-z0-9_@%+=:./-]*")
 class NodeJob:
   """One worker pool: its job name, ki.main's flags (in order), its xm.JobRequirements resource
   kwargs (per replica) and how many identical replicas (nodes) run it."""
+
   name: str
   args: dict[str, str | int]
   requirements: dict[str, int]
@@ -47,9 +48,16 @@ def parse_overrides(overrides: list[str] | tuple[str, ...]) -> dict[str, str]:
   return parsed
 
 
-def node_jobs(*, executor: str, config: str, workdir: str, overrides=(), nodes: int = 1,
-              accelerator: str | None = None,
-              accelerators_per_node: int | None = None) -> list[NodeJob]:
+def node_jobs(
+  *,
+  executor: str,
+  config: str,
+  workdir: str,
+  overrides=(),
+  nodes: int = 1,
+  accelerator: str | None = None,
+  accelerators_per_node: int | None = None,
+) -> list[NodeJob]:
   """The jobs of one work unit, each running `python -m ki.main` with the same flags.
 
   One node: one job. More (Vertex only): `node_0` with one replica, then `workers` with nodes-1
@@ -78,8 +86,10 @@ def node_jobs(*, executor: str, config: str, workdir: str, overrides=(), nodes: 
   if executor == "vertex":
     for key, value in base.items():
       if not _VERTEX_SAFE_VALUE.fullmatch(value):
-        raise ValueError(f"--{key}={value!r}: on Vertex, xmanager's entrypoint wrapper drops "
-                         "'[', ']' and ',' and splits on spaces; use a value without them")
+        raise ValueError(
+          f"--{key}={value!r}: on Vertex, xmanager's entrypoint wrapper drops "
+          "'[', ']' and ',' and splits on spaces; use a value without them"
+        )
   requirements = {}
   if accelerators_per_node:
     resource = accelerator if executor == "vertex" else "local_gpu"
@@ -88,8 +98,9 @@ def node_jobs(*, executor: str, config: str, workdir: str, overrides=(), nodes: 
     requirements[resource] = accelerators_per_node
   jobs = [NodeJob(name="node_0", args=dict(base), requirements=dict(requirements))]
   if nodes > 1:
-    jobs.append(NodeJob(name="workers", args=dict(base), requirements=dict(requirements),
-                        replicas=nodes - 1))
+    jobs.append(
+      NodeJob(name="workers", args=dict(base), requirements=dict(requirements), replicas=nodes - 1)
+    )
   return jobs
 
 

@@ -22,10 +22,8 @@ import subprocess
 import sys
 import tempfile
 
-from absl import app
-from absl import flags
-from xmanager import xm
-from xmanager import xm_local
+from absl import app, flags
+from xmanager import xm, xm_local
 
 # xm_jobs sits next to this file; `xmanager launch` runs this file as a script, not a package.
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -37,23 +35,28 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 _EXECUTOR = flags.DEFINE_enum("executor", "local", list(xm_jobs.EXECUTORS), "Where to run.")
 _CONFIG = flags.DEFINE_string("config", "experiments/droid_ki.py:smoke", "Experiment[:variant].")
-_WORKDIR = flags.DEFINE_string("workdir", None, "Checkpoints and logs (gs:// on Vertex).",
-                               required=True)
+_WORKDIR = flags.DEFINE_string(
+  "workdir", None, "Checkpoints and logs (gs:// on Vertex).", required=True
+)
 _OVERRIDES = flags.DEFINE_multi_string("override", [], "key=value config overrides.")
 _NODES = flags.DEFINE_integer("nodes", 1, "Hosts (one JAX process each; >1 only on Vertex).")
 _ACCELERATOR = flags.DEFINE_string(
-  "accelerator", "a100", "xm.JobRequirements resource name (a100, a100_80gib, h100, ...).")
+  "accelerator", "a100", "xm.JobRequirements resource name (a100, a100_80gib, h100, ...)."
+)
 _ACCELERATORS_PER_NODE = flags.DEFINE_integer(
-  "accelerators_per_node", None, "Accelerators per host (default: 8 on Vertex, none locally).")
+  "accelerators_per_node", None, "Accelerators per host (default: 8 on Vertex, none locally)."
+)
 _BASE_IMAGE = flags.DEFINE_string(
-  "base_image", "nvcr.io/nvidia/jax:25.04-py3", "Docker base image with CUDA and Python 3.11.")
+  "base_image", "nvcr.io/nvidia/jax:25.04-py3", "Docker base image with CUDA and Python 3.11."
+)
 
 
 def stage_repo(repo: str = REPO) -> str:
   """A copy of the files git tracks, as the build context: xmanager copies the whole path into
   the Docker context, and the checkout also holds .venv, caches and results."""
-  listed = subprocess.run(["git", "ls-files", "-z"], cwd=repo, check=True, capture_output=True,
-                          text=True).stdout.split("\0")
+  listed = subprocess.run(
+    ["git", "ls-files", "-z"], cwd=repo, check=True, capture_output=True, text=True
+  ).stdout.split("\0")
   staged = os.path.join(tempfile.mkdtemp(prefix="ki_xm_"), "ki")
   for name in filter(None, listed):
     source = os.path.join(repo, name)
@@ -79,9 +82,12 @@ def docker_instructions(path: str) -> list[str]:
 
 
 def executable_spec(base_image: str, path: str) -> xm.PythonContainer:
-  return xm.PythonContainer(path=path, base_image=base_image,
-                            entrypoint=xm.ModuleName("ki.main"),
-                            docker_instructions=docker_instructions(path))
+  return xm.PythonContainer(
+    path=path,
+    base_image=base_image,
+    entrypoint=xm.ModuleName("ki.main"),
+    docker_instructions=docker_instructions(path),
+  )
 
 
 def to_executor(job: xm_jobs.NodeJob, executor: str) -> xm.Executor:
@@ -89,7 +95,8 @@ def to_executor(job: xm_jobs.NodeJob, executor: str) -> xm.Executor:
   makes one pool per job of the JobGroup, in order, and refuses replicas > 1 in pool 0)."""
   if executor == "vertex":
     return xm_local.Vertex(
-      requirements=xm.JobRequirements(**job.requirements, replicas=job.replicas))
+      requirements=xm.JobRequirements(**job.requirements, replicas=job.replicas)
+    )
   if job.replicas != 1:
     raise ValueError(f"{job.name}: the local executor runs one replica, not {job.replicas}")
   requirements = xm.JobRequirements(**job.requirements)
@@ -97,8 +104,9 @@ def to_executor(job: xm_jobs.NodeJob, executor: str) -> xm.Executor:
   # the container.
   workdir = str(job.args["workdir"])
   volumes = {} if "://" in workdir else {workdir: workdir}
-  return xm_local.Local(requirements=requirements,
-                        docker_options=xm_local.DockerOptions(volumes=volumes))
+  return xm_local.Local(
+    requirements=requirements, docker_options=xm_local.DockerOptions(volumes=volumes)
+  )
 
 
 def executor_spec(executor: str) -> xm.ExecutorSpec:
@@ -115,19 +123,29 @@ async def main(argv):
     os.makedirs(workdir, exist_ok=True)
   try:
     jobs = xm_jobs.node_jobs(
-      executor=_EXECUTOR.value, config=_CONFIG.value, workdir=workdir,
-      overrides=_OVERRIDES.value, nodes=_NODES.value, accelerator=_ACCELERATOR.value,
-      accelerators_per_node=_ACCELERATORS_PER_NODE.value)
+      executor=_EXECUTOR.value,
+      config=_CONFIG.value,
+      workdir=workdir,
+      overrides=_OVERRIDES.value,
+      nodes=_NODES.value,
+      accelerator=_ACCELERATOR.value,
+      accelerators_per_node=_ACCELERATORS_PER_NODE.value,
+    )
   except ValueError as e:
     raise app.UsageError(str(e)) from e
   async with xm_local.create_experiment(experiment_title=f"ki {_CONFIG.value}") as experiment:
-    [executable] = experiment.package([
-      xm.Packageable(executable_spec=executable_spec(_BASE_IMAGE.value, stage_repo()),
-                     executor_spec=executor_spec(_EXECUTOR.value)),
-    ])
+    [executable] = experiment.package(
+      [
+        xm.Packageable(
+          executable_spec=executable_spec(_BASE_IMAGE.value, stage_repo()),
+          executor_spec=executor_spec(_EXECUTOR.value),
+        ),
+      ]
+    )
     xm_jobs_by_name = {
-      job.name: xm.Job(executable=executable, executor=to_executor(job, _EXECUTOR.value),
-                       args=dict(job.args))
+      job.name: xm.Job(
+        executable=executable, executor=to_executor(job, _EXECUTOR.value), args=dict(job.args)
+      )
       for job in jobs
     }
     await experiment.add(xm.JobGroup(**xm_jobs_by_name))

@@ -52,8 +52,11 @@ def test_experiment_loads_and_validates(path, variant):
     assert config.data[field] == getattr(model_config, field), field
   if config.loss.fast_weight:
     assert model_config.fast_loss
-  params = jax.eval_shape(lambda: pi05.init_params(model_config, jax.random.PRNGKey(0))) \
-    if variant != "full" else state.abstract_params(model_config)
+  params = (
+    jax.eval_shape(lambda: pi05.init_params(model_config, jax.random.PRNGKey(0)))
+    if variant != "full"
+    else state.abstract_params(model_config)
+  )
   optimizer.make_optimizer(config.optimizer, params)
 
 

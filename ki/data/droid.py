@@ -13,9 +13,9 @@ along time, T steps) so that both readers apply exactly the same rules:
 The facts behind the rules are in shared/reference/droid_rlds.md.
 """
 
+from collections.abc import Mapping, Sequence
 import json
 import os
-from collections.abc import Mapping, Sequence
 
 import numpy as np
 
@@ -398,14 +398,16 @@ def episode_frames(
   counts[FRAMES_DROPPED_BAD] += int((keep & np.array(has_instruction) & ~finite).sum())
   frames = []
   for t in np.flatnonzero(keep & np.array(has_instruction) & finite):
-    frames.append({
-      "episode_id": episode_id,
-      "step": int(t),
-      "episode_length": length,
-      "images": {c: bytes(images[c][t]) for c in CAMERA_NAMES},
-      "state": state[t],
-      "actions": chunks[t],
-      "instructions": [texts[t] for texts in instructions],
-    })
+    frames.append(
+      {
+        "episode_id": episode_id,
+        "step": int(t),
+        "episode_length": length,
+        "images": {c: bytes(images[c][t]) for c in CAMERA_NAMES},
+        "state": state[t],
+        "actions": chunks[t],
+        "instructions": [texts[t] for texts in instructions],
+      }
+    )
   counts[FRAMES_KEPT] += len(frames)
   return frames

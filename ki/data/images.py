@@ -100,9 +100,7 @@ def augment(image: Image.Image, rng: np.random.Generator, *, geometric: bool) ->
   return jitter_colour(image, rng)
 
 
-def resize_crop_rotate(
-  image: Image.Image, size: int, rng: np.random.Generator
-) -> Image.Image:
+def resize_crop_rotate(image: Image.Image, size: int, rng: np.random.Generator) -> Image.Image:
   """resize_with_pad -> crop -> resize -> rotate as ONE affine resampling of the source image.
 
   Output pixel u (continuous coordinates, centre of [0, size)^2) is rotated about the centre,

@@ -9,10 +9,10 @@ pi0.5 uses quantile normalisation, x -> (x - q01) / (q99 - q01 + 1e-6) * 2 - 1, 
 1st/99th percentiles to -1/+1; z-score normalisation is kept for pi0-style configs.
 """
 
+from collections.abc import Mapping
 import dataclasses
 import json
 import os
-from collections.abc import Mapping
 
 import numpy as np
 

@@ -24,14 +24,12 @@ handler (`checkpoint_handler`, `checkpoint_save_args`, `checkpoint_restore_args`
 from collections.abc import Mapping
 from typing import Any
 
+from absl import flags
 import grain
 import ml_collections
-from absl import flags
 import numpy as np
 
-from ki.data import droid
-from ki.data import sources
-from ki.data import transforms
+from ki.data import droid, sources, transforms
 from ki.data.transforms import DROP_REASONS, Dropped
 
 SOURCE_KINDS = ("arrayrecord", "rlds")
@@ -101,7 +99,10 @@ def default_config() -> ml_collections.ConfigDict:
 def _vlm_entry(entry: Mapping[str, Any], position: int) -> dict[str, Any]:
   entry = dict(entry)
   defaults = {
-    "split": "train", "image_key": "image", "prompt_key": "prompt", "answer_key": "answer"
+    "split": "train",
+    "image_key": "image",
+    "prompt_key": "prompt",
+    "answer_key": "answer",
   }
   unknown = set(entry) - set(defaults) - {"kind", "path", "weight"}
   if unknown:
@@ -168,8 +169,10 @@ def validate_config(
     sources.check_paths_exist([config.keep_ranges_path])
   entries = [_vlm_entry(entry, i) for i, entry in enumerate(config.vlm_sources)]
   if config.robot_weight < 0 or (config.robot_weight == 0 and not entries):
-    raise ValueError(f"data.robot_weight must be > 0 (or 0 with data.vlm_sources set, to train on "
-                     f"the VLM sources alone), got {config.robot_weight}")
+    raise ValueError(
+      f"data.robot_weight must be > 0 (or 0 with data.vlm_sources set, to train on "
+      f"the VLM sources alone), got {config.robot_weight}"
+    )
   for i, entry in enumerate(entries):
     if entry["kind"] == "jsonl":
       sources.check_paths_exist([entry["path"]])
@@ -445,14 +448,16 @@ def make_iterator(
       image_size=config.image_size,
     )
     datasets = [robot] + [
-      _DropCountingIterDataset(_vlm_dataset(
-        entry,
-        vlm_transform,
-        seed=_seed(seed, 100 + i),
-        process_index=process_index,
-        process_count=process_count,
-        read_options=read_options,
-      ))
+      _DropCountingIterDataset(
+        _vlm_dataset(
+          entry,
+          vlm_transform,
+          seed=_seed(seed, 100 + i),
+          process_index=process_index,
+          process_count=process_count,
+          read_options=read_options,
+        )
+      )
       for i, entry in enumerate(vlm_entries)
     ]
     weights = [float(config.robot_weight)] + [float(entry["weight"]) for entry in vlm_entries]
@@ -473,6 +478,7 @@ def make_iterator(
 # ------------------------------------------------------------------------------------------------
 # Checkpointing with orbax, through Grain's handler.
 
+
 def checkpoint_handler() -> grain.checkpoint.CheckpointHandler:
   """The orbax item handler for the data iterator: one JSON file per process in the step folder.
 
@@ -492,4 +498,3 @@ def checkpoint_restore_args(iterator: HostBatchIterator) -> grain.checkpoint.Che
   """`args` for the data item in `manager.restore(step, args=...)`: restores `iterator` in place
   (build a fresh one with make_iterator and the same arguments first)."""
   return grain.checkpoint.CheckpointRestore(iterator)
-

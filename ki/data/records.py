@@ -12,9 +12,9 @@ A record is `ki.msgpack_numpy.packb` of
 foreign file fails where it is read, each with an error naming the field.
 """
 
+from collections.abc import Mapping
 import json
 import os
-from collections.abc import Mapping
 from typing import Any
 
 import numpy as np

@@ -15,17 +15,16 @@ record, item within the record) in the iterator state, which makes a restore con
 """
 
 import collections
+from collections.abc import Callable, Sequence
 import json
 import os
 import posixpath
-from collections.abc import Callable, Sequence
 from typing import Any
 
 import grain
 import numpy as np
 
-from ki.data import droid
-from ki.data import records
+from ki.data import droid, records
 from ki.data.transforms import Dropped
 
 

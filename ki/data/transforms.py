@@ -26,9 +26,8 @@ from typing import Any
 
 import numpy as np
 
-from ki.data import droid
+from ki.data import droid, normalize
 from ki.data import images as image_lib
-from ki.data import normalize
 
 # Every reason an example can be dropped, in the order of the counts vector carried by batches.
 DROP_REASONS = (

@@ -8,8 +8,7 @@ model FLOPs, not hardware FLOPs. ki_method.md quotes ~11 TFLOP for full pi0.5-KI
 260 text tokens and H = 50; `tests/model/test_flops.py` checks this count against that figure.
 """
 
-from ki.model import gemma
-from ki.model import siglip
+from ki.model import gemma, siglip
 
 
 def _siglip_forward(variant_name: str, image_size: int, out_width: int) -> float:

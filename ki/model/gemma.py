@@ -1,4 +1,5 @@
-"""Multi-expert Gemma: the VLM (stream 0) and the action expert (stream 1) share one attention per layer.
+"""Multi-expert Gemma: the VLM (stream 0) and the action expert (stream 1) share one attention
+per layer.
 
 Each stream has its own weights — norms, q/kv/out projections, GeGLU MLP — and its own tokens; the
 streams meet only inside attention. Parameter names follow openpi's pi0.5 checkpoint: the VLM's are
@@ -20,8 +21,8 @@ Einsum letters:
   G query heads per key/value head (N = K * G), H head dim, D model width, F MLP width, L layers.
 """
 
-import dataclasses
 from collections.abc import Sequence
+import dataclasses
 
 import flax.linen as nn
 import jax
@@ -43,13 +44,18 @@ class Variant:
 
 
 VARIANTS = {
-  "gemma_2b": Variant(width=2048, depth=18, mlp_dim=16_384, num_heads=8, num_kv_heads=1, head_dim=256),
-  "gemma_300m": Variant(width=1024, depth=18, mlp_dim=4096, num_heads=8, num_kv_heads=1, head_dim=256),
+  "gemma_2b": Variant(
+    width=2048, depth=18, mlp_dim=16_384, num_heads=8, num_kv_heads=1, head_dim=256
+  ),
+  "gemma_300m": Variant(
+    width=1024, depth=18, mlp_dim=4096, num_heads=8, num_kv_heads=1, head_dim=256
+  ),
   # pi0.5's proportions at a quarter of the width and 8 of 18 layers (the "medium" experiments):
   # the expert half as wide as the VLM with half its MLP ratio, the same depth and heads.
   "small": Variant(width=512, depth=8, mlp_dim=4096, num_heads=8, num_kv_heads=1, head_dim=64),
-  "small_expert": Variant(width=256, depth=8, mlp_dim=1024, num_heads=8, num_kv_heads=1,
-                          head_dim=64),
+  "small_expert": Variant(
+    width=256, depth=8, mlp_dim=1024, num_heads=8, num_kv_heads=1, head_dim=64
+  ),
   "dummy": Variant(width=64, depth=4, mlp_dim=128, num_heads=8, num_kv_heads=1, head_dim=16),
   # Smaller still, for tests that compile many times: same head layout as "dummy".
   "tiny": Variant(width=32, depth=2, mlp_dim=64, num_heads=8, num_kv_heads=1, head_dim=16),
@@ -139,7 +145,9 @@ ATTENTION_IMPLS = ("einsum", "dot_product_attention")
 
 
 def _attend(q, k, v, mask, impl="einsum"):
-  """Masked multi-query attention. q [B, T, N, H] (already scaled); k, v [B, S, K, H]; mask [B, T, S].
+  """Masked multi-query attention.
+
+  q [B, T, N, H] (already scaled); k, v [B, S, K, H]; mask [B, T, S].
 
   "einsum" is openpi's arithmetic (fp32 logits, finite big negative for masked keys).
   "dot_product_attention" hands the same computation to jax.nn.dot_product_attention, which picks
@@ -149,7 +157,9 @@ def _attend(q, k, v, mask, impl="einsum"):
   batch, length, num_heads, head_dim = q.shape
   num_kv_heads = k.shape[2]
   if mask.shape != (batch, length, k.shape[1]):
-    raise ValueError(f"Attention mask {mask.shape} does not fit queries {q.shape} and keys {k.shape}.")
+    raise ValueError(
+      f"Attention mask {mask.shape} does not fit queries {q.shape} and keys {k.shape}."
+    )
   if impl == "dot_product_attention":
     return jax.nn.dot_product_attention(q, k, v, mask=mask[:, None], scale=1.0)
   q = q.reshape(batch, length, num_kv_heads, num_heads // num_kv_heads, head_dim)
@@ -244,16 +254,16 @@ class Block(nn.Module):
         )
     attended, fresh_kv = Attention(
       self.variants, self.knowledge_insulation, self.attention_impl, name="attn"
-    )(
-      normed, positions, masks, context_kv
-    )
+    )(normed, positions, masks, context_kv)
     xs = [_gated_residual(x, y, g) for x, y, g in zip(xs, attended, gates)]
 
     out = [None, None]
     for s, x in enumerate(xs):
       if x is not None:
         y, gates[s] = RMSNorm(adaptive[s], name=_suffixed("pre_ffw_norm", s))(x, conds[s])
-        y = FeedForward(self.variants[s].width, self.variants[s].mlp_dim, name=_suffixed("mlp", s))(y)
+        y = FeedForward(self.variants[s].width, self.variants[s].mlp_dim, name=_suffixed("mlp", s))(
+          y
+        )
         out[s] = _gated_residual(x, y, gates[s])
     return tuple(out), fresh_kv
 
@@ -282,7 +292,10 @@ class Embedder(nn.Module):
 
 
 class Gemma(nn.Module):
-  """The two-stream transformer. Parameters: embedder, layers (scanned), final_norm, final_norm_1."""
+  """The two-stream transformer.
+
+  Parameters: embedder, layers (scanned), final_norm, final_norm_1.
+  """
 
   vlm_variant: str
   expert_variant: str

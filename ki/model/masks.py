@@ -63,6 +63,8 @@ def expert_mask(prefix_visible, horizon):
   The expert tokens form one bidirectional block (openpi's suffix ar mask [1, 0, ..., 0]).
   """
   batch = prefix_visible.shape[0]
-  to_prefix = jnp.broadcast_to(prefix_visible[:, None, :], (batch, horizon, prefix_visible.shape[1]))
+  to_prefix = jnp.broadcast_to(
+    prefix_visible[:, None, :], (batch, horizon, prefix_visible.shape[1])
+  )
   to_expert = jnp.ones((batch, horizon, horizon), dtype=bool)
   return jnp.concatenate([to_prefix, to_expert], axis=-1)

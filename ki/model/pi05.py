@@ -18,9 +18,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from ki.model import flops as flops_lib
-from ki.model import gemma
+from ki.model import gemma, siglip
 from ki.model import masks as masks_lib
-from ki.model import siglip
 
 PALIGEMMA_VOCAB_SIZE = 257_152
 _DTYPES = ("bfloat16", "float32")
@@ -64,7 +63,9 @@ class Config:
     try:
       vit = siglip.get_variant(self.siglip_variant)
       if self.image_size % vit.patch_size:
-        errors.append(f"image_size {self.image_size} is not a multiple of the patch {vit.patch_size}")
+        errors.append(
+          f"image_size {self.image_size} is not a multiple of the patch {vit.patch_size}"
+        )
     except ValueError as e:
       errors.append(str(e))
     if not errors:
@@ -73,7 +74,8 @@ class Config:
         if getattr(vlm, attr) != getattr(expert, attr):
           errors.append(
             f"the VLM and the expert share attention, so their {attr} must agree "
-            f"({self.vlm_variant}: {getattr(vlm, attr)}, {self.expert_variant}: {getattr(expert, attr)})"
+            f"({self.vlm_variant}: {getattr(vlm, attr)}, "
+            f"{self.expert_variant}: {getattr(expert, attr)})"
           )
     if not self.image_keys:
       errors.append("image_keys is empty: the model needs at least one camera")
@@ -272,7 +274,10 @@ class Pi05(nn.Module):
     return self.action_out_proj(expert_out)
 
   def decode_step(self, token, position, mask, kv):
-    """One autoregressive VLM step: token [B, 1] -> next-token logits [B, V], fresh kv [L, B, 1, K, H]."""
+    """One autoregressive VLM step.
+
+    token [B, 1] -> next-token logits [B, V], fresh kv [L, B, 1, K, H].
+    """
     (out, _), fresh_kv = self.PaliGemma.llm(
       (self.PaliGemma.llm.embed(token), None),
       positions=(position, None),
@@ -306,7 +311,10 @@ def sample_time(rng, batch_size):
 
 
 def _loss_positions(obs: Observation, max_loss_tokens):
-  """Prompt positions j whose next token j+1 carries loss -> (index [B, K], targets [B, K], valid, count)."""
+  """Prompt positions j whose next token j+1 carries loss.
+
+  Returns (index [B, K], targets [B, K], valid, count).
+  """
   loss_mask = obs.token_loss_mask[:, 1:].astype(bool)
   count = jnp.sum(loss_mask, axis=1)
   index = jax.vmap(lambda m: jnp.nonzero(m, size=max_loss_tokens, fill_value=0)[0])(loss_mask)
@@ -315,8 +323,9 @@ def _loss_positions(obs: Observation, max_loss_tokens):
   return index.astype(jnp.int32), targets, valid, count
 
 
-def compute_losses(params, config: Config, observation: Observation, actions, rng, *, train,
-                   noise=None, time=None) -> dict:
+def compute_losses(
+  params, config: Config, observation: Observation, actions, rng, *, train, noise=None, time=None
+) -> dict:
   """One forward pass; per-example losses.
 
   Args:
@@ -377,8 +386,9 @@ def encode_prefix(params, config: Config, observation: Observation):
   return hidden, kv, masks_lib.visible_to_expert(prefix_mask, prefix_ar)
 
 
-def sample_actions(params, config: Config, observation: Observation, rng, *, num_steps=10,
-                   noise=None):
+def sample_actions(
+  params, config: Config, observation: Observation, rng, *, num_steps=10, noise=None
+):
   """Flow decoding: prefix once into a KV cache, then `num_steps` Euler steps from t=1 to 0.
 
   A FAST postfix in the observation, if any, is ignored (the expert never reads it).

@@ -104,9 +104,9 @@ class Encoder(nn.Module):
       split_rngs={"params": True},
       in_axes=nn.broadcast,
       length=self.depth,
-    )(name="encoderblock", mlp_dim=self.mlp_dim, num_heads=self.num_heads, dtype_mm=self.dtype_mm)(
-      x, None
-    )
+    )(
+      name="encoderblock", mlp_dim=self.mlp_dim, num_heads=self.num_heads, dtype_mm=self.dtype_mm
+    )(x, None)
     return nn.LayerNorm(name="encoder_norm")(x)
 
 

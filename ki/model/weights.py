@@ -26,7 +26,8 @@ import orbax.checkpoint as ocp
 FORMATS = ("openpi", "paligemma", "ki")
 # Leaves a PaliGemma checkpoint does not hold: the action expert, its projections, the time MLP.
 EXPERT_PATTERN = re.compile(
-  r"(action_in_proj|action_out_proj|time_mlp_in|time_mlp_out)/.*|PaliGemma/llm/(.*/)?[^/]*_1(/.*)?")
+  r"(action_in_proj|action_out_proj|time_mlp_in|time_mlp_out)/.*|PaliGemma/llm/(.*/)?[^/]*_1(/.*)?"
+)
 
 
 class WeightsMismatchError(ValueError):
@@ -35,8 +36,10 @@ class WeightsMismatchError(ValueError):
 
 def flatten(tree: Mapping) -> dict[str, object]:
   """Nested dict -> {"a/b/c": leaf}."""
-  return {"/".join(map(str, path)): leaf
-          for path, leaf in flax.traverse_util.flatten_dict(dict(tree)).items()}
+  return {
+    "/".join(map(str, path)): leaf
+    for path, leaf in flax.traverse_util.flatten_dict(dict(tree)).items()
+  }
 
 
 def _unwrap_nnx_values(flat: dict[str, object]) -> dict[str, object]:
@@ -56,11 +59,13 @@ def _restore_params_item(params_dir: epath.Path) -> dict[str, np.ndarray]:
     tree = metadata.item_metadata.tree if hasattr(metadata, "item_metadata") else metadata
     if "params" not in tree:
       raise WeightsMismatchError(
-        f"{params_dir} holds {sorted(tree)} at its top level, not the expected 'params'.")
+        f"{params_dir} holds {sorted(tree)} at its top level, not the expected 'params'."
+      )
     item = {"params": tree["params"]}
     restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), item)
     restored = checkpointer.restore(
-      params_dir, args=ocp.args.PyTreeRestore(item=item, restore_args=restore_args))
+      params_dir, args=ocp.args.PyTreeRestore(item=item, restore_args=restore_args)
+    )
   return _unwrap_nnx_values(flatten(restored["params"]))
 
 
@@ -87,20 +92,29 @@ def _read_paligemma_npz(path: str) -> dict[str, np.ndarray]:
   stray = [k for k in flat if not k.startswith(prefix)]
   if stray:
     raise WeightsMismatchError(
-      f"{path}: keys {stray[:5]} do not start with {prefix!r}; not a big_vision PaliGemma .npz.")
-  return {"PaliGemma/" + k[len(prefix):]: v for k, v in flat.items()}
+      f"{path}: keys {stray[:5]} do not start with {prefix!r}; not a big_vision PaliGemma .npz."
+    )
+  return {"PaliGemma/" + k[len(prefix) :]: v for k, v in flat.items()}
 
 
-def check_against(loaded: Mapping[str, np.ndarray], expected: Mapping[str, jax.ShapeDtypeStruct],
-                  *, allowed_missing: re.Pattern | None, cast_dtypes: bool,
-                  source: str) -> dict[str, np.ndarray]:
+def check_against(
+  loaded: Mapping[str, np.ndarray],
+  expected: Mapping[str, jax.ShapeDtypeStruct],
+  *,
+  allowed_missing: re.Pattern | None,
+  cast_dtypes: bool,
+  source: str,
+) -> dict[str, np.ndarray]:
   """Compares names, shapes and dtypes; returns the loaded leaves (cast if allowed).
 
   Raises WeightsMismatchError listing every missing, unexpected, mis-shaped and mis-typed leaf.
   """
   problems = []
-  missing = [n for n in expected if n not in loaded
-             and not (allowed_missing and allowed_missing.fullmatch(n))]
+  missing = [
+    n
+    for n in expected
+    if n not in loaded and not (allowed_missing and allowed_missing.fullmatch(n))
+  ]
   unexpected = [n for n in loaded if n not in expected]
   problems += [f"missing: {n} {tuple(expected[n].shape)} {expected[n].dtype}" for n in missing]
   problems += [f"unexpected: {n} {tuple(np.shape(loaded[n]))}" for n in unexpected]
@@ -111,26 +125,32 @@ def check_against(loaded: Mapping[str, np.ndarray], expected: Mapping[str, jax.S
     want = expected[name]
     value = np.asarray(value)
     if tuple(value.shape) != tuple(want.shape):
-      problems.append(f"shape: {name} is {tuple(value.shape)} in the checkpoint, the model "
-                      f"expects {tuple(want.shape)}")
+      problems.append(
+        f"shape: {name} is {tuple(value.shape)} in the checkpoint, the model "
+        f"expects {tuple(want.shape)}"
+      )
       continue
     if value.dtype != want.dtype:
       both_float = (np.issubdtype(value.dtype, np.floating) or value.dtype.name == "bfloat16") and (
-        np.issubdtype(want.dtype, np.floating) or np.dtype(want.dtype).name == "bfloat16")
+        np.issubdtype(want.dtype, np.floating) or np.dtype(want.dtype).name == "bfloat16"
+      )
       if not (cast_dtypes and both_float):
-        problems.append(f"dtype: {name} is {value.dtype} in the checkpoint, the model expects "
-                        f"{want.dtype}")
+        problems.append(
+          f"dtype: {name} is {value.dtype} in the checkpoint, the model expects {want.dtype}"
+        )
         continue
       value = value.astype(want.dtype)
     result[name] = value
   if problems:
     raise WeightsMismatchError(
-      f"{len(problems)} mismatch(es) between {source} and the model:\n  " + "\n  ".join(problems))
+      f"{len(problems)} mismatch(es) between {source} and the model:\n  " + "\n  ".join(problems)
+    )
   return result
 
 
-def load(kind: str, path: str, abstract_params, *, cast_dtypes: bool = False
-         ) -> dict[str, np.ndarray]:
+def load(
+  kind: str, path: str, abstract_params, *, cast_dtypes: bool = False
+) -> dict[str, np.ndarray]:
   """Loads checkpoint `path` of format `kind` for a model whose params look like
   `abstract_params` (a tree of ShapeDtypeStructs, e.g. ki.train.state.abstract_params(config)).
 
@@ -146,8 +166,13 @@ def load(kind: str, path: str, abstract_params, *, cast_dtypes: bool = False
     loaded, allowed_missing = _read_paligemma_npz(path), EXPERT_PATTERN
   else:
     raise ValueError(f"Unknown weights format {kind!r}; expected one of {FORMATS}.")
-  return check_against(loaded, expected, allowed_missing=allowed_missing,
-                       cast_dtypes=cast_dtypes, source=f"{kind} checkpoint {path}")
+  return check_against(
+    loaded,
+    expected,
+    allowed_missing=allowed_missing,
+    cast_dtypes=cast_dtypes,
+    source=f"{kind} checkpoint {path}",
+  )
 
 
 def merge_into(params, loaded: Mapping[str, np.ndarray]):

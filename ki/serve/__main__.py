@@ -13,20 +13,22 @@ rest. Drive it with openpi's client:
 
 import logging
 
-from absl import app
-from absl import flags
+from absl import app, flags
 
 from ki.serve import policy as policy_lib
 from ki.serve import server as server_lib
 
 _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Step folder or workdir.", required=True)
-_HOST = flags.DEFINE_string("host", server_lib.DEFAULT_HOST,
-                            "Interface to bind; 0.0.0.0 exposes the server to the network.")
+_HOST = flags.DEFINE_string(
+  "host", server_lib.DEFAULT_HOST, "Interface to bind; 0.0.0.0 exposes the server to the network."
+)
 _PORT = flags.DEFINE_integer("port", server_lib.DEFAULT_PORT, "TCP port.")
 _FLOW_STEPS = flags.DEFINE_integer("num_flow_steps", 10, "Euler steps of flow decoding.")
 _MAX_MESSAGE_MB = flags.DEFINE_float(
-  "max_message_mb", server_lib.DEFAULT_MAX_MESSAGE_BYTES / 2**20,
-  "Requests above this size get a bad-request reply.")
+  "max_message_mb",
+  server_lib.DEFAULT_MAX_MESSAGE_BYTES / 2**20,
+  "Requests above this size get a bad-request reply.",
+)
 
 
 def main(argv):
@@ -34,8 +36,9 @@ def main(argv):
   logging.getLogger().setLevel(logging.INFO)
   policy = policy_lib.Policy.from_checkpoint(_CHECKPOINT.value, num_flow_steps=_FLOW_STEPS.value)
   logging.info("Compiled sample_actions in %.1f s.", policy.warmup())
-  server = server_lib.PolicyServer(policy, host=_HOST.value, port=_PORT.value,
-                                   max_message_bytes=int(_MAX_MESSAGE_MB.value * 2**20))
+  server = server_lib.PolicyServer(
+    policy, host=_HOST.value, port=_PORT.value, max_message_bytes=int(_MAX_MESSAGE_MB.value * 2**20)
+  )
   server.serve_forever()
 
 

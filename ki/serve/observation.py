@@ -12,7 +12,8 @@ Every check raises `InvalidObservationError` naming the key and what is wrong wi
 operator reading the error on the client side knows what to fix.
 """
 
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -40,17 +41,20 @@ class InvalidObservationError(ValueError):
 def _image(obs: Mapping[str, Any], key: str) -> np.ndarray:
   image = obs[key]
   if not isinstance(image, np.ndarray):
-    raise InvalidObservationError(f"{key} must be a uint8 numpy array [H, W, 3], "
-                                  f"got {type(image).__name__}")
+    raise InvalidObservationError(
+      f"{key} must be a uint8 numpy array [H, W, 3], got {type(image).__name__}"
+    )
   # Float images would be silently misread (openpi's clients convert to uint8 before sending).
   if image.dtype != np.uint8:
     raise InvalidObservationError(f"{key} must have dtype uint8, got {image.dtype}")
   if image.ndim != 3 or image.shape[-1] != 3 or min(image.shape[:2]) < 1:
-    raise InvalidObservationError(f"{key} must have shape [H, W, 3] with H, W >= 1, "
-                                  f"got {image.shape}")
+    raise InvalidObservationError(
+      f"{key} must have shape [H, W, 3] with H, W >= 1, got {image.shape}"
+    )
   if max(image.shape[:2]) > MAX_IMAGE_SIDE:
-    raise InvalidObservationError(f"{key} is {image.shape[0]}x{image.shape[1]}; the largest "
-                                  f"side accepted is {MAX_IMAGE_SIDE}")
+    raise InvalidObservationError(
+      f"{key} is {image.shape[0]}x{image.shape[1]}; the largest side accepted is {MAX_IMAGE_SIDE}"
+    )
   return image
 
 
@@ -59,8 +63,9 @@ def _real_vector(obs: Mapping[str, Any], key: str, size: int, *, allow_scalar: b
   if isinstance(value, (list, tuple, float, int)) and not isinstance(value, bool):
     value = np.asarray(value)
   if not isinstance(value, (np.ndarray, np.generic)):
-    raise InvalidObservationError(f"{key} must be a numeric array [{size}], "
-                                  f"got {type(value).__name__}")
+    raise InvalidObservationError(
+      f"{key} must be a numeric array [{size}], got {type(value).__name__}"
+    )
   value = np.asarray(value)
   if value.dtype.kind not in "fiu":
     raise InvalidObservationError(f"{key} must hold real numbers, got dtype {value.dtype}")
@@ -100,8 +105,9 @@ def resize_image(image: np.ndarray, size: int) -> np.ndarray:
   return np.asarray(resized, dtype=np.uint8)
 
 
-def fake_droid_observation(*, height: int = 180, width: int = 320,
-                           prompt: str = "put the marker in the cup") -> dict[str, Any]:
+def fake_droid_observation(
+  *, height: int = 180, width: int = 320, prompt: str = "put the marker in the cup"
+) -> dict[str, Any]:
   """A well-formed request at DROID's camera resolution (180x320), for warm-up and benchmarks."""
   rows = np.linspace(0, 255, height, dtype=np.float32)[:, None, None]
   cols = np.linspace(0, 255, width, dtype=np.float32)[None, :, None]

@@ -23,8 +23,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from ki.data import droid
-from ki.data import normalize
+from ki.data import droid, normalize
 from ki.model import pi05
 from ki.serve import observation as observation_lib
 from ki.tokenizers import prompt as prompt_lib
@@ -39,18 +38,23 @@ def resolve_checkpoint(path: str | epath.Path) -> epath.Path:
   path = epath.Path(path)
   if (path / "params").is_dir():
     return path
-  folder = path / checkpoint_lib.CHECKPOINT_DIR if (
-    path / checkpoint_lib.CHECKPOINT_DIR).is_dir() else path
+  folder = (
+    path / checkpoint_lib.CHECKPOINT_DIR
+    if (path / checkpoint_lib.CHECKPOINT_DIR).is_dir()
+    else path
+  )
   if not folder.is_dir():
     raise FileNotFoundError(f"checkpoint path {path} does not exist")
   # Orbax's in-progress folders ("8.orbax-checkpoint-tmp-...") are not numbers, so a step being
   # written is never picked.
-  steps = sorted(int(p.name) for p in folder.iterdir()
-                 if p.name.isdigit() and (p / "params").is_dir())
+  steps = sorted(
+    int(p.name) for p in folder.iterdir() if p.name.isdigit() and (p / "params").is_dir()
+  )
   if not steps:
     raise FileNotFoundError(
       f"no checkpoint with a params item under {folder}: expected <step>/params/ folders "
-      "(pass a step folder, a workdir or its checkpoints/ folder)")
+      "(pass a step folder, a workdir or its checkpoints/ folder)"
+    )
   return folder / str(steps[-1])
 
 
@@ -71,8 +75,11 @@ def restore_params(step_dir: epath.Path, model_config: pi05.Config, device=None)
   device = device or jax.local_devices()[0]
   sharding = jax.sharding.SingleDeviceSharding(device)
   shapes = jax.eval_shape(lambda: pi05.init_params(model_config, jax.random.key(0)))
-  target = {"params": jax.tree.map(
-    lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding), shapes)}
+  target = {
+    "params": jax.tree.map(
+      lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding), shapes
+    )
+  }
   with ocp.StandardCheckpointer() as checkpointer:
     return checkpointer.restore(step_dir / "params", target)["params"]
 
@@ -84,10 +91,18 @@ class Policy:
   noise is guarded.
   """
 
-  def __init__(self, params, model_config: pi05.Config, tokenizer: prompt_lib.Pi05Tokenizer,
-               norm_stats: dict[str, normalize.NormStats], *,
-               delta_action_mask: tuple[bool, ...] | None = droid.DEFAULT_DELTA_ACTION_MASK,
-               num_flow_steps: int = 10, seed: int = 0, metadata: dict | None = None):
+  def __init__(
+    self,
+    params,
+    model_config: pi05.Config,
+    tokenizer: prompt_lib.Pi05Tokenizer,
+    norm_stats: dict[str, normalize.NormStats],
+    *,
+    delta_action_mask: tuple[bool, ...] | None = droid.DEFAULT_DELTA_ACTION_MASK,
+    num_flow_steps: int = 10,
+    seed: int = 0,
+    metadata: dict | None = None,
+  ):
     """
     Args:
       params: the model's parameter tree (openpi layout).
@@ -102,19 +117,24 @@ class Policy:
       metadata: sent to clients on connect (extended with the model's shapes).
     """
     if model_config.data_action_dim != droid.ACTION_DIM:
-      raise ValueError(f"this policy serves DROID (8 action dims) but the model has "
-                       f"data_action_dim={model_config.data_action_dim}")
+      raise ValueError(
+        f"this policy serves DROID (8 action dims) but the model has "
+        f"data_action_dim={model_config.data_action_dim}"
+      )
     for key in ("state", "actions"):
       if key not in norm_stats:
         raise ValueError(f"norm stats lack {key!r} (they have {sorted(norm_stats)})")
       # Dims past the stats would pass through unnormalised: the model would see raw units.
       if norm_stats[key].q01.shape[-1] < droid.ACTION_DIM:
-        raise ValueError(f"norm stats {key!r} cover {norm_stats[key].q01.shape[-1]} dims, need "
-                         f"{droid.ACTION_DIM}")
+        raise ValueError(
+          f"norm stats {key!r} cover {norm_stats[key].q01.shape[-1]} dims, need {droid.ACTION_DIM}"
+        )
     unknown = [k for k in model_config.image_keys if k not in observation_lib.IMAGE_SLOTS]
     if unknown:
-      raise ValueError(f"the model reads cameras {unknown} that a DROID request does not fill "
-                       f"(known: {sorted(observation_lib.IMAGE_SLOTS)})")
+      raise ValueError(
+        f"the model reads cameras {unknown} that a DROID request does not fill "
+        f"(known: {sorted(observation_lib.IMAGE_SLOTS)})"
+      )
     self.params = params
     self.model_config = model_config
     self.tokenizer = tokenizer
@@ -126,9 +146,12 @@ class Policy:
     self._lock = threading.Lock()
     self.metadata = dict(metadata or {})
     self.metadata.update(
-      action_horizon=model_config.action_horizon, action_dim=droid.ACTION_DIM,
-      image_size=model_config.image_size, num_flow_steps=num_flow_steps,
-      observation_keys=list(observation_lib.REQUIRED_KEYS))
+      action_horizon=model_config.action_horizon,
+      action_dim=droid.ACTION_DIM,
+      image_size=model_config.image_size,
+      num_flow_steps=num_flow_steps,
+      observation_keys=list(observation_lib.REQUIRED_KEYS),
+    )
 
     def sample(params, batch, rng):
       observation = pi05.Observation.from_dict(batch)
@@ -143,22 +166,37 @@ class Policy:
     assets = step_dir / "assets"
     missing = [name for name in _REQUIRED_ASSETS if not (assets / name).exists()]
     if missing:
-      raise FileNotFoundError(f"checkpoint {step_dir} lacks the assets {missing} in {assets}; "
-                              "train with config.assets set so the trainer stores them")
+      raise FileNotFoundError(
+        f"checkpoint {step_dir} lacks the assets {missing} in {assets}; "
+        "train with config.assets set so the trainer stores them"
+      )
     config_json = json.loads((assets / "config.json").read_text())
     model_config = load_model_config(config_json)
     data = config_json.get("data") or {}
     delta_action_mask = tuple(data.get("delta_action_mask", droid.DEFAULT_DELTA_ACTION_MASK))
     norm_stats = normalize.load_norm_stats(str(assets / "norm_stats.json"))
     tokenizer = prompt_lib.Pi05Tokenizer(
-      prompt_lib.PromptTokenizer(str(assets / "tokenizer.model")), None,
-      max_token_len=model_config.max_token_len, lm_vocab_size=model_config.vocab_size)
+      prompt_lib.PromptTokenizer(str(assets / "tokenizer.model")),
+      None,
+      max_token_len=model_config.max_token_len,
+      lm_vocab_size=model_config.vocab_size,
+    )
     logging.info("Restoring params from %s.", step_dir)
     params = restore_params(step_dir, model_config)
-    metadata = {"checkpoint": str(step_dir), "step": int(step_dir.name) if
-                step_dir.name.isdigit() else -1}
-    return cls(params, model_config, tokenizer, norm_stats, delta_action_mask=delta_action_mask,
-               num_flow_steps=num_flow_steps, seed=seed, metadata=metadata)
+    metadata = {
+      "checkpoint": str(step_dir),
+      "step": int(step_dir.name) if step_dir.name.isdigit() else -1,
+    }
+    return cls(
+      params,
+      model_config,
+      tokenizer,
+      norm_stats,
+      delta_action_mask=delta_action_mask,
+      num_flow_steps=num_flow_steps,
+      seed=seed,
+      metadata=metadata,
+    )
 
   def _model_inputs(self, images: dict[str, np.ndarray], state: np.ndarray, prompt: str) -> dict:
     """Raw request parts -> a host batch of one, as the data pipeline builds it."""
@@ -168,12 +206,14 @@ class Policy:
     if tokens is None:
       raise observation_lib.InvalidObservationError(
         f"{observation_lib.PROMPT} is too long: the prompt does not fit the model's "
-        f"max_token_len={config.max_token_len} tokens")
+        f"max_token_len={config.max_token_len} tokens"
+      )
     padded_state = np.zeros((config.action_dim,), np.float32)
-    padded_state[:droid.ACTION_DIM] = normalized_state
+    padded_state[: droid.ACTION_DIM] = normalized_state
     batch = {
-      "image": {k: observation_lib.resize_image(images[k], config.image_size)
-                for k in config.image_keys},
+      "image": {
+        k: observation_lib.resize_image(images[k], config.image_size) for k in config.image_keys
+      },
       "image_mask": {k: np.ones((), bool) for k in config.image_keys},
       "state": padded_state,
       **tokens,
@@ -192,16 +232,18 @@ class Policy:
     images, state, prompt = observation_lib.parse(obs)
     batch = self._model_inputs(images, state, prompt)
     normalized = np.asarray(self._sample(self.params, batch, self._next_rng()))[0]
-    actions = normalize.quantile_unnormalize(normalized[:, :droid.ACTION_DIM],
-                                             self.norm_stats["actions"])
+    actions = normalize.quantile_unnormalize(
+      normalized[:, : droid.ACTION_DIM], self.norm_stats["actions"]
+    )
     if self.delta_action_mask:
       actions = droid.to_absolute_actions(actions, state, self.delta_action_mask)
-    return {"actions": actions.astype(np.float32),
-            "policy_timing": {"infer_ms": 1000 * (time.monotonic() - start)}}
+    return {
+      "actions": actions.astype(np.float32),
+      "policy_timing": {"infer_ms": 1000 * (time.monotonic() - start)},
+    }
 
   def warmup(self) -> float:
     """Compiles sample_actions with a fake request; returns the seconds it took."""
     start = time.monotonic()
     self.infer(observation_lib.fake_droid_observation())
     return time.monotonic() - start
-

@@ -51,9 +51,15 @@ class BadRequestError(ValueError):
 class PolicyServer:
   """Serves `policy.infer` (any object with infer(dict) -> dict) over websockets."""
 
-  def __init__(self, policy, *, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT,
-               metadata: dict | None = None,
-               max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES):
+  def __init__(
+    self,
+    policy,
+    *,
+    host: str = DEFAULT_HOST,
+    port: int = DEFAULT_PORT,
+    metadata: dict | None = None,
+    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+  ):
     """
     Args:
       policy: answers infer(observation dict) -> dict with "actions"; raises
@@ -68,8 +74,9 @@ class PolicyServer:
     self.port = port
     self.metadata = metadata if metadata is not None else dict(getattr(policy, "metadata", {}))
     self.max_message_bytes = max_message_bytes
-    self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=1,
-                                                           thread_name_prefix="policy")
+    self._executor = concurrent.futures.ThreadPoolExecutor(
+      max_workers=1, thread_name_prefix="policy"
+    )
     self._loop: asyncio.AbstractEventLoop | None = None
     self._stop: asyncio.Event | None = None
     self._thread: threading.Thread | None = None
@@ -86,9 +93,11 @@ class PolicyServer:
     if isinstance(message, str):
       raise BadRequestError("expected a binary msgpack message, got a text frame")
     if len(message) > self.max_message_bytes:
-      raise BadRequestError(f"the message is {len(message)} bytes; the limit is "
-                            f"{self.max_message_bytes} (send images at 224x224, as openpi's "
-                            "DROID client does)")
+      raise BadRequestError(
+        f"the message is {len(message)} bytes; the limit is "
+        f"{self.max_message_bytes} (send images at 224x224, as openpi's "
+        "DROID client does)"
+      )
     try:
       request = msgpack_numpy.unpackb(message)
     except Exception as error:  # msgpack raises several unrelated types for garbage input
@@ -134,15 +143,23 @@ class PolicyServer:
     self._loop = asyncio.get_running_loop()
     self._stop = asyncio.Event()
     async with ws_server.serve(
-      self._handle, self.host, self.port,
+      self._handle,
+      self.host,
+      self.port,
       process_request=self._health_check,
       # Compression costs more CPU than it saves on already-dense images (openpi disables it).
       compression=None,
       max_size=HARD_LIMIT_FACTOR * self.max_message_bytes,
     ) as server:
       self.port = server.sockets[0].getsockname()[1]
-      logging.info("Serving on ws://%s:%d (health check http://%s:%d%s).", self.host, self.port,
-                   self.host, self.port, HEALTH_PATH)
+      logging.info(
+        "Serving on ws://%s:%d (health check http://%s:%d%s).",
+        self.host,
+        self.port,
+        self.host,
+        self.port,
+        HEALTH_PATH,
+      )
       if ready is not None:
         ready.set()
       await self._stop.wait()
@@ -153,8 +170,9 @@ class PolicyServer:
   def start_in_thread(self, timeout: float = 30.0) -> int:
     """Starts serving on a background thread; returns the bound port."""
     ready = threading.Event()
-    self._thread = threading.Thread(target=lambda: asyncio.run(self.serve(ready)), daemon=True,
-                                    name="policy-server")
+    self._thread = threading.Thread(
+      target=lambda: asyncio.run(self.serve(ready)), daemon=True, name="policy-server"
+    )
     self._thread.start()
     if not ready.wait(timeout):
       raise RuntimeError(f"the policy server did not start listening within {timeout} s")

@@ -87,7 +87,9 @@ class FastTokenizer:
       # must still get a slot in the language-model vocabulary, so the larger number wins.
       logging.warning(
         "FAST BPE holds %d tokens, more than its config's vocab_size=%d; using %d",
-        bpe.get_vocab_size(), vocab_size, bpe.get_vocab_size(),
+        bpe.get_vocab_size(),
+        vocab_size,
+        bpe.get_vocab_size(),
       )
       vocab_size = bpe.get_vocab_size()
     self.bpe = bpe
@@ -220,7 +222,8 @@ class FastTokenizer:
     if alphabet_size + 100 > vocab_size:
       logging.warning(
         "FAST alphabet (%d symbols) nearly fills vocab_size=%d: few merges remain",
-        alphabet_size, vocab_size,
+        alphabet_size,
+        vocab_size,
       )
 
     shapes = set()
@@ -249,8 +252,12 @@ class FastTokenizer:
     # FAST+) leave it to the caller, like the public config's nulls.
     time_horizon, action_dim = shapes.pop() if len(shapes) == 1 else (None, None)
     return cls(
-      bpe, scale=scale, vocab_size=vocab_size, min_token=min_token,
-      action_dim=action_dim, time_horizon=time_horizon,
+      bpe,
+      scale=scale,
+      vocab_size=vocab_size,
+      min_token=min_token,
+      action_dim=action_dim,
+      time_horizon=time_horizon,
     )
 
   # ----------------------------------------------------------------------------------- files

@@ -56,7 +56,11 @@ class FastTokenMapping:
     return int(ends.min()), int(ends.max()) + 1
 
   def check(
-    self, *, fast_vocab_size: int, lm_vocab_size: int, reserved_ids: np.ndarray,
+    self,
+    *,
+    fast_vocab_size: int,
+    lm_vocab_size: int,
+    reserved_ids: np.ndarray,
     describe_id=str,
   ) -> None:
     """Refuses a mapping that leaves the vocabulary or lands on a reserved id.

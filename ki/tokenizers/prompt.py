@@ -111,9 +111,7 @@ class PromptTokenizer:
     return self._reserved
 
 
-def build_sentencepiece_model(
-  texts, out_path: str | os.PathLike, *, text_vocab_size: int
-) -> str:
+def build_sentencepiece_model(texts, out_path: str | os.PathLike, *, text_vocab_size: int) -> str:
   """Trains a small SentencePiece model in PaliGemma's layout; returns `out_path`.
 
   The layout: Gemma's special ids (pad 0, eos 1, bos 2, unk 3), `text_vocab_size` text pieces
@@ -140,7 +138,10 @@ def build_sentencepiece_model(
       remove_extra_whitespaces=False,
       split_digits=True,
       byte_fallback=True,
-      pad_id=0, eos_id=1, bos_id=2, unk_id=3,
+      pad_id=0,
+      eos_id=1,
+      bos_id=2,
+      unk_id=3,
       num_threads=1,
       minloglevel=2,
     )
@@ -193,7 +194,7 @@ class Pi05Tokenizer:
     *,
     max_token_len: int,
     lm_vocab_size: int | None = None,
-    fast_mapping: mapping_lib.FastTokenMapping = mapping_lib.FastTokenMapping(),
+    fast_mapping: mapping_lib.FastTokenMapping | None = None,
   ):
     """
     Args:
@@ -212,6 +213,7 @@ class Pi05Tokenizer:
         f"lm_vocab_size={lm_vocab_size} is smaller than the SentencePiece vocabulary "
         f"({prompt_tokenizer.vocab_size} pieces)"
       )
+    fast_mapping = fast_mapping or mapping_lib.FastTokenMapping()
     if fast_tokenizer is not None:
       fast_mapping.check(
         fast_vocab_size=fast_tokenizer.vocab_size,
@@ -305,8 +307,7 @@ class Pi05Tokenizer:
     if ids.dtype.kind not in "iu":
       ids = np.zeros((0,), np.int64)  # Not token ids: decodes to the invalid zero chunk.
     outside = np.flatnonzero((ids < low) | (ids >= high))
-    fast_ids = self.fast_mapping.to_fast(ids[: outside[0] if outside.size else ids.size],
-                                         self.lm_vocab_size)
-    return self.fast_tokenizer.decode(
-      fast_ids, time_horizon=time_horizon, action_dim=action_dim
+    fast_ids = self.fast_mapping.to_fast(
+      ids[: outside[0] if outside.size else ids.size], self.lm_vocab_size
     )
+    return self.fast_tokenizer.decode(fast_ids, time_horizon=time_horizon, action_dim=action_dim)

@@ -64,17 +64,25 @@ class AssetsRestore(ocp.args.CheckpointArgs):
 
 def abstract_with_shardings(shapes, shardings):
   """ShapeDtypeStructs carrying the shardings orbax should restore into."""
-  return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
-                      shapes, shardings)
+  return jax.tree.map(
+    lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings
+  )
 
 
 class Checkpointer:
   """The run's checkpoints: save every `save_every` steps, keep the last `max_to_keep` plus every
   step divisible by `keep_period`, resume from the latest."""
 
-  def __init__(self, workdir: str, *, save_every: int, max_to_keep: int = 3,
-               keep_period: int | None = None, asynchronous: bool = True,
-               save_params_item: bool = True):
+  def __init__(
+    self,
+    workdir: str,
+    *,
+    save_every: int,
+    max_to_keep: int = 3,
+    keep_period: int | None = None,
+    asynchronous: bool = True,
+    save_params_item: bool = True,
+  ):
     self.directory = epath.Path(workdir) / CHECKPOINT_DIR
     self.save_every = save_every
     self.save_params_item = save_params_item
@@ -95,8 +103,15 @@ class Checkpointer:
   def all_steps(self) -> list[int]:
     return list(self.manager.all_steps())
 
-  def save(self, step: int, state, *, data_iterator=None, assets: dict[str, bytes] | None = None,
-           force: bool = False) -> bool:
+  def save(
+    self,
+    step: int,
+    state,
+    *,
+    data_iterator=None,
+    assets: dict[str, bytes] | None = None,
+    force: bool = False,
+  ) -> bool:
     """Starts saving `state` as checkpoint `step`; returns whether a save was started."""
     items: dict[str, Any] = {"state": ocp.args.StandardSave(state)}
     if self.save_params_item:

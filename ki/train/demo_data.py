@@ -30,29 +30,43 @@ def ensure(config: ml_collections.ConfigDict) -> str:
   if os.path.exists(os.path.join(cache, READY)):
     return cache
   if jax.process_count() > 1:
-    raise RuntimeError(f"Synthetic data is missing in {cache}; generate it with one process "
-                       "(python -m ki.main ... on one host) before a multi-host run.")
-  from data_prep import compute_norm_stats  # pylint: disable=g-import-not-at-top
-  from data_prep import droid_to_arrayrecord  # pylint: disable=g-import-not-at-top
-  from data_prep import fit_fast_tokenizer  # pylint: disable=g-import-not-at-top
-  from data_prep import make_synthetic_droid  # pylint: disable=g-import-not-at-top
+    raise RuntimeError(
+      f"Synthetic data is missing in {cache}; generate it with one process "
+      "(python -m ki.main ... on one host) before a multi-host run."
+    )
+  from data_prep import (
+    compute_norm_stats,  # pylint: disable=g-import-not-at-top
+    droid_to_arrayrecord,  # pylint: disable=g-import-not-at-top
+    fit_fast_tokenizer,  # pylint: disable=g-import-not-at-top
+    make_synthetic_droid,  # pylint: disable=g-import-not-at-top
+  )
   from ki.data import normalize  # pylint: disable=g-import-not-at-top
 
   logging.info("Generating synthetic DROID into %s (first use only).", cache)
   shutil.rmtree(cache, ignore_errors=True)
-  info = make_synthetic_droid.generate(cache, episodes=config.synthetic_data.episodes, seed=0,
-                                       episodes_per_shard=EPISODES_PER_SHARD,
-                                       vlm_images=config.synthetic_data.vlm_images,
-                                       text_vocab_size=TEXT_VOCAB_SIZE)
+  info = make_synthetic_droid.generate(
+    cache,
+    episodes=config.synthetic_data.episodes,
+    seed=0,
+    episodes_per_shard=EPISODES_PER_SHARD,
+    vlm_images=config.synthetic_data.vlm_images,
+    text_vocab_size=TEXT_VOCAB_SIZE,
+  )
   train_dir = config.data.arrayrecord_dir
-  droid_to_arrayrecord.run(droid_to_arrayrecord.Settings(
-    rlds_dir=os.path.join(cache, info["dataset_dir"]), out_dir=train_dir,
-    action_space=config.data.action_space, action_horizon=config.model.action_horizon))
+  droid_to_arrayrecord.run(
+    droid_to_arrayrecord.Settings(
+      rlds_dir=os.path.join(cache, info["dataset_dir"]),
+      out_dir=train_dir,
+      action_space=config.data.action_space,
+      action_horizon=config.model.action_horizon,
+    )
+  )
   mask = tuple(config.data.delta_action_mask) or None
   stats = compute_norm_stats.compute_norm_stats(train_dir, delta_action_mask=mask)
   normalize.save_norm_stats(stats, config.assets.norm_stats)
-  chunks = fit_fast_tokenizer.normalized_chunks(train_dir, stats, max_chunks=20_000,
-                                                delta_action_mask=mask)
+  chunks = fit_fast_tokenizer.normalized_chunks(
+    train_dir, stats, max_chunks=20_000, delta_action_mask=mask
+  )
   tokenizer, report = fit_fast_tokenizer.fit(chunks, vocab_size=FAST_VOCAB_SIZE, scale=FAST_SCALE)
   tokenizer.save(config.assets.fast_tokenizer)
   logging.info("FAST tokenizer: %s", report)

@@ -28,10 +28,12 @@ def eval_batch(model_config: pi05.Config, num_flow_steps: int, params, batch, rn
   [B, H, action_dim] (normalised)."""
   observation = pi05.Observation.from_dict(batch)
   loss_rng, sample_rng = jax.random.split(rng)
-  losses = pi05.compute_losses(params, model_config, observation, batch["actions"], loss_rng,
-                               train=False)
-  predicted = pi05.sample_actions(params, model_config, observation, sample_rng,
-                                  num_steps=num_flow_steps)
+  losses = pi05.compute_losses(
+    params, model_config, observation, batch["actions"], loss_rng, train=False
+  )
+  predicted = pi05.sample_actions(
+    params, model_config, observation, sample_rng, num_steps=num_flow_steps
+  )
   return {
     "fast_ce": losses["fast_ce"],
     "fast_accuracy": losses["fast_accuracy"],
@@ -43,22 +45,37 @@ def eval_batch(model_config: pi05.Config, num_flow_steps: int, params, batch, rn
   }
 
 
-def vlm_heldout_batches(manifest_path: str, *, tokenizer, action_dim: int, action_horizon: int,
-                        image_size: int, per_host_batch_size: int, process_index: int,
-                        process_count: int):
+def vlm_heldout_batches(
+  manifest_path: str,
+  *,
+  tokenizer,
+  action_dim: int,
+  action_horizon: int,
+  image_size: int,
+  per_host_batch_size: int,
+  process_index: int,
+  process_count: int,
+):
   """Held-out co-training (VLM) host batches from a JSONL manifest, read once in order.
 
   The same record source and example transform as the training mixture (ki.data), without
   augmentation; examples the transform drops are skipped.
   """
   import grain  # pylint: disable=g-import-not-at-top
+
   from ki.data import sources, transforms  # pylint: disable=g-import-not-at-top
 
   dataset = sources.jsonl_vlm_examples(manifest_path)[process_index::process_count]
   dataset = dataset.random_map(
-    transforms.VlmTransform(tokenizer=tokenizer, action_dim=action_dim,
-                            action_horizon=action_horizon, augment=False, image_size=image_size),
-    seed=0)
+    transforms.VlmTransform(
+      tokenizer=tokenizer,
+      action_dim=action_dim,
+      action_horizon=action_horizon,
+      augment=False,
+      image_size=image_size,
+    ),
+    seed=0,
+  )
   dataset = dataset.filter(lambda example: not isinstance(example, transforms.Dropped))
   dataset = dataset.to_iter_dataset(grain.ReadOptions(num_threads=1))
   return iter(dataset.batch(per_host_batch_size, drop_remainder=True))
@@ -71,9 +88,16 @@ def _mean(values: np.ndarray, mask: np.ndarray) -> float:
 class Evaluator:
   """Runs eval_batch over held-out iterators and reduces to scalars on the host."""
 
-  def __init__(self, model_config: pi05.Config, mesh, params_shardings, *,
-               action_stats: normalize.NormStats | None, num_flow_steps: int = 10,
-               use_quantiles: bool = True):
+  def __init__(
+    self,
+    model_config: pi05.Config,
+    mesh,
+    params_shardings,
+    *,
+    action_stats: normalize.NormStats | None,
+    num_flow_steps: int = 10,
+    use_quantiles: bool = True,
+  ):
     self.model_config = model_config
     self.mesh = mesh
     # Token losses are evaluated even for runs trained without them (flow-only, frozen VLM): the
@@ -85,14 +109,17 @@ class Evaluator:
     # Outputs replicated: every host reads the whole (small) result.
     self._eval = jax.jit(
       functools.partial(eval_batch, eval_config, num_flow_steps),
-      in_shardings=(params_shardings, sharding_lib.batch_sharding(mesh),
-                    sharding_lib.replicated(mesh)),
+      in_shardings=(
+        params_shardings,
+        sharding_lib.batch_sharding(mesh),
+        sharding_lib.replicated(mesh),
+      ),
       out_shardings=sharding_lib.replicated(mesh),
     )
 
   def _raw(self, actions: np.ndarray) -> np.ndarray:
     """[B, H, action_dim] normalised -> [B, H, data_action_dim] in raw units."""
-    actions = actions[..., :self.model_config.data_action_dim]
+    actions = actions[..., : self.model_config.data_action_dim]
     if self.action_stats is None:
       return actions
     return normalize.unnormalize(actions, self.action_stats, use_quantiles=self.use_quantiles)

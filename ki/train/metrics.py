@@ -41,8 +41,12 @@ def peak_flops_per_device(device_kind: str) -> float | None:
   return PEAK_FLOPS_PER_DEVICE[max(matches, key=len)] if matches else None
 
 
-def model_flops_utilization(flops_per_example: float, examples_per_second: float,
-                            num_devices: int, peak_per_device: float | None) -> float | None:
+def model_flops_utilization(
+  flops_per_example: float,
+  examples_per_second: float,
+  num_devices: int,
+  peak_per_device: float | None,
+) -> float | None:
   """Achieved model FLOP/s over the peak of all devices (None without a known peak)."""
   if not peak_per_device:
     return None
@@ -59,11 +63,20 @@ def format_duration(seconds: float) -> str:
 class MetricsLogger:
   """Accumulates per-step scalars and writes interval means with throughput, MFU and ETA."""
 
-  def __init__(self, workdir: str, *, total_steps: int, global_batch_size: int,
-               flops_per_example: float, log_every: int, start_step: int):
+  def __init__(
+    self,
+    workdir: str,
+    *,
+    total_steps: int,
+    global_batch_size: int,
+    flops_per_example: float,
+    log_every: int,
+    start_step: int,
+  ):
     # Only the first host writes TensorBoard files; the others log to the console.
     self.writer = metric_writers.create_default_writer(
-      workdir, just_logging=jax.process_index() > 0, asynchronous=True)
+      workdir, just_logging=jax.process_index() > 0, asynchronous=True
+    )
     self.total_steps = total_steps
     self.global_batch_size = global_batch_size
     self.flops_per_example = flops_per_example
@@ -102,8 +115,9 @@ class MetricsLogger:
     scalars["perf/steps_per_second"] = steps_per_second
     scalars["perf/examples_per_second"] = steps_per_second * self.global_batch_size
     scalars["perf/data_wait_fraction"] = self._data_wait / elapsed if elapsed > 0 else 0.0
-    mfu = model_flops_utilization(self.flops_per_example, scalars["perf/examples_per_second"],
-                                  self.num_devices, self.peak)
+    mfu = model_flops_utilization(
+      self.flops_per_example, scalars["perf/examples_per_second"], self.num_devices, self.peak
+    )
     if mfu is not None:
       scalars["perf/mfu"] = mfu
     scalars.update(extra or {})
@@ -111,10 +125,18 @@ class MetricsLogger:
     remaining = (self.total_steps - step) / steps_per_second if steps_per_second else 0.0
     logging.info(
       "step %d/%d | loss %.4f fast_ce %.4f flow_mse %.4f | %.2f steps/s, %.1f examples/s%s | "
-      "data wait %.0f%% | ETA %s", step, self.total_steps, scalars.get("loss", np.nan),
-      scalars.get("fast_ce", np.nan), scalars.get("flow_mse", np.nan), steps_per_second,
-      scalars["perf/examples_per_second"], f", MFU {100 * mfu:.1f}%" if mfu is not None else "",
-      100 * scalars["perf/data_wait_fraction"], format_duration(remaining))
+      "data wait %.0f%% | ETA %s",
+      step,
+      self.total_steps,
+      scalars.get("loss", np.nan),
+      scalars.get("fast_ce", np.nan),
+      scalars.get("flow_mse", np.nan),
+      steps_per_second,
+      scalars["perf/examples_per_second"],
+      f", MFU {100 * mfu:.1f}%" if mfu is not None else "",
+      100 * scalars["perf/data_wait_fraction"],
+      format_duration(remaining),
+    )
     self.history.append({"step": step, **scalars})
     self._sums.clear()
     self._count = 0

@@ -9,8 +9,8 @@ from collections.abc import Sequence
 import math
 
 import jax
-import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
+import numpy as np
 
 MESH_AXES = ("data", "fsdp")
 # The batch's leading axis is split over every device.
@@ -52,8 +52,9 @@ def make_mesh(mesh_config: Sequence[Sequence], devices=None) -> Mesh:
   return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * 2, devices=devices)
 
 
-def fsdp_partition_spec(shape: Sequence[int], itemsize: int, fsdp_size: int,
-                        min_size_bytes: int) -> PartitionSpec:
+def fsdp_partition_spec(
+  shape: Sequence[int], itemsize: int, fsdp_size: int, min_size_bytes: int
+) -> PartitionSpec:
   """Where one array goes: split along its largest axis divisible by fsdp_size, else replicated.
 
   Arrays under min_size_bytes and scalars stay replicated (sharding them saves little memory and
@@ -77,8 +78,9 @@ def fsdp_shardings(shape_tree, mesh: Mesh, *, min_size_bytes: int = 4 * 2**20):
   def sharding(leaf):
     shape = getattr(leaf, "shape", ())
     dtype = np.dtype(getattr(leaf, "dtype", np.float32))
-    return NamedSharding(mesh, fsdp_partition_spec(shape, dtype.itemsize, fsdp_size,
-                                                   min_size_bytes))
+    return NamedSharding(
+      mesh, fsdp_partition_spec(shape, dtype.itemsize, fsdp_size, min_size_bytes)
+    )
 
   return jax.tree.map(sharding, shape_tree)
 
@@ -118,5 +120,6 @@ def global_batch(host_batch, mesh: Mesh):
   Every host passes its own [B / num_hosts, ...] slice; the result is [B, ...] split over devices.
   """
   sharding = batch_sharding(mesh)
-  return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)),
-                      host_batch)
+  return jax.tree.map(
+    lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), host_batch
+  )

@@ -36,8 +36,9 @@ class TrainState:
   ema_params: Any = None
 
 
-def state_from_params(params, rng: jax.Array, *, tx: optax.GradientTransformation,
-                      use_ema: bool) -> TrainState:
+def state_from_params(
+  params, rng: jax.Array, *, tx: optax.GradientTransformation, use_ema: bool
+) -> TrainState:
   """A fresh state (step 0, new optimizer state) around given params."""
   return TrainState(
     step=jnp.zeros([], jnp.int32),
@@ -73,23 +74,39 @@ def _keys(seed: int):
   return params_key, train_key
 
 
-def abstract_train_state(model_config: pi05.Config, tx: optax.GradientTransformation, mesh, *,
-                         seed: int, use_ema: bool, fsdp_min_size_bytes: int):
+def abstract_train_state(
+  model_config: pi05.Config,
+  tx: optax.GradientTransformation,
+  mesh,
+  *,
+  seed: int,
+  use_ema: bool,
+  fsdp_min_size_bytes: int,
+):
   """(shapes, shardings) of the state create_train_state would build; allocates nothing."""
   shapes = jax.eval_shape(_initializer(model_config, tx, use_ema), *_keys(seed), None)
   return shapes, state_shardings(shapes, mesh, fsdp_min_size_bytes=fsdp_min_size_bytes)
 
 
-def create_train_state(model_config: pi05.Config, tx: optax.GradientTransformation, mesh, *,
-                       seed: int, use_ema: bool, fsdp_min_size_bytes: int, params=None):
+def create_train_state(
+  model_config: pi05.Config,
+  tx: optax.GradientTransformation,
+  mesh,
+  *,
+  seed: int,
+  use_ema: bool,
+  fsdp_min_size_bytes: int,
+  params=None,
+):
   """Creates the state sharded over `mesh`. Returns (state, shardings).
 
   params: optional params already placed on the devices (e.g. pretrained weights put with
     `shardings.params`); when None the model's initialiser runs under jit, born sharded.
   """
   init = _initializer(model_config, tx, use_ema)
-  _, shardings = abstract_train_state(model_config, tx, mesh, seed=seed, use_ema=use_ema,
-                                      fsdp_min_size_bytes=fsdp_min_size_bytes)
+  _, shardings = abstract_train_state(
+    model_config, tx, mesh, seed=seed, use_ema=use_ema, fsdp_min_size_bytes=fsdp_min_size_bytes
+  )
   if params is None:
     state = jax.jit(init, static_argnums=2, out_shardings=shardings)(*_keys(seed), None)
   else:

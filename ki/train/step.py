@@ -45,8 +45,9 @@ def loss_and_metrics(params, settings: StepSettings, batch, rng, *, train: bool)
   actions, fast_ce / fast_accuracy over examples with any loss token (FAST or co-training text).
   """
   observation = pi05.Observation.from_dict(batch)
-  losses = pi05.compute_losses(params, settings.model, observation, batch["actions"], rng,
-                               train=train)
+  losses = pi05.compute_losses(
+    params, settings.model, observation, batch["actions"], rng, train=train
+  )
   per_example = settings.flow_weight * losses["flow_mse"] + settings.fast_weight * losses["fast_ce"]
   has_tokens = jnp.any(batch["token_loss_mask"], axis=-1)
   metrics = {
@@ -64,6 +65,7 @@ def _split_micro_batches(batch, num: int):
   Taking every num-th example keeps each device's rows on that device: a device's contiguous
   block of B rows becomes a contiguous block along the second axis, so no data moves.
   """
+
   def split(x):
     x = x.reshape(x.shape[0] // num, num, *x.shape[1:])
     return jnp.swapaxes(x, 0, 1)
@@ -80,14 +82,17 @@ def _grads_and_metrics(params, settings: StepSettings, batch, rng):
 
   def accumulate(carry, xs):
     index, micro_batch = xs
-    grads, metrics = grad_fn(params, settings, micro_batch, jax.random.fold_in(rng, index),
-                             train=True)
+    grads, metrics = grad_fn(
+      params, settings, micro_batch, jax.random.fold_in(rng, index), train=True
+    )
     return jax.tree.map(jnp.add, carry, (grads, metrics)), None
 
   zeros = jax.tree.map(jnp.zeros_like, params)
   zero_metrics = jax.eval_shape(
-    lambda: grad_fn(params, settings, jax.tree.map(lambda x: x[0], micro_batches), rng,
-                    train=True)[1])
+    lambda: grad_fn(params, settings, jax.tree.map(lambda x: x[0], micro_batches), rng, train=True)[
+      1
+    ]
+  )
   zero_metrics = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), zero_metrics)
   indices = jnp.arange(settings.grad_accum_steps)
   (grads, metrics), _ = jax.lax.scan(accumulate, (zeros, zero_metrics), (indices, micro_batches))
@@ -95,8 +100,14 @@ def _grads_and_metrics(params, settings: StepSettings, batch, rng):
   return jax.tree.map(lambda x: x * scale, (grads, metrics))
 
 
-def train_step(settings: StepSettings, tx: optax.GradientTransformation, labels, schedules,
-               state: TrainState, batch) -> tuple[TrainState, dict]:
+def train_step(
+  settings: StepSettings,
+  tx: optax.GradientTransformation,
+  labels,
+  schedules,
+  state: TrainState,
+  batch,
+) -> tuple[TrainState, dict]:
   """One optimizer update. batch: the host-batch dict as global arrays [B, ...].
 
   Returns the new state and scalar metrics: loss terms, learning rate, gradient and update norm
@@ -120,6 +131,7 @@ def train_step(settings: StepSettings, tx: optax.GradientTransformation, labels,
   if settings.ema_decay is not None:
     decay = settings.ema_decay
     ema_params = jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p, ema_params, params)
-  new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state,
-                            ema_params=ema_params)
+  new_state = state.replace(
+    step=state.step + 1, params=params, opt_state=opt_state, ema_params=ema_params
+  )
   return new_state, metrics

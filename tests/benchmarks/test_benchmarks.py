@@ -6,11 +6,7 @@ import json
 import jax
 import pytest
 
-from benchmarks import latency_bench
-from benchmarks import memory_bench
-from benchmarks import results_writer
-from benchmarks import run_all
-from benchmarks import train_bench
+from benchmarks import latency_bench, memory_bench, results_writer, run_all, train_bench
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -83,7 +79,8 @@ def test_latency_bench_quick(tmp_path):
   assert record["flow"]["median_ms"] > 0 and record["fast"]["median_ms"] > 0
   assert record["prefix"]["median_ms"] > 0
   assert record["fast_over_flow"] == pytest.approx(
-    record["fast"]["median_ms"] / record["flow"]["median_ms"])
+    record["fast"]["median_ms"] / record["flow"]["median_ms"]
+  )
 
 
 def test_full_sizes_are_refused_without_an_accelerator(tmp_path):
@@ -91,8 +88,9 @@ def test_full_sizes_are_refused_without_an_accelerator(tmp_path):
     memory_bench.main(["--size", "full", "--out_dir", str(tmp_path)])
   with pytest.raises(SystemExit):
     latency_bench.main(["--size", "full", "--out_dir", str(tmp_path)])
-  results = train_bench.run(["full"], per_device_batch=None, remat=None, steps=1,
-                            warmup_steps=0, num_devices=1)
+  results = train_bench.run(
+    ["full"], per_device_batch=None, remat=None, steps=1, warmup_steps=0, num_devices=1
+  )
   assert results["results"] == [{"size": "full", "skipped": "needs an accelerator"}]
 
 
@@ -108,5 +106,4 @@ def test_run_all_plan():
 
 def test_markdown_table():
   table = results_writer.markdown_table("T", ["a", "b"], [[1.23456, None], ["x", 12345.6]])
-  assert table.splitlines() == ["T", "", "| a | b |", "|---|---|", "| 1.23 | - |",
-                                "| x | 12346 |"]
+  assert table.splitlines() == ["T", "", "| a | b |", "|---|---|", "| 1.23 | - |", "| x | 12346 |"]

@@ -8,8 +8,8 @@ import io
 import json
 import os
 
-import numpy as np
 from array_record.python import array_record_module
+import numpy as np
 from PIL import Image
 
 from ki.data import droid, normalize, records

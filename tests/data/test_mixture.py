@@ -23,11 +23,13 @@ class _CaptionSet(tfds.core.GeneratorBasedBuilder, skip_registration=True):
 
   def _info(self):
     return self.dataset_info_from_configs(
-      features=tfds.features.FeaturesDict({
-        "picture": tfds.features.Image(shape=(None, None, 3), encoding_format="jpeg"),
-        "question": tfds.features.Text(),
-        "caption": tfds.features.Text(),
-      })
+      features=tfds.features.FeaturesDict(
+        {
+          "picture": tfds.features.Image(shape=(None, None, 3), encoding_format="jpeg"),
+          "question": tfds.features.Text(),
+          "caption": tfds.features.Text(),
+        }
+      )
     )
 
   def _split_generators(self, dl_manager):
@@ -59,18 +61,34 @@ def data(tmp_path_factory):
 
 def make(data, vlm_sources, *, robot_weight=1.0, batch=8, **overrides):
   c = pipeline.default_config()
-  c.update(dict(arrayrecord_dir=data["robot"], action_dim=fixtures.ACTION_DIM,
-                action_horizon=fixtures.HORIZON, image_size=fixtures.IMAGE_SIZE,
-                robot_weight=robot_weight, vlm_sources=tuple(vlm_sources), **overrides))
+  c.update(
+    dict(
+      arrayrecord_dir=data["robot"],
+      action_dim=fixtures.ACTION_DIM,
+      action_horizon=fixtures.HORIZON,
+      image_size=fixtures.IMAGE_SIZE,
+      robot_weight=robot_weight,
+      vlm_sources=tuple(vlm_sources),
+      **overrides,
+    )
+  )
   return pipeline.make_iterator(
-    c, tokenizer=data["tokenizer"], norm_stats=data["stats"], split="train", seed=0,
-    process_index=0, process_count=1, per_host_batch_size=batch, train=True,
+    c,
+    tokenizer=data["tokenizer"],
+    norm_stats=data["stats"],
+    split="train",
+    seed=0,
+    process_index=0,
+    process_count=1,
+    per_host_batch_size=batch,
+    train=True,
   )
 
 
 def test_mixture_follows_the_weights(data):
-  iterator = make(data, [{"kind": "jsonl", "path": data["manifest"], "weight": 1.0}],
-                  robot_weight=3.0)
+  iterator = make(
+    data, [{"kind": "jsonl", "path": data["manifest"], "weight": 1.0}], robot_weight=3.0
+  )
   has_actions = np.concatenate([next(iterator)["has_actions"] for _ in range(40)])
   assert abs(has_actions.mean() - 0.75) < 0.03
   # Mixing happens per example, not per batch.
@@ -96,9 +114,11 @@ def test_vlm_examples_in_the_batch_follow_the_contract(data):
 
 
 def test_tfds_vlm_source_reads_configured_features(data):
-  iterator = iter(sources.tfds_vlm_examples(
-    data["tfds"], image_key="picture", prompt_key="question", answer_key="caption"
-  ))
+  iterator = iter(
+    sources.tfds_vlm_examples(
+      data["tfds"], image_key="picture", prompt_key="question", answer_key="caption"
+    )
+  )
   examples = [next(iterator) for _ in range(TFDS_EXAMPLES)]
   assert sorted(e["prompt"] for e in examples) == sorted(
     f"what is shown in picture {i}?" for i in range(TFDS_EXAMPLES)
@@ -109,8 +129,14 @@ def test_tfds_vlm_source_reads_configured_features(data):
 
 
 def test_three_way_mixture_with_a_tfds_source(data):
-  tfds_entry = {"kind": "tfds", "path": data["tfds"], "weight": 1.0, "image_key": "picture",
-                "prompt_key": "question", "answer_key": "caption"}
+  tfds_entry = {
+    "kind": "tfds",
+    "path": data["tfds"],
+    "weight": 1.0,
+    "image_key": "picture",
+    "prompt_key": "question",
+    "answer_key": "caption",
+  }
   jsonl_entry = {"kind": "jsonl", "path": data["manifest"], "weight": 1.0}
   iterator = make(data, [jsonl_entry, tfds_entry], robot_weight=2.0)
   answers = {"red": 0, "blue": 0}
@@ -130,8 +156,12 @@ def test_single_shard_tfds_source_is_split_by_record_across_hosts(data):
   prompts = []
   for host in range(2):
     examples = sources.tfds_vlm_examples(
-      data["tfds"], image_key="picture", prompt_key="question", answer_key="caption",
-      process_index=host, process_count=2,
+      data["tfds"],
+      image_key="picture",
+      prompt_key="question",
+      answer_key="caption",
+      process_index=host,
+      process_count=2,
     )
     iterator = iter(examples)
     prompts.append({next(iterator)["prompt"] for _ in range(TFDS_EXAMPLES // 2)})
@@ -140,8 +170,9 @@ def test_single_shard_tfds_source_is_split_by_record_across_hosts(data):
 
 
 def test_robot_weight_zero_trains_on_the_vlm_sources_alone(data):
-  iterator = make(data, [{"kind": "jsonl", "path": data["manifest"], "weight": 1.0}],
-                  robot_weight=0.0)
+  iterator = make(
+    data, [{"kind": "jsonl", "path": data["manifest"], "weight": 1.0}], robot_weight=0.0
+  )
   has_actions = np.concatenate([next(iterator)["has_actions"] for _ in range(4)])
   assert not has_actions.any()
   with pytest.raises(ValueError, match="robot_weight"):

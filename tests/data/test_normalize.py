@@ -69,7 +69,10 @@ def test_save_load_in_openpi_format(tmp_path):
   with open(path) as f:
     raw = json.load(f)
   assert raw["norm_stats"]["state"] == {
-    "mean": [0.0, 1.0], "std": [1.0, 2.0], "q01": [-2.0, -3.0], "q99": [2.0, 5.0]
+    "mean": [0.0, 1.0],
+    "std": [1.0, 2.0],
+    "q01": [-2.0, -3.0],
+    "q99": [2.0, 5.0],
   }
   loaded = normalize.load_norm_stats(path)
   assert set(loaded) == {"state", "actions"}
@@ -84,7 +87,9 @@ def test_save_load_in_openpi_format(tmp_path):
 
 def test_quantile_and_zscore_normalisation():
   stats = normalize.NormStats(
-    mean=np.array([1.0, -1.0]), std=np.array([2.0, 0.5]), q01=np.array([-1.0, 0.0]),
+    mean=np.array([1.0, -1.0]),
+    std=np.array([2.0, 0.5]),
+    q01=np.array([-1.0, 0.0]),
     q99=np.array([3.0, 10.0]),
   )
   x = np.array([[-1.0, 0.0], [3.0, 10.0], [1.0, 5.0]])

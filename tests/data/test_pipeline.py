@@ -28,8 +28,13 @@ def bad_records() -> tuple[list[bytes], dict[str, int]]:
     msgpack_numpy.packb(corrupt),
     msgpack_numpy.packb(silent),
   ]
-  expected = {"non_finite": 1, "bad_shape": 1, "corrupt_image": 2, "no_instruction": 1,
-              "too_long": 0}
+  expected = {
+    "non_finite": 1,
+    "bad_shape": 1,
+    "corrupt_image": 2,
+    "no_instruction": 1,
+    "too_long": 0,
+  }
   return records, expected
 
 
@@ -88,7 +93,8 @@ def test_batches_follow_the_host_batch_contract(data):
   b, h, d, length = 4, fixtures.HORIZON, fixtures.ACTION_DIM, fixtures.MAX_TOKEN_LEN
   expected = {
     "image": {
-      "base_0_rgb": ((b, 32, 32, 3), np.uint8), "left_wrist_0_rgb": ((b, 32, 32, 3), np.uint8)
+      "base_0_rgb": ((b, 32, 32, 3), np.uint8),
+      "left_wrist_0_rgb": ((b, 32, 32, 3), np.uint8),
     },
     "image_mask": {"base_0_rgb": ((b,), np.bool_), "left_wrist_0_rgb": ((b,), np.bool_)},
     "state": ((b, d), np.float32),
@@ -109,13 +115,16 @@ def test_fast_postfix_only_when_the_tokenizer_has_fast(data):
   assert with_fast["token_ar_mask"].sum(axis=1).min() > 0
   np.testing.assert_array_equal(with_fast["token_ar_mask"] == 1, with_fast["token_loss_mask"])
   tokenizer = data["tokenizer"]
-  flow_only = prompt.Pi05Tokenizer(tokenizer.prompt_tokenizer, None, max_token_len=tokenizer.max_token_len)
+  flow_only = prompt.Pi05Tokenizer(
+    tokenizer.prompt_tokenizer, None, max_token_len=tokenizer.max_token_len
+  )
   batch = next(make(dict(data, tokenizer=flow_only), config(data["good"])))
   assert batch["token_ar_mask"].sum() == 0 and batch["token_loss_mask"].sum() == 0
   # The same prompt text otherwise: the prefix is identical.
   prefix_lengths = batch["tokenized_prompt_mask"].sum(axis=1)
   np.testing.assert_array_equal(
-    prefix_lengths, with_fast["tokenized_prompt_mask"].sum(axis=1) - with_fast["token_ar_mask"].sum(axis=1)
+    prefix_lengths,
+    with_fast["tokenized_prompt_mask"].sum(axis=1) - with_fast["token_ar_mask"].sum(axis=1),
   )
 
 
@@ -195,15 +204,24 @@ def test_shuffle_depends_on_seed_and_epochs_reshuffle(data):
 def test_eval_iterator_is_unaugmented_and_finite(data):
   c = config(data["good"], eval_arrayrecord_dir=data["good"])
   iterator = pipeline.make_iterator(
-    c, tokenizer=data["tokenizer"], norm_stats=data["stats"], split="eval", seed=0,
-    process_index=0, process_count=1, per_host_batch_size=8, train=False,
+    c,
+    tokenizer=data["tokenizer"],
+    norm_stats=data["stats"],
+    split="eval",
+    seed=0,
+    process_index=0,
+    process_count=1,
+    per_host_batch_size=8,
+    train=False,
   )
   batches = list(iterator)
   assert len(batches) == 5
   # Without augmentation the red/green exterior stays a flat colour at the image centre.
   centre = batches[0]["image"]["base_0_rgb"][:, 16, 16]
-  assert np.all((np.abs(centre.astype(int) - [200, 0, 0]).max(1) < 12)
-                | (np.abs(centre.astype(int) - [0, 200, 0]).max(1) < 12))
+  assert np.all(
+    (np.abs(centre.astype(int) - [200, 0, 0]).max(1) < 12)
+    | (np.abs(centre.astype(int) - [0, 200, 0]).max(1) < 12)
+  )
 
 
 @pytest.mark.parametrize(
@@ -213,8 +231,10 @@ def test_eval_iterator_is_unaugmented_and_finite(data):
     ({"source": "parquet"}, "data.source"),
     ({"delta_action_mask": (True,) * 3}, "delta_action_mask"),
     ({"num_workers": -1}, "num_workers"),
-    ({"vlm_sources": ({"kind": "jsonl", "path": "/nope/vlm.jsonl", "weight": 1.0},)},
-     "/nope/vlm.jsonl"),
+    (
+      {"vlm_sources": ({"kind": "jsonl", "path": "/nope/vlm.jsonl", "weight": 1.0},)},
+      "/nope/vlm.jsonl",
+    ),
     ({"vlm_sources": ({"kind": "csv", "path": "x", "weight": 1.0},)}, "vlm_sources[0].kind"),
     ({"source": "rlds", "rlds_dir": "/missing/droid/1.0.1"}, "/missing/droid/1.0.1"),
   ],

@@ -52,8 +52,9 @@ def episodes(rlds_dir):
     for serialized in tf.data.TFRecordDataset(path).as_numpy_iterator():
       episode = reader.parse(serialized)
       metadata = episode["episode_metadata"]
-      key = droid.episode_key(metadata["recording_folderpath"].decode(),
-                              metadata["file_path"].decode())
+      key = droid.episode_key(
+        metadata["recording_folderpath"].decode(), metadata["file_path"].decode()
+      )
       result[key] = droid.stack_steps(episode["steps"])
   return result
 
@@ -75,8 +76,9 @@ def test_stream_keeps_successful_non_idle_frames_as_prepared_records(rlds_dir):
     episode = all_episodes[key]
     ranges = droid.keep_ranges(episode["action_dict"]["joint_velocity"])
     kept = droid.ranges_to_mask(ranges, len(episode["is_first"]))
-    instructed = np.array([any(episode[k][t] for k in droid.INSTRUCTION_KEYS)
-                           for t in range(len(kept))])
+    instructed = np.array(
+      [any(episode[k][t] for k in droid.INSTRUCTION_KEYS) for t in range(len(kept))]
+    )
     if not instructed.any():
       expected_drops += 1  # A whole episode without instructions counts once.
       continue
@@ -90,13 +92,19 @@ def test_stream_keeps_successful_non_idle_frames_as_prepared_records(rlds_dir):
   t = frame["step"]
   assert frame["images"]["wrist_image_left"] == episode["observation"]["wrist_image_left"][t]
   assert frame["images"]["wrist_image_left"][:2] == b"\xff\xd8"
-  np.testing.assert_allclose(frame["state"][:7], episode["observation"]["joint_position"][t],
-                             rtol=1e-6)
+  np.testing.assert_allclose(
+    frame["state"][:7], episode["observation"]["joint_position"][t], rtol=1e-6
+  )
 
 
 def test_hosts_read_disjoint_shards(rlds_dir):
-  ids = [{f["episode_id"] for f in frames_of(stream(rlds_dir, process_index=i, process_count=2,
-                                                    num_epochs=1))} for i in range(2)]
+  ids = [
+    {
+      f["episode_id"]
+      for f in frames_of(stream(rlds_dir, process_index=i, process_count=2, num_epochs=1))
+    }
+    for i in range(2)
+  ]
   everything = {f["episode_id"] for f in frames_of(stream(rlds_dir, num_epochs=1))}
   assert ids[0] and ids[1] and not ids[0] & ids[1]
   assert ids[0] | ids[1] == everything
@@ -116,12 +124,27 @@ def test_stream_state_restores_mid_episode(rlds_dir):
 
 def test_streaming_pipeline_resumes_exactly(rlds_dir, tmp_path):
   c = pipeline.default_config()
-  c.update(dict(source="rlds", rlds_dir=rlds_dir, action_dim=fixtures.ACTION_DIM,
-                action_horizon=fixtures.HORIZON, image_size=fixtures.IMAGE_SIZE, shuffle_window=16))
+  c.update(
+    dict(
+      source="rlds",
+      rlds_dir=rlds_dir,
+      action_dim=fixtures.ACTION_DIM,
+      action_horizon=fixtures.HORIZON,
+      image_size=fixtures.IMAGE_SIZE,
+      shuffle_window=16,
+    )
+  )
   all_frames = frames_of(stream(rlds_dir, num_epochs=1))
-  kwargs = dict(tokenizer=fixtures.tokenizer(tmp_path), norm_stats=fixtures.norm_stats(all_frames),
-                split="train", seed=5, process_index=0, process_count=1, per_host_batch_size=4,
-                train=True)
+  kwargs = dict(
+    tokenizer=fixtures.tokenizer(tmp_path),
+    norm_stats=fixtures.norm_stats(all_frames),
+    split="train",
+    seed=5,
+    process_index=0,
+    process_count=1,
+    per_host_batch_size=4,
+    train=True,
+  )
   iterator = pipeline.make_iterator(c, **kwargs)
   try:
     for _ in range(5):
@@ -177,15 +200,29 @@ def test_worker_processes_split_the_stream_and_resume_exactly(rlds_dir, tmp_path
   elements = list(stream(rlds_dir, num_epochs=1))  # Frames and the stream's own drop markers.
   # Long enough that no prompt is dropped: which instruction a frame draws depends on the worker
   # layout (Grain seeds per worker), and with it whether a tight limit would drop the frame.
-  kwargs = dict(tokenizer=fixtures.tokenizer(tmp_path, max_token_len=256),
-                norm_stats=fixtures.norm_stats(frames_of(elements)), split="train", seed=0,
-                process_index=0, process_count=1, per_host_batch_size=1, train=False)
+  kwargs = dict(
+    tokenizer=fixtures.tokenizer(tmp_path, max_token_len=256),
+    norm_stats=fixtures.norm_stats(frames_of(elements)),
+    split="train",
+    seed=0,
+    process_index=0,
+    process_count=1,
+    per_host_batch_size=1,
+    train=False,
+  )
 
   def make(workers):
     c = pipeline.default_config()
-    c.update(dict(source="rlds", rlds_dir=rlds_dir, action_dim=fixtures.ACTION_DIM,
-                  action_horizon=fixtures.HORIZON, image_size=fixtures.IMAGE_SIZE,
-                  num_workers=workers))
+    c.update(
+      dict(
+        source="rlds",
+        rlds_dir=rlds_dir,
+        action_dim=fixtures.ACTION_DIM,
+        action_horizon=fixtures.HORIZON,
+        image_size=fixtures.IMAGE_SIZE,
+        num_workers=workers,
+      )
+    )
     return pipeline.make_iterator(c, **kwargs)
 
   single = make(0)

@@ -2,8 +2,8 @@
 and every bad-input case becoming a counted Dropped marker instead of an exception."""
 
 import numpy as np
-import pytest
 from PIL import Image
+import pytest
 
 from ki import msgpack_numpy
 from ki.data import droid, images, normalize, sources, transforms
@@ -49,8 +49,10 @@ def test_augmentation_is_deterministic_and_wrist_gets_colour_only():
   again = images.augment(image, np.random.default_rng(3), geometric=True)
   np.testing.assert_array_equal(np.asarray(first), np.asarray(again))
   # Rotating a uniform image leaves black corners; colour jitter alone keeps it uniform.
-  corners = [np.asarray(images.augment(image, np.random.default_rng(s), geometric=True))[0, 0]
-             for s in range(8)]
+  corners = [
+    np.asarray(images.augment(image, np.random.default_rng(s), geometric=True))[0, 0]
+    for s in range(8)
+  ]
   assert any(np.all(c == 0) for c in corners)
   for seed in range(8):
     wrist = np.asarray(images.augment(image, np.random.default_rng(seed), geometric=False))
@@ -163,7 +165,9 @@ def test_record_decoding_classifies_bad_bytes():
 
 def test_vlm_example_masks_wrist_and_puts_loss_on_answer(tokenizer):
   transform = transforms.VlmTransform(
-    tokenizer=tokenizer, action_dim=fixtures.ACTION_DIM, action_horizon=fixtures.HORIZON,
+    tokenizer=tokenizer,
+    action_dim=fixtures.ACTION_DIM,
+    action_horizon=fixtures.HORIZON,
     image_size=fixtures.IMAGE_SIZE,
   )
   record = {"image": fixtures.jpeg((0, 0, 200)), "prompt": "where is the cup?", "answer": "left"}

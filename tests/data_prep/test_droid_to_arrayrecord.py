@@ -6,21 +6,21 @@ import re
 import shutil
 
 import numpy as np
+from PIL import Image
 import pytest
 import tensorflow as tf
 import tensorflow_datasets as tfds
-from PIL import Image
 
-from data_prep import droid_to_arrayrecord, make_synthetic_droid, rlds_writer
-from data_prep import prepared_frames
+from data_prep import droid_to_arrayrecord, make_synthetic_droid, prepared_frames, rlds_writer
 from ki.data import droid, records
 
 
 def _all_frames(data_dir):
   source = prepared_frames.open_frames(str(data_dir))
-  return [records.decode_frame(data, action_horizon=16) for data in source.__getitems__(
-    list(range(len(source)))
-  )]
+  return [
+    records.decode_frame(data, action_horizon=16)
+    for data in source.__getitems__(list(range(len(source))))
+  ]
 
 
 def _expected_kept_frames(num_episodes):
@@ -78,9 +78,7 @@ def test_records_hold_stored_jpegs_state_and_chunks(prepared_droid, synthetic_dr
   for camera in droid.CAMERA_NAMES:
     assert frame["images"][camera] == step["observation"][camera]  # Not re-encoded.
   assert Image.open(io.BytesIO(frame["images"]["wrist_image_left"])).size == (320, 180)
-  np.testing.assert_allclose(
-    frame["state"][:7], step["observation"]["joint_position"], rtol=1e-6
-  )
+  np.testing.assert_allclose(frame["state"][:7], step["observation"]["joint_position"], rtol=1e-6)
   for h in range(16):
     source = steps[min(frame["step"] + h, len(steps) - 1)]["action_dict"]
     np.testing.assert_allclose(frame["actions"][h, :7], source["joint_position"], rtol=1e-6)
@@ -150,8 +148,9 @@ def bad_rlds(tmp_path_factory):
   version_dir = rlds_writer.write_rlds_dataset(
     str(root), _bad_episode, 5, num_shards=1, description="bad input test"
   )
-  shard = str(next(p for p in sorted(tfds.builder_from_directory(version_dir).info.splits[
-    "train"].filepaths)))
+  shard = str(
+    next(p for p in sorted(tfds.builder_from_directory(version_dir).info.splits["train"].filepaths))
+  )
   serialized = list(tf.data.TFRecordDataset(shard).as_numpy_iterator())
   wrong_shape = tf.train.Example.FromString(serialized[0])
   values = wrong_shape.features.feature["steps/observation/joint_position"].float_list.value

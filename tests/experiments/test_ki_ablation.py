@@ -27,9 +27,14 @@ def _flat(config: ml_collections.ConfigDict, prefix: str = "") -> dict:
 
 @pytest.mark.parametrize("size", ["smoke", "medium", "full"])
 def test_arms_differ_only_in_the_insulation_switches(size):
-  configs = {arm: _flat(ki_ablation.arm_config(size, arm, init_path="/ckpt/vlm", seed=3,
-                                               total_steps=100, eval_every=25))
-             for arm in ki_ablation.ARMS}
+  configs = {
+    arm: _flat(
+      ki_ablation.arm_config(
+        size, arm, init_path="/ckpt/vlm", seed=3, total_steps=100, eval_every=25
+      )
+    )
+    for arm in ki_ablation.ARMS
+  }
   reference = configs["ki_cotrain"]
   for arm, config in configs.items():
     assert set(config) == set(reference), arm
@@ -61,10 +66,15 @@ def test_synthetic_sizes_start_from_their_own_pretrained_vlm(monkeypatch, tmp_pa
 
 
 def test_overrides_apply_to_every_arm_alike():
-  overrides = ki_ablation.parse_overrides(["batch_size=8", "eval.batch_size=8",
-                                           "data.num_workers=0", "model.dtype=float32"])
-  assert overrides == {"batch_size": 8, "eval.batch_size": 8, "data.num_workers": 0,
-                       "model.dtype": "float32"}
+  overrides = ki_ablation.parse_overrides(
+    ["batch_size=8", "eval.batch_size=8", "data.num_workers=0", "model.dtype=float32"]
+  )
+  assert overrides == {
+    "batch_size": 8,
+    "eval.batch_size": 8,
+    "data.num_workers": 0,
+    "model.dtype": "float32",
+  }
   for arm in ki_ablation.ARMS:
     config = ki_ablation.arm_config("medium", arm, init_path="/ckpt/vlm", overrides=overrides)
     assert (config.batch_size, config.data.num_workers, config.model.dtype) == (8, 0, "float32")
@@ -96,10 +106,16 @@ def test_quick_ablation_writes_its_table_and_plots(tmp_path, request):
   env = dict(os.environ, JAX_PLATFORMS="cpu")
   env.pop("XLA_FLAGS", None)
   out = tmp_path / "ablation"
-  command = [sys.executable, "-m", "experiments.ki_ablation", f"--out={out}", "--quick",
-             f"--cache={tmp_path / 'cache'}", f"--compilation_cache={compilation_cache}"]
-  result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True,
-                          timeout=600)
+  command = [
+    sys.executable,
+    "-m",
+    "experiments.ki_ablation",
+    f"--out={out}",
+    "--quick",
+    f"--cache={tmp_path / 'cache'}",
+    f"--compilation_cache={compilation_cache}",
+  ]
+  result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
   assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
   for name in ("ablation.md", "curves.png", "latency.png", "results.json"):
     assert (out / name).stat().st_size > 0, name

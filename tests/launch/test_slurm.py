@@ -69,13 +69,16 @@ def synthetic_cache(tmp_path_factory):
   """Synthetic DROID for the smoke model, generated once by one process as a real multi-host run
   needs (ki.train.demo_data refuses to generate it from several); small: ~10 s."""
   cache = tmp_path_factory.mktemp("ki_cache")
-  code = ("import sys; from experiments import droid_ki; from ki.train import demo_data; "
-          "c = droid_ki.get_config('smoke'); c.unlock(); "
-          "c.synthetic_data.update(dict(episodes=16, vlm_images=120)); demo_data.ensure(c)")
+  code = (
+    "import sys; from experiments import droid_ki; from ki.train import demo_data; "
+    "c = droid_ki.get_config('smoke'); c.unlock(); "
+    "c.synthetic_data.update(dict(episodes=16, vlm_images=120)); demo_data.ensure(c)"
+  )
   env = dict(os.environ, KI_CACHE=str(cache), JAX_PLATFORMS="cpu")
   env.pop("XLA_FLAGS", None)
-  result = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True,
-                          text=True, timeout=300)
+  result = subprocess.run(
+    [sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, timeout=300
+  )
   assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
   return cache
 
@@ -88,8 +91,9 @@ def compilation_cache(request):
 
 @pytest.mark.multiprocess
 @pytest.mark.slow
-def test_sbatch_script_trains_two_processes_under_fake_slurm(tmp_path, synthetic_cache,
-                                                               compilation_cache):
+def test_sbatch_script_trains_two_processes_under_fake_slurm(
+  tmp_path, synthetic_cache, compilation_cache
+):
   bin_dir = tmp_path / "bin"
   bin_dir.mkdir()
   srun = bin_dir / "srun"
@@ -105,37 +109,63 @@ def test_sbatch_script_trains_two_processes_under_fake_slurm(tmp_path, synthetic
   workdir = tmp_path / "work"
 
   job_id = _job_id_with_free_port()
-  env = {k: v for k, v in os.environ.items()
-         if not k.startswith(("SLURM_", "XLA_FLAGS", "JAX_", "KI_REPO"))}
-  env.update({
-    "PATH": f"{bin_dir}{os.pathsep}{env.get('PATH', '')}",
-    "FAKE_SRUN_LOGS": str(logs),
-    # What sbatch sets in the batch script's environment (--nodes=2 --ntasks-per-node=1).
-    "SLURM_JOB_ID": str(job_id), "SLURM_JOBID": str(job_id), "SLURM_JOB_NAME": "ki-train",
-    "SLURM_JOB_NODELIST": "localhost,127.0.0.1", "SLURM_NODELIST": "localhost,127.0.0.1",
-    "SLURM_NNODES": "2", "SLURM_JOB_NUM_NODES": "2", "SLURM_NTASKS": "2", "SLURM_NPROCS": "2",
-    "SLURM_NTASKS_PER_NODE": "1", "SLURM_TASKS_PER_NODE": "1(x2)", "SLURM_NODEID": "0",
-    "SLURM_PROCID": "0", "SLURM_LOCALID": "0", "SLURM_SUBMIT_DIR": REPO,
-    "SLURM_SUBMIT_HOST": "localhost", "SLURMD_NODENAME": "localhost",
-    # --gpus-per-node=2 (jax only logs which GPUs it would use: there are none here).
-    "SLURM_GPUS_ON_NODE": "2",
-    # This machine instead of GPUs: 2 CPU devices per process, collectives through gloo.
-    "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=2",
-    "JAX_CPU_COLLECTIVES_IMPLEMENTATION": "gloo",
-    "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
-    "KI_CACHE": str(synthetic_cache),
-  })
+  env = {
+    k: v
+    for k, v in os.environ.items()
+    if not k.startswith(("SLURM_", "XLA_FLAGS", "JAX_", "KI_REPO"))
+  }
+  env.update(
+    {
+      "PATH": f"{bin_dir}{os.pathsep}{env.get('PATH', '')}",
+      "FAKE_SRUN_LOGS": str(logs),
+      # What sbatch sets in the batch script's environment (--nodes=2 --ntasks-per-node=1).
+      "SLURM_JOB_ID": str(job_id),
+      "SLURM_JOBID": str(job_id),
+      "SLURM_JOB_NAME": "ki-train",
+      "SLURM_JOB_NODELIST": "localhost,127.0.0.1",
+      "SLURM_NODELIST": "localhost,127.0.0.1",
+      "SLURM_NNODES": "2",
+      "SLURM_JOB_NUM_NODES": "2",
+      "SLURM_NTASKS": "2",
+      "SLURM_NPROCS": "2",
+      "SLURM_NTASKS_PER_NODE": "1",
+      "SLURM_TASKS_PER_NODE": "1(x2)",
+      "SLURM_NODEID": "0",
+      "SLURM_PROCID": "0",
+      "SLURM_LOCALID": "0",
+      "SLURM_SUBMIT_DIR": REPO,
+      "SLURM_SUBMIT_HOST": "localhost",
+      "SLURMD_NODENAME": "localhost",
+      # --gpus-per-node=2 (jax only logs which GPUs it would use: there are none here).
+      "SLURM_GPUS_ON_NODE": "2",
+      # This machine instead of GPUs: 2 CPU devices per process, collectives through gloo.
+      "JAX_PLATFORMS": "cpu",
+      "XLA_FLAGS": "--xla_force_host_platform_device_count=2",
+      "JAX_CPU_COLLECTIVES_IMPLEMENTATION": "gloo",
+      "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+      "KI_CACHE": str(synthetic_cache),
+    }
+  )
   # The smoke experiment with tests/train/tiny.py's model widths (its vocabulary and token
   # lengths stay: they are the synthetic data's), so that compiling takes seconds.
-  command = ["bash", str(script), "experiments/droid_ki.py:smoke", str(workdir),
-             "--config.model.vlm_variant=tiny", "--config.model.expert_variant=tiny",
-             "--config.model.image_size=32", "--config.data.image_size=32",
-             "--config.batch_size=8", "--config.total_steps=2", "--config.log_every=1",
-             "--config.checkpoint.every=2", "--config.eval.every=0",
-             f"--config.compilation_cache_dir={compilation_cache}"]
+  command = [
+    "bash",
+    str(script),
+    "experiments/droid_ki.py:smoke",
+    str(workdir),
+    "--config.model.vlm_variant=tiny",
+    "--config.model.expert_variant=tiny",
+    "--config.model.image_size=32",
+    "--config.data.image_size=32",
+    "--config.batch_size=8",
+    "--config.total_steps=2",
+    "--config.log_every=1",
+    "--config.checkpoint.every=2",
+    "--config.eval.every=0",
+    f"--config.compilation_cache_dir={compilation_cache}",
+  ]
   # sbatch starts the script in the submission folder.
-  result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True,
-                          timeout=600)
+  result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
   output = result.stdout + result.stderr
   assert result.returncode == 0, output[-6000:]
   assert "srun options: --kill-on-bad-exit=1" in result.stderr
@@ -148,4 +178,6 @@ def test_sbatch_script_trains_two_processes_under_fake_slurm(tmp_path, synthetic
   step_dir = workdir / "checkpoints" / "2"
   assert (step_dir / "state").is_dir() and (step_dir / "params").is_dir()
   assert sorted(p.name for p in (step_dir / "data").iterdir() if p.suffix == ".json") == [
-    "process_0-of-2.json", "process_1-of-2.json"]
+    "process_0-of-2.json",
+    "process_1-of-2.json",
+  ]

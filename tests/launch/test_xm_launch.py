@@ -13,19 +13,28 @@ import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 CONFIG = "experiments/droid_ki.py:smoke"
-OVERRIDES = ["data.arrayrecord_dir=gs://bucket/droid_ar/train", "init.path=gs://bucket/vlm",
-             "total_steps=7", "model.fast_loss=false"]
+OVERRIDES = [
+  "data.arrayrecord_dir=gs://bucket/droid_ar/train",
+  "init.path=gs://bucket/vlm",
+  "total_steps=7",
+  "model.fast_loss=false",
+]
 # What every Vertex job runs: ki.main's flags, the overrides after --config.
-VERTEX_ARGV = [f"--config={CONFIG}", "--workdir=gs://bucket/ki",
-               "--config.data.arrayrecord_dir=gs://bucket/droid_ar/train",
-               "--config.init.path=gs://bucket/vlm",
-               "--config.total_steps=7", "--config.model.fast_loss=false"]
+VERTEX_ARGV = [
+  f"--config={CONFIG}",
+  "--workdir=gs://bucket/ki",
+  "--config.data.arrayrecord_dir=gs://bucket/droid_ar/train",
+  "--config.init.path=gs://bucket/vlm",
+  "--config.total_steps=7",
+  "--config.model.fast_loss=false",
+]
 
 
 def _load(name):
   """launch/ is a folder of scripts, not a package: load a file of it by path."""
-  spec = importlib.util.spec_from_file_location(f"launch_{name}",
-                                                os.path.join(REPO, "launch", f"{name}.py"))
+  spec = importlib.util.spec_from_file_location(
+    f"launch_{name}", os.path.join(REPO, "launch", f"{name}.py")
+  )
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   return module
@@ -34,7 +43,8 @@ def _load(name):
 xm_jobs = _load("xm_jobs")
 needs_ki = pytest.mark.skipif(
   not all(importlib.util.find_spec(m) for m in ("jax", "ml_collections")),
-  reason="ki.main needs jax and ml_collections")
+  reason="ki.main needs jax and ml_collections",
+)
 
 
 def _cluster_spec(nodes, pool, index):
@@ -43,9 +53,16 @@ def _cluster_spec(nodes, pool, index):
   cluster = {"workerpool0": ["cmle-training-workerpool0-ab-0:2222"]}
   if nodes > 1:
     cluster["workerpool1"] = [f"cmle-training-workerpool1-ab-{i}:2222" for i in range(nodes - 1)]
-  return json.dumps({"cluster": cluster, "environment": "cloud",
-                     "task": {"type": pool, "index": index, "trial": ""},
-                     "job": "{}", "open_ports": [3333]})
+  return json.dumps(
+    {
+      "cluster": cluster,
+      "environment": "cloud",
+      "task": {"type": pool, "index": index, "trial": ""},
+      "job": "{}",
+      "open_ports": [3333],
+    }
+  )
+
 
 # Parses argv with ki.main's real flags (absl + ml_collections config_flags, lock_config=True),
 # then runs ki.main's own multi-host check with jax.distributed.initialize replaced by a recorder;
@@ -71,19 +88,30 @@ print(json.dumps({
 
 
 def _ki_main_parse(argv, cluster_spec=None):
-  env = {k: v for k, v in os.environ.items()
-         if not k.startswith("SLURM_") and k != "CLUSTER_SPEC"}
+  env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_") and k != "CLUSTER_SPEC"}
   if cluster_spec is not None:
     env["CLUSTER_SPEC"] = cluster_spec
-  result = subprocess.run([sys.executable, "-c", _PARSE, json.dumps(argv)], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=300)
+  result = subprocess.run(
+    [sys.executable, "-c", _PARSE, json.dumps(argv)],
+    cwd=REPO,
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
   assert result.returncode == 0, result.stderr[-3000:]
   return json.loads(result.stdout.strip().splitlines()[-1])
 
 
 def test_one_node_runs_ki_main_without_distributed_flags():
-  [job] = xm_jobs.node_jobs(executor="vertex", config=CONFIG, workdir="gs://bucket/ki",
-                            overrides=OVERRIDES, accelerator="h100", accelerators_per_node=8)
+  [job] = xm_jobs.node_jobs(
+    executor="vertex",
+    config=CONFIG,
+    workdir="gs://bucket/ki",
+    overrides=OVERRIDES,
+    accelerator="h100",
+    accelerators_per_node=8,
+  )
   assert (job.name, job.replicas) == ("node_0", 1)
   assert job.requirements == {"h100": 8}
   assert xm_jobs.to_argv(job.args) == VERTEX_ARGV
@@ -91,9 +119,15 @@ def test_one_node_runs_ki_main_without_distributed_flags():
 
 @pytest.mark.parametrize("nodes", [1, 2, 4, 16, 64])
 def test_nodes_are_pool_0_with_one_replica_and_pool_1_with_the_rest(nodes):
-  jobs = xm_jobs.node_jobs(executor="vertex", config=CONFIG, workdir="gs://bucket/ki",
-                           overrides=OVERRIDES, nodes=nodes, accelerator="a100",
-                           accelerators_per_node=8)
+  jobs = xm_jobs.node_jobs(
+    executor="vertex",
+    config=CONFIG,
+    workdir="gs://bucket/ki",
+    overrides=OVERRIDES,
+    nodes=nodes,
+    accelerator="a100",
+    accelerators_per_node=8,
+  )
   pools = [(job.name, job.replicas) for job in jobs]
   assert pools == [("node_0", 1)] + ([("workers", nodes - 1)] if nodes > 1 else [])
   assert sum(job.replicas for job in jobs) == nodes
@@ -108,30 +142,39 @@ def test_local_is_one_node_without_requirements_unless_asked():
   assert job.args == {"config": CONFIG, "workdir": "/tmp/ki_xm"}
   assert job.requirements == {}
   # xmanager's local executor only passes GPUs into the container for `local_gpu`.
-  [job] = xm_jobs.node_jobs(executor="local", config=CONFIG, workdir="/tmp/ki_xm",
-                            accelerator="a100", accelerators_per_node=2)
+  [job] = xm_jobs.node_jobs(
+    executor="local",
+    config=CONFIG,
+    workdir="/tmp/ki_xm",
+    accelerator="a100",
+    accelerators_per_node=2,
+  )
   assert job.requirements == {"local_gpu": 2}
 
 
 def test_vertex_asks_for_eight_accelerators_by_default():
-  [job] = xm_jobs.node_jobs(executor="vertex", config=CONFIG, workdir="gs://b/ki",
-                            accelerator="a100")
+  [job] = xm_jobs.node_jobs(
+    executor="vertex", config=CONFIG, workdir="gs://b/ki", accelerator="a100"
+  )
   assert job.requirements == {"a100": 8}
 
 
-@pytest.mark.parametrize("kwargs, message", [
-  ({"overrides": ["no_equals_sign"]}, "key=value"),
-  ({"overrides": ["=1"]}, "key=value"),
-  ({"overrides": ["config.total_steps=1"]}, "without the 'config.' prefix"),
-  ({"nodes": 0}, "at least 1"),
-  ({"executor": "local", "nodes": 2}, "one container"),
-  ({"executor": "slurm"}, "not one of"),
-  ({"workdir": ""}, "workdir is required"),
-  ({"overrides": ["data.mixture=[a,b]"]}, "drops"),
-  ({"overrides": ["init.path=/a b"]}, "drops"),
-  ({"accelerator": None, "accelerators_per_node": 8}, "needs an accelerator name"),
-  ({"accelerators_per_node": -1}, ">= 0"),
-])
+@pytest.mark.parametrize(
+  "kwargs, message",
+  [
+    ({"overrides": ["no_equals_sign"]}, "key=value"),
+    ({"overrides": ["=1"]}, "key=value"),
+    ({"overrides": ["config.total_steps=1"]}, "without the 'config.' prefix"),
+    ({"nodes": 0}, "at least 1"),
+    ({"executor": "local", "nodes": 2}, "one container"),
+    ({"executor": "slurm"}, "not one of"),
+    ({"workdir": ""}, "workdir is required"),
+    ({"overrides": ["data.mixture=[a,b]"]}, "drops"),
+    ({"overrides": ["init.path=/a b"]}, "drops"),
+    ({"accelerator": None, "accelerators_per_node": 8}, "needs an accelerator name"),
+    ({"accelerators_per_node": -1}, ">= 0"),
+  ],
+)
 def test_bad_requests_are_refused(kwargs, message):
   request = {"executor": "vertex", "config": CONFIG, "workdir": "gs://b/ki", **kwargs}
   with pytest.raises(ValueError, match=message):
@@ -140,62 +183,98 @@ def test_bad_requests_are_refused(kwargs, message):
 
 @needs_ki
 def test_ki_main_accepts_the_single_node_argv():
-  [job] = xm_jobs.node_jobs(executor="vertex", config=CONFIG, workdir="gs://bucket/ki",
-                            overrides=OVERRIDES)
+  [job] = xm_jobs.node_jobs(
+    executor="vertex", config=CONFIG, workdir="gs://bucket/ki", overrides=OVERRIDES
+  )
   seen = _ki_main_parse(xm_jobs.to_argv(job.args))
-  assert seen == {"rest": [], "workdir": "gs://bucket/ki", "distributed": [],
-                  "arrayrecord_dir": "gs://bucket/droid_ar/train", "init_path": "gs://bucket/vlm",
-                  "total_steps": 7, "fast_loss": False, "locked": True}
+  assert seen == {
+    "rest": [],
+    "workdir": "gs://bucket/ki",
+    "distributed": [],
+    "arrayrecord_dir": "gs://bucket/droid_ar/train",
+    "init_path": "gs://bucket/vlm",
+    "total_steps": 7,
+    "fast_loss": False,
+    "locked": True,
+  }
 
 
 @needs_ki
-@pytest.mark.parametrize("pool, index, process_id", [("workerpool0", 0, 0),
-                                                     ("workerpool1", 3, 4)])
+@pytest.mark.parametrize("pool, index, process_id", [("workerpool0", 0, 0), ("workerpool1", 3, 4)])
 def test_ki_main_finds_its_process_in_a_16_node_vertex_job(pool, index, process_id):
   # Every replica runs the same argv; only Vertex's CLUSTER_SPEC tells them apart.
-  jobs = xm_jobs.node_jobs(executor="vertex", config=CONFIG, workdir="gs://bucket/ki",
-                           overrides=OVERRIDES, nodes=16)
+  jobs = xm_jobs.node_jobs(
+    executor="vertex", config=CONFIG, workdir="gs://bucket/ki", overrides=OVERRIDES, nodes=16
+  )
   argv = xm_jobs.to_argv(jobs[0 if pool == "workerpool0" else 1].args)
   seen = _ki_main_parse(argv, cluster_spec=_cluster_spec(16, pool, index))
   assert seen["rest"] == []
-  assert seen["distributed"] == [{"coordinator_address": "cmle-training-workerpool0-ab-0:2222",
-                                  "num_processes": 16, "process_id": process_id}]
+  assert seen["distributed"] == [
+    {
+      "coordinator_address": "cmle-training-workerpool0-ab-0:2222",
+      "num_processes": 16,
+      "process_id": process_id,
+    }
+  ]
   assert seen["total_steps"] == 7 and seen["fast_loss"] is False
 
 
 @needs_ki
 def test_ki_main_single_replica_vertex_job_is_not_distributed():
   [job] = xm_jobs.node_jobs(executor="vertex", config=CONFIG, workdir="gs://bucket/ki")
-  seen = _ki_main_parse(xm_jobs.to_argv(job.args),
-                        cluster_spec=_cluster_spec(1, "workerpool0", 0))
+  seen = _ki_main_parse(xm_jobs.to_argv(job.args), cluster_spec=_cluster_spec(1, "workerpool0", 0))
   assert seen["distributed"] == []
 
 
 @needs_ki
 def test_ki_main_explicit_flags_win_over_cluster_spec():
-  argv = [f"--config={CONFIG}", "--workdir=/tmp/ki", "--coordinator_address=10.0.0.1:1234",
-          "--num_processes=2", "--process_id=1"]
+  argv = [
+    f"--config={CONFIG}",
+    "--workdir=/tmp/ki",
+    "--coordinator_address=10.0.0.1:1234",
+    "--num_processes=2",
+    "--process_id=1",
+  ]
   seen = _ki_main_parse(argv, cluster_spec=_cluster_spec(16, "workerpool1", 3))
-  assert seen["distributed"] == [{"coordinator_address": "10.0.0.1:1234", "num_processes": 2,
-                                  "process_id": 1}]
+  assert seen["distributed"] == [
+    {"coordinator_address": "10.0.0.1:1234", "num_processes": 2, "process_id": 1}
+  ]
 
 
 @needs_ki
-@pytest.mark.parametrize("nodes, pool, index, process_id", [
-  (1, "workerpool0", 0, 0), (2, "workerpool1", 0, 1), (16, "workerpool0", 0, 0),
-  (16, "workerpool1", 0, 1), (16, "workerpool1", 3, 4), (16, "workerpool1", 14, 15)])
+@pytest.mark.parametrize(
+  "nodes, pool, index, process_id",
+  [
+    (1, "workerpool0", 0, 0),
+    (2, "workerpool1", 0, 1),
+    (16, "workerpool0", 0, 0),
+    (16, "workerpool1", 0, 1),
+    (16, "workerpool1", 3, 4),
+    (16, "workerpool1", 14, 15),
+  ],
+)
 def test_vertex_cluster_numbers_processes_in_pool_order(nodes, pool, index, process_id):
   from ki import main as ki_main  # pylint: disable=g-import-not-at-top
+
   assert ki_main.vertex_cluster(_cluster_spec(nodes, pool, index)) == (
-    "cmle-training-workerpool0-ab-0:2222", nodes, process_id)
+    "cmle-training-workerpool0-ab-0:2222",
+    nodes,
+    process_id,
+  )
 
 
 @needs_ki
 def test_vertex_cluster_counts_every_pool_in_order():
   from ki import main as ki_main  # pylint: disable=g-import-not-at-top
-  spec = {"cluster": {"workerpool2": ["c:2222"], "workerpool0": ["a:2222"],
-                      "workerpool1": ["b0:2222", "b1:2222"]},
-          "task": {"type": "workerpool2", "index": 0}}
+
+  spec = {
+    "cluster": {
+      "workerpool2": ["c:2222"],
+      "workerpool0": ["a:2222"],
+      "workerpool1": ["b0:2222", "b1:2222"],
+    },
+    "task": {"type": "workerpool2", "index": 0},
+  }
   assert ki_main.vertex_cluster(json.dumps(spec)) == ("a:2222", 4, 3)
 
 
@@ -203,43 +282,63 @@ _POOLS = {"workerpool0": ["h0:2222"], "workerpool1": ["h1:2222", "h2:2222"]}
 
 
 @needs_ki
-@pytest.mark.parametrize("spec, message", [
-  ("not json", "not JSON"),
-  ("[]", "not a JSON object"),
-  ({"task": {"type": "workerpool0", "index": 0}}, "no 'cluster'"),
-  ({"cluster": {}, "task": {"type": "workerpool0", "index": 0}}, "no 'cluster'"),
-  ({"cluster": {"workerpool1": ["h1:2222"]}, "task": {"type": "workerpool1", "index": 0}},
-   "no workerpool0"),
-  ({"cluster": {"chief": ["h0:2222"]}, "task": {"type": "chief", "index": 0}},
-   "'chief' is not a workerpoolN"),
-  ({"cluster": {"workerpool0": []}, "task": {"type": "workerpool0", "index": 0}},
-   "workerpool0 is not a non-empty list"),
-  ({"cluster": {"workerpool0": "h0:2222"}, "task": {"type": "workerpool0", "index": 0}},
-   "workerpool0 is not a non-empty list"),
-  ({"cluster": {"workerpool0": ["h0"]}, "task": {"type": "workerpool0", "index": 0}},
-   "'h0' is not host:port"),
-  ({"cluster": _POOLS}, "no 'task'"),
-  ({"cluster": _POOLS, "task": {"index": 0}}, "task type None"),
-  ({"cluster": _POOLS, "task": {"type": "workerpool2", "index": 0}}, "task type 'workerpool2'"),
-  ({"cluster": _POOLS, "task": {"type": ["workerpool1"], "index": 0}}, "task type \\["),
-  ({"cluster": _POOLS, "task": {"type": "workerpool1"}}, "task index None"),
-  ({"cluster": _POOLS, "task": {"type": "workerpool1", "index": 2}}, r"task index 2 .*0\.\.1"),
-  ({"cluster": _POOLS, "task": {"type": "workerpool1", "index": "1"}}, "task index '1'"),
-])
+@pytest.mark.parametrize(
+  "spec, message",
+  [
+    ("not json", "not JSON"),
+    ("[]", "not a JSON object"),
+    ({"task": {"type": "workerpool0", "index": 0}}, "no 'cluster'"),
+    ({"cluster": {}, "task": {"type": "workerpool0", "index": 0}}, "no 'cluster'"),
+    (
+      {"cluster": {"workerpool1": ["h1:2222"]}, "task": {"type": "workerpool1", "index": 0}},
+      "no workerpool0",
+    ),
+    (
+      {"cluster": {"chief": ["h0:2222"]}, "task": {"type": "chief", "index": 0}},
+      "'chief' is not a workerpoolN",
+    ),
+    (
+      {"cluster": {"workerpool0": []}, "task": {"type": "workerpool0", "index": 0}},
+      "workerpool0 is not a non-empty list",
+    ),
+    (
+      {"cluster": {"workerpool0": "h0:2222"}, "task": {"type": "workerpool0", "index": 0}},
+      "workerpool0 is not a non-empty list",
+    ),
+    (
+      {"cluster": {"workerpool0": ["h0"]}, "task": {"type": "workerpool0", "index": 0}},
+      "'h0' is not host:port",
+    ),
+    ({"cluster": _POOLS}, "no 'task'"),
+    ({"cluster": _POOLS, "task": {"index": 0}}, "task type None"),
+    ({"cluster": _POOLS, "task": {"type": "workerpool2", "index": 0}}, "task type 'workerpool2'"),
+    ({"cluster": _POOLS, "task": {"type": ["workerpool1"], "index": 0}}, "task type \\["),
+    ({"cluster": _POOLS, "task": {"type": "workerpool1"}}, "task index None"),
+    ({"cluster": _POOLS, "task": {"type": "workerpool1", "index": 2}}, r"task index 2 .*0\.\.1"),
+    ({"cluster": _POOLS, "task": {"type": "workerpool1", "index": "1"}}, "task index '1'"),
+  ],
+)
 def test_vertex_cluster_refuses_a_malformed_spec(spec, message):
   from ki import main as ki_main  # pylint: disable=g-import-not-at-top
+
   with pytest.raises(ValueError, match=message):
     ki_main.vertex_cluster(spec if isinstance(spec, str) else json.dumps(spec))
 
 
 @needs_ki
 def test_ki_main_refuses_an_unknown_override():
-  [job] = xm_jobs.node_jobs(executor="vertex", config=CONFIG, workdir="gs://bucket/ki",
-                            overrides=["no_such_field=1"])
-  env = {k: v for k, v in os.environ.items()
-         if not k.startswith("SLURM_") and k != "CLUSTER_SPEC"}
-  result = subprocess.run([sys.executable, "-c", _PARSE, json.dumps(xm_jobs.to_argv(job.args))],
-                          cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+  [job] = xm_jobs.node_jobs(
+    executor="vertex", config=CONFIG, workdir="gs://bucket/ki", overrides=["no_such_field=1"]
+  )
+  env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_") and k != "CLUSTER_SPEC"}
+  result = subprocess.run(
+    [sys.executable, "-c", _PARSE, json.dumps(xm_jobs.to_argv(job.args))],
+    cwd=REPO,
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
   assert result.returncode != 0
   assert "no_such_field" in result.stderr
 
@@ -298,13 +397,19 @@ print(json.dumps(out))
 
 def test_the_real_launcher_builds_vertex_worker_pools_with_xmanager():
   pytest.importorskip("xmanager")
-  result = subprocess.run([sys.executable, "-c", _REAL_LAUNCHER, REPO], cwd=REPO,
-                          capture_output=True, text=True, timeout=300)
+  result = subprocess.run(
+    [sys.executable, "-c", _REAL_LAUNCHER, REPO],
+    cwd=REPO,
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
   assert result.returncode == 0, result.stderr[-3000:]
   out = json.loads(result.stdout.strip().splitlines()[-1])
   argv = ["--config=experiments/droid_ki.py:smoke", "--workdir=gs://b/ki"]
   assert out["pools"] == [
     {"replicas": 1, "argv": argv, "machine_type": "a2-highgpu-8g", "gpus": 8},
-    {"replicas": 15, "argv": argv, "machine_type": "a2-highgpu-8g", "gpus": 8}]
+    {"replicas": 15, "argv": argv, "machine_type": "a2-highgpu-8g", "gpus": 8},
+  ]
   assert out["local"] == {"gpus": 1, "replicas": 1, "volumes": {"/tmp/ki_xm": "/tmp/ki_xm"}}
   assert out["entrypoint"] == "ki.main"

@@ -33,7 +33,9 @@ def test_one_step_sampling_equals_the_training_velocity(dtype, tolerance):
 
 def test_sample_actions_ignores_a_postfix_in_the_observation(config, params):
   noise = jax.random.normal(jax.random.key(2), (1, config.action_horizon, config.action_dim))
-  with_fast = pi05.sample_actions(params, config, pi05.fake_observation(config, 1), None, noise=noise)
+  with_fast = pi05.sample_actions(
+    params, config, pi05.fake_observation(config, 1), None, noise=noise
+  )
   without = pi05.sample_actions(
     params, config, pi05.fake_observation(config, 1, with_fast=False), None, noise=noise
   )

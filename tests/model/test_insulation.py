@@ -1,4 +1,5 @@
-"""Knowledge insulation: the flow loss never reaches the VLM; the FAST loss never reaches the expert."""
+"""Knowledge insulation: the flow loss never reaches the VLM; the FAST loss never reaches the
+expert."""
 
 import functools
 
@@ -8,7 +9,6 @@ import numpy as np
 import pytest
 
 from ki.model import pi05
-
 from tests.model.tiny import perturbed, tiny_config
 
 EXPERT_ROOTS = ("action_in_proj", "action_out_proj", "time_mlp_in", "time_mlp_out")
@@ -75,7 +75,9 @@ def test_insulation_changes_gradients_not_values():
   on, off = tiny_config(knowledge_insulation=True), tiny_config(knowledge_insulation=False)
   params = perturbed(pi05.init_params(on, jax.random.key(0)), jax.random.key(1))
   obs, actions = pi05.fake_observation(on, 2), pi05.fake_actions(on, 2)
-  run = functools.partial(pi05.compute_losses, observation=obs, actions=actions, rng=jax.random.key(5), train=True)
+  run = functools.partial(
+    pi05.compute_losses, observation=obs, actions=actions, rng=jax.random.key(5), train=True
+  )
   losses_on, losses_off = run(params, on), run(params, off)
   for term in ("fast_ce", "flow_mse"):
     np.testing.assert_array_equal(losses_on[term], losses_off[term])

@@ -11,14 +11,17 @@ def test_prefix_lm_rule():
   input_mask = jnp.array([[1, 1, 1, 1, 1, 0]], bool)
   ar = jnp.array([[0, 0, 0, 1, 1, 0]])
   got = masks.make_attn_mask(input_mask, ar)[0]
-  expected = np.array([
-    [1, 1, 1, 0, 0, 0],  # prefix: bidirectional, blind to the postfix
-    [1, 1, 1, 0, 0, 0],
-    [1, 1, 1, 0, 0, 0],
-    [1, 1, 1, 1, 0, 0],  # postfix: causal
-    [1, 1, 1, 1, 1, 0],
-    [0, 0, 0, 0, 0, 0],  # padding sees nothing and is seen by nothing
-  ], bool)
+  expected = np.array(
+    [
+      [1, 1, 1, 0, 0, 0],  # prefix: bidirectional, blind to the postfix
+      [1, 1, 1, 0, 0, 0],
+      [1, 1, 1, 0, 0, 0],
+      [1, 1, 1, 1, 0, 0],  # postfix: causal
+      [1, 1, 1, 1, 1, 0],
+      [0, 0, 0, 0, 0, 0],  # padding sees nothing and is seen by nothing
+    ],
+    bool,
+  )
   np.testing.assert_array_equal(got, expected)
 
 

@@ -32,7 +32,9 @@ def _joint_velocity(params, config, obs, x_t, time):
   suffix, cond = model.apply(variables, x_t, time, method=pi05.Pi05.embed_suffix)
   horizon = x_t.shape[1]
   input_mask = jnp.concatenate([prefix_mask, jnp.ones(suffix.shape[:2], bool)], axis=1)
-  ar = jnp.concatenate([prefix_ar, jnp.broadcast_to(jnp.array([1] + [0] * (horizon - 1)), suffix.shape[:2])], axis=1)
+  ar = jnp.concatenate(
+    [prefix_ar, jnp.broadcast_to(jnp.array([1] + [0] * (horizon - 1)), suffix.shape[:2])], axis=1
+  )
   mask = masks.make_attn_mask(input_mask, ar)
   positions = jnp.cumsum(input_mask, axis=1) - 1
   split = prefix.shape[1]
@@ -44,30 +46,43 @@ def _joint_velocity(params, config, obs, x_t, time):
     return x @ p["kernel"] + p["bias"]
 
   for layer in range(variant.depth):
-    p = jax.tree.map(lambda w: w[layer], layers)
+    p = jax.tree.map(lambda w, layer=layer: w[layer], layers)
     normed = [
       _rms(xs[0], p["pre_attention_norm"]["scale"]),
       _rms(xs[1], modulation=dense(p["pre_attention_norm_1"]["Dense_0"], cond)),
     ]
     attn = p["attn"]
-    q = jnp.concatenate([jnp.einsum("BTD,NDH->BTNH", normed[0][0], attn["q_einsum"]["w"]),
-                         jnp.einsum("BTD,NDH->BTNH", normed[1][0], attn["q_einsum_1"]["w"])], axis=1)
-    k, v = (jnp.concatenate(z, axis=1) for z in zip(
-      jnp.einsum("BSD,2KDH->2BSKH", normed[0][0], attn["kv_einsum"]["w"]),
-      jnp.einsum("BSD,2KDH->2BSKH", normed[1][0], attn["kv_einsum_1"]["w"])))
+    q = jnp.concatenate(
+      [
+        jnp.einsum("BTD,NDH->BTNH", normed[0][0], attn["q_einsum"]["w"]),
+        jnp.einsum("BTD,NDH->BTNH", normed[1][0], attn["q_einsum_1"]["w"]),
+      ],
+      axis=1,
+    )
+    k, v = (
+      jnp.concatenate(z, axis=1)
+      for z in zip(
+        jnp.einsum("BSD,2KDH->2BSKH", normed[0][0], attn["kv_einsum"]["w"]),
+        jnp.einsum("BSD,2KDH->2BSKH", normed[1][0], attn["kv_einsum_1"]["w"]),
+      )
+    )
     q = gemma.apply_rope(q, positions) * variant.head_dim**-0.5
     k = gemma.apply_rope(k, positions)
     logits = jnp.einsum("BTNH,BSKH->BNTS", q, k)
     logits = jnp.where(mask[:, None], logits, -2.3819763e38)
     encoded = jnp.einsum("BNTS,BSKH->BTNH", jax.nn.softmax(logits, axis=-1), v)
-    outs = [jnp.einsum("BTNH,NHD->BTD", encoded[:, :split], attn["attn_vec_einsum"]["w"]),
-            jnp.einsum("BTNH,NHD->BTD", encoded[:, split:], attn["attn_vec_einsum_1"]["w"])]
+    outs = [
+      jnp.einsum("BTNH,NHD->BTD", encoded[:, :split], attn["attn_vec_einsum"]["w"]),
+      jnp.einsum("BTNH,NHD->BTD", encoded[:, split:], attn["attn_vec_einsum_1"]["w"]),
+    ]
     xs = [xs[0] + outs[0], xs[1] + outs[1] * normed[1][1]]
     y0, _ = _rms(xs[0], p["pre_ffw_norm"]["scale"])
     y1, gate = _rms(xs[1], modulation=dense(p["pre_ffw_norm_1"]["Dense_0"], cond))
     mlps = []
     for y, m in ((y0, p["mlp"]), (y1, p["mlp_1"])):
-      mlps.append((jax.nn.gelu(y @ m["gating_einsum"][0]) * (y @ m["gating_einsum"][1])) @ m["linear"])
+      mlps.append(
+        (jax.nn.gelu(y @ m["gating_einsum"][0]) * (y @ m["gating_einsum"][1])) @ m["linear"]
+      )
     xs = [xs[0] + mlps[0], xs[1] + mlps[1] * gate]
   llm = params["PaliGemma"]["llm"]
   out, _ = _rms(xs[1], modulation=dense(llm["final_norm_1"]["Dense_0"], cond))
@@ -95,8 +110,14 @@ def test_fused_attention_kernel_computes_the_same(config, params):
   obs, actions = pi05.fake_observation(config, 2), pi05.fake_actions(config, 2)
   noise = jax.random.normal(jax.random.key(4), actions.shape)
   run = functools.partial(
-    pi05.compute_losses, params, observation=obs, actions=actions, rng=None, train=True,
-    noise=noise, time=jnp.array([0.3, 0.7]),
+    pi05.compute_losses,
+    params,
+    observation=obs,
+    actions=actions,
+    rng=None,
+    train=True,
+    noise=noise,
+    time=jnp.array([0.3, 0.7]),
   )
   reference, ours = run(config=config), run(config=fused)
   for term in ("fast_ce", "flow_mse"):

@@ -45,7 +45,12 @@ def test_expert_leaves_are_exactly_the_suffixed_ones():
   config = pi05.Config()
   shapes = jax.eval_shape(functools.partial(pi05.init_params, config), jax.random.key(0))
   paths = _layout(shapes)
-  expert = [p for p in paths if not p.startswith("PaliGemma/") or p.startswith("PaliGemma/llm/") and "_1/" in p]
+  expert = [
+    p
+    for p in paths
+    if not p.startswith("PaliGemma/") or p.startswith("PaliGemma/llm/") and "_1/" in p
+  ]
   assert len(expert) == 19
-  # SigLIP's flax auto-names end in _1 too (LayerNorm_1, Dense_1): the expert rule must not match them.
+  # SigLIP's flax auto-names end in _1 too (LayerNorm_1, Dense_1): the expert rule must not
+  # match them.
   assert any(p.startswith("PaliGemma/img/") and "_1/" in p for p in paths)

@@ -34,7 +34,9 @@ def test_jitted_losses_and_sampling_in_bfloat16():
 def test_vlm_only_examples_have_no_flow_loss(config, params):
   obs = pi05.fake_observation(config, 2)
   obs = obs.replace(has_actions=jnp.array([True, False]))
-  losses = pi05.compute_losses(params, config, obs, pi05.fake_actions(config, 2), jax.random.key(0), train=True)
+  losses = pi05.compute_losses(
+    params, config, obs, pi05.fake_actions(config, 2), jax.random.key(0), train=True
+  )
   assert losses["flow_mse"][0] > 0 and losses["flow_mse"][1] == 0
   assert losses["fast_ce"][1] > 0
 
@@ -43,18 +45,31 @@ def test_flow_loss_ignores_padded_action_dims(config, params):
   obs, actions = pi05.fake_observation(config, 1), pi05.fake_actions(config, 1)
   # At t = 1 the network's input is the noise alone, so padded target dims change only the target.
   run = functools.partial(
-    pi05.compute_losses, params, config, obs, rng=jax.random.key(0), train=True,
-    noise=jax.random.normal(jax.random.key(1), actions.shape), time=jnp.ones((1,)),
+    pi05.compute_losses,
+    params,
+    config,
+    obs,
+    rng=jax.random.key(0),
+    train=True,
+    noise=jax.random.normal(jax.random.key(1), actions.shape),
+    time=jnp.ones((1,)),
   )
   garbage = actions.at[..., config.data_action_dim :].set(100.0)
-  np.testing.assert_allclose(run(actions=garbage)["flow_mse"], run(actions=actions)["flow_mse"], rtol=1e-6)
+  np.testing.assert_allclose(
+    run(actions=garbage)["flow_mse"], run(actions=actions)["flow_mse"], rtol=1e-6
+  )
 
 
 def test_fast_loss_switch():
   config = tiny_config(fast_loss=False)
   params = pi05.init_params(config, jax.random.key(0))
   losses = pi05.compute_losses(
-    params, config, pi05.fake_observation(config, 1), pi05.fake_actions(config, 1), jax.random.key(0), train=True
+    params,
+    config,
+    pi05.fake_observation(config, 1),
+    pi05.fake_actions(config, 1),
+    jax.random.key(0),
+    train=True,
   )
   assert losses["fast_ce"][0] == 0 and losses["flow_mse"][0] > 0
 
@@ -73,7 +88,9 @@ def test_greedy_fast_decoding_agrees_with_the_training_pass(config, params):
     token_ar_mask=obs.token_ar_mask.at[:, span].set(1),
     token_loss_mask=obs.token_loss_mask.at[:, span].set(True),
   )
-  losses = pi05.compute_losses(params, config, teacher, pi05.fake_actions(config, 2), jax.random.key(0), train=True)
+  losses = pi05.compute_losses(
+    params, config, teacher, pi05.fake_actions(config, 2), jax.random.key(0), train=True
+  )
   np.testing.assert_array_equal(losses["fast_accuracy"], [1.0, 1.0])
 
 
@@ -86,7 +103,9 @@ def test_observation_from_host_batch_dict(config):
     "tokenized_prompt_mask": np.ones((2, config.max_token_len), bool),
   }
   obs = pi05.Observation.from_dict(batch)
-  assert obs.images["base_0_rgb"].dtype == jnp.float32 and float(obs.images["base_0_rgb"].max()) == 1.0
+  assert (
+    obs.images["base_0_rgb"].dtype == jnp.float32 and float(obs.images["base_0_rgb"].max()) == 1.0
+  )
   assert obs.has_actions.shape == (2,) and bool(obs.has_actions.all())
 
 
@@ -115,9 +134,7 @@ def test_prefix_lays_out_each_camera_then_the_prompt(config, params):
   per_camera = config.num_image_tokens // len(config.image_keys)
 
   def siglip(image):
-    return model.apply(
-      {"params": params}, image, method=lambda m, x: m.PaliGemma.img(x)
-    )
+    return model.apply({"params": params}, image, method=lambda m, x: m.PaliGemma.img(x))
 
   for i, key in enumerate(config.image_keys):
     np.testing.assert_allclose(

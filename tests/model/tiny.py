@@ -34,5 +34,3 @@ def perturbed(params, rng, scale=0.05):
   return jax.tree.unflatten(
     treedef, [x + scale * jax.random.normal(k, x.shape, x.dtype) for x, k in zip(leaves, keys)]
   )
-
-

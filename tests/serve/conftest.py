@@ -16,18 +16,34 @@ STEP = 7
 # Joints are delta actions in training: their stats are small around 0. The gripper is absolute
 # and its stats are put far from 0 so that a missed unnormalisation cannot pass the tests.
 ACTION_STATS = normalize.NormStats(
-  mean=np.zeros(8), std=np.ones(8), q01=np.array([-0.1] * 7 + [1000.0]),
-  q99=np.array([0.1] * 7 + [1001.0]))
+  mean=np.zeros(8),
+  std=np.ones(8),
+  q01=np.array([-0.1] * 7 + [1000.0]),
+  q99=np.array([0.1] * 7 + [1001.0]),
+)
 STATE_STATS = normalize.NormStats(
-  mean=np.zeros(8), std=np.ones(8), q01=np.array([-3.0] * 7 + [0.0]),
-  q99=np.array([3.0] * 7 + [1.0]))
+  mean=np.zeros(8),
+  std=np.ones(8),
+  q01=np.array([-3.0] * 7 + [0.0]),
+  q99=np.array([3.0] * 7 + [1.0]),
+)
 
 
 def tiny_model_config() -> pi05.Config:
   return pi05.Config(
-    vlm_variant="tiny", expert_variant="tiny", siglip_variant="mu/16", image_size=32,
-    action_dim=16, data_action_dim=8, action_horizon=4, max_token_len=96, max_loss_tokens=8,
-    vocab_size=TEXT_VOCAB_SIZE + 1152, dtype="float32", remat_policy="none").validate()
+    vlm_variant="tiny",
+    expert_variant="tiny",
+    siglip_variant="mu/16",
+    image_size=32,
+    action_dim=16,
+    data_action_dim=8,
+    action_horizon=4,
+    max_token_len=96,
+    max_loss_tokens=8,
+    vocab_size=TEXT_VOCAB_SIZE + 1152,
+    dtype="float32",
+    remat_policy="none",
+  ).validate()
 
 
 def _experiment_config_json(model_config: pi05.Config) -> bytes:
@@ -58,17 +74,24 @@ def random_params(model_config: pi05.Config, seed: int = 0) -> dict:
 
 def write_checkpoint(workdir, model_config: pi05.Config) -> None:
   """<workdir>/checkpoints/<STEP>/ with the params, state and assets items."""
-  texts = [f"Task: {verb} the {thing} in the {place}, State: {' '.join(map(str, range(i, i + 8)))};"
-           "\nAction: " for i, (verb, thing, place) in enumerate(
-             (v, t, p) for v in ("put", "move", "place") for t in ("marker", "cup", "block")
-             for p in ("cup", "bowl", "drawer"))]
+  texts = [
+    f"Task: {verb} the {thing} in the {place}, State: {' '.join(map(str, range(i, i + 8)))};"
+    "\nAction: "
+    for i, (verb, thing, place) in enumerate(
+      (v, t, p)
+      for v in ("put", "move", "place")
+      for t in ("marker", "cup", "block")
+      for p in ("cup", "bowl", "drawer")
+    )
+  ]
   prompt_lib.build_sentencepiece_model(
-    texts * 8, workdir / "tokenizer.model", text_vocab_size=TEXT_VOCAB_SIZE)
-  normalize.save_norm_stats({"state": STATE_STATS, "actions": ACTION_STATS},
-                            str(workdir / "norm_stats.json"))
+    texts * 8, workdir / "tokenizer.model", text_vocab_size=TEXT_VOCAB_SIZE
+  )
+  normalize.save_norm_stats(
+    {"state": STATE_STATS, "actions": ACTION_STATS}, str(workdir / "norm_stats.json")
+  )
   params = random_params(model_config)
-  state = TrainState(step=np.int32(STEP), params=params, opt_state={},
-                     rng=jax.random.PRNGKey(0))
+  state = TrainState(step=np.int32(STEP), params=params, opt_state={}, rng=jax.random.PRNGKey(0))
   assets = {
     "config.json": _experiment_config_json(model_config),
     "norm_stats.json": (workdir / "norm_stats.json").read_bytes(),

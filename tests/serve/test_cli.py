@@ -21,8 +21,7 @@ def _wait_healthy(port: int, process: subprocess.Popen, timeout: float) -> None:
   deadline = time.monotonic() + timeout
   while time.monotonic() < deadline:
     if process.poll() is not None:
-      raise AssertionError(f"the server exited with {process.returncode}:\n"
-                           f"{process.stdout.read()}")
+      raise AssertionError(f"the server exited with {process.returncode}:\n{process.stdout.read()}")
     try:
       with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=2) as response:
         if response.status == 200:
@@ -36,7 +35,10 @@ def test_serve_module_serves_a_workdir(checkpoint_workdir):
   port = _free_port()
   process = subprocess.Popen(
     [sys.executable, "-m", "ki.serve", f"--checkpoint={checkpoint_workdir}", f"--port={port}"],
-    stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    stdout=subprocess.PIPE,
+    stderr=subprocess.STDOUT,
+    text=True,
+  )
   try:
     _wait_healthy(port, process, timeout=240)
     client = OpenpiProtocolClient(port)

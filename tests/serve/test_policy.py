@@ -4,8 +4,7 @@ import jax
 import numpy as np
 import pytest
 
-from ki.data import droid
-from ki.data import normalize
+from ki.data import droid, normalize
 from ki.serve import observation as observation_lib
 from ki.serve import policy as policy_lib
 from tests.serve import conftest
@@ -29,16 +28,19 @@ def test_infer_returns_absolute_actions_in_raw_units(policy):
 def test_infer_matches_the_training_transforms_step_by_step(policy):
   """Rebuild the model input as the data pipeline would and undo the outputs by hand."""
   obs = observation_lib.fake_droid_observation(height=120, width=90, prompt="move the cup")
-  state = np.concatenate([obs[observation_lib.JOINT_POSITION],
-                          obs[observation_lib.GRIPPER_POSITION]]).astype(np.float32)
+  state = np.concatenate(
+    [obs[observation_lib.JOINT_POSITION], obs[observation_lib.GRIPPER_POSITION]]
+  ).astype(np.float32)
   count = policy._count  # the next request uses fold_in(seed, count + 1)
   result = policy.infer(obs)
 
   config = policy.model_config
   normalised_state = normalize.quantile_normalize(state, conftest.STATE_STATS)
   tokens = policy.tokenizer.tokenize_robot("move the cup", normalised_state, None)
-  resized = {slot: observation_lib.resize_image(obs[key], config.image_size)
-             for slot, key in observation_lib.IMAGE_SLOTS.items()}
+  resized = {
+    slot: observation_lib.resize_image(obs[key], config.image_size)
+    for slot, key in observation_lib.IMAGE_SLOTS.items()
+  }
   assert resized["base_0_rgb"].shape == (32, 32, 3)
   # 120x90 is taller than wide: padded left and right with black, like training frames.
   assert resized["base_0_rgb"][:, 0].max() == 0 and resized["base_0_rgb"][:, 16].max() > 0
@@ -51,8 +53,7 @@ def test_infer_matches_the_training_transforms_step_by_step(policy):
   rng = jax.random.fold_in(jax.random.key(0), count + 1)
   # The policy's compiled function is Observation.from_dict + pi05.sample_actions, nothing else.
   normalised = policy._sample(policy.params, batch, rng)
-  expected = normalize.quantile_unnormalize(np.asarray(normalised)[0, :, :8],
-                                            conftest.ACTION_STATS)
+  expected = normalize.quantile_unnormalize(np.asarray(normalised)[0, :, :8], conftest.ACTION_STATS)
   expected = droid.to_absolute_actions(expected, state, droid.DEFAULT_DELTA_ACTION_MASK)
   np.testing.assert_allclose(result["actions"], expected, rtol=1e-4, atol=1e-4)
 
@@ -80,19 +81,26 @@ def test_checkpoint_paths_resolve(checkpoint_workdir, tmp_path):
     policy_lib.resolve_checkpoint(tmp_path / "missing")
 
 
-@pytest.mark.parametrize("change, message", [
-  (lambda o: o.pop(observation_lib.WRIST_IMAGE), "lacks"),
-  (lambda o: o.update({observation_lib.EXTERIOR_IMAGE: np.zeros((8, 8, 3), np.float32)}),
-   "dtype uint8"),
-  (lambda o: o.update({observation_lib.EXTERIOR_IMAGE: np.zeros((8, 8), np.uint8)}), "shape"),
-  (lambda o: o.update({observation_lib.JOINT_POSITION: np.zeros((6,), np.float32)}),
-   r"shape \(7,\)"),
-  (lambda o: o.update({observation_lib.JOINT_POSITION: np.array(["a"] * 7)}), "real numbers"),
-  (lambda o: o.update({observation_lib.GRIPPER_POSITION: np.array([np.nan])}), "non-finite"),
-  (lambda o: o.update({observation_lib.PROMPT: 3}), "must be a string"),
-  (lambda o: o.update({observation_lib.PROMPT: "  "}), "empty"),
-  (lambda o: o.update({observation_lib.PROMPT: "pick up the marker " * 40}), "too long"),
-])
+@pytest.mark.parametrize(
+  "change, message",
+  [
+    (lambda o: o.pop(observation_lib.WRIST_IMAGE), "lacks"),
+    (
+      lambda o: o.update({observation_lib.EXTERIOR_IMAGE: np.zeros((8, 8, 3), np.float32)}),
+      "dtype uint8",
+    ),
+    (lambda o: o.update({observation_lib.EXTERIOR_IMAGE: np.zeros((8, 8), np.uint8)}), "shape"),
+    (
+      lambda o: o.update({observation_lib.JOINT_POSITION: np.zeros((6,), np.float32)}),
+      r"shape \(7,\)",
+    ),
+    (lambda o: o.update({observation_lib.JOINT_POSITION: np.array(["a"] * 7)}), "real numbers"),
+    (lambda o: o.update({observation_lib.GRIPPER_POSITION: np.array([np.nan])}), "non-finite"),
+    (lambda o: o.update({observation_lib.PROMPT: 3}), "must be a string"),
+    (lambda o: o.update({observation_lib.PROMPT: "  "}), "empty"),
+    (lambda o: o.update({observation_lib.PROMPT: "pick up the marker " * 40}), "too long"),
+  ],
+)
 def test_bad_observations_name_the_problem(policy, change, message):
   obs = observation_lib.fake_droid_observation()
   change(obs)

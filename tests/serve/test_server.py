@@ -22,8 +22,9 @@ class OpenpiProtocolClient:
   raising on a text frame."""
 
   def __init__(self, port: int):
-    self._ws = websockets.sync.client.connect(f"ws://127.0.0.1:{port}", compression=None,
-                                              max_size=None)
+    self._ws = websockets.sync.client.connect(
+      f"ws://127.0.0.1:{port}", compression=None, max_size=None
+    )
     self.metadata = msgpack_numpy.unpackb(self._ws.recv())
 
   def send_raw(self, data):
@@ -86,25 +87,36 @@ def _with(key, value):
 BAD_REQUESTS = {
   "missing key": lambda: msgpack_numpy.packb(_without(observation_lib.JOINT_POSITION)),
   "wrong image dtype": lambda: msgpack_numpy.packb(
-    _with(observation_lib.WRIST_IMAGE, np.zeros((48, 48, 3), np.float32))),
+    _with(observation_lib.WRIST_IMAGE, np.zeros((48, 48, 3), np.float32))
+  ),
   "wrong image shape": lambda: msgpack_numpy.packb(
-    _with(observation_lib.EXTERIOR_IMAGE, np.zeros((48, 48, 4), np.uint8))),
+    _with(observation_lib.EXTERIOR_IMAGE, np.zeros((48, 48, 4), np.uint8))
+  ),
   "wrong state shape": lambda: msgpack_numpy.packb(
-    _with(observation_lib.JOINT_POSITION, np.zeros((8,), np.float32))),
+    _with(observation_lib.JOINT_POSITION, np.zeros((8,), np.float32))
+  ),
   "wrong state dtype": lambda: msgpack_numpy.packb(
-    _with(observation_lib.GRIPPER_POSITION, np.array([True]))),
+    _with(observation_lib.GRIPPER_POSITION, np.array([True]))
+  ),
   "non-finite state": lambda: msgpack_numpy.packb(
-    _with(observation_lib.JOINT_POSITION, np.array([0, 0, np.inf, 0, 0, 0, 0], np.float32))),
+    _with(observation_lib.JOINT_POSITION, np.array([0, 0, np.inf, 0, 0, 0, 0], np.float32))
+  ),
   "oversized message": lambda: msgpack_numpy.packb(small_observation(side=260)),
   "not msgpack": lambda: b"\xc1\xc1 definitely not msgpack",
   "not a dict": lambda: msgpack_numpy.packb([1, 2, 3]),
   "text frame": lambda: "hello",
 }
 EXPECTED = {
-  "missing key": "lacks", "wrong image dtype": "dtype uint8", "wrong image shape": "shape",
-  "wrong state shape": "shape", "wrong state dtype": "real numbers",
-  "non-finite state": "non-finite", "oversized message": "the limit is", "not msgpack":
-  "not msgpack", "not a dict": "must be a dict", "text frame": "binary msgpack",
+  "missing key": "lacks",
+  "wrong image dtype": "dtype uint8",
+  "wrong image shape": "shape",
+  "wrong state shape": "shape",
+  "wrong state dtype": "real numbers",
+  "non-finite state": "non-finite",
+  "oversized message": "the limit is",
+  "not msgpack": "not msgpack",
+  "not a dict": "must be a dict",
+  "text frame": "binary msgpack",
 }
 
 

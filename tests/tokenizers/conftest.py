@@ -4,10 +4,8 @@ SentencePiece model in PaliGemma's layout, each built once per session (nothing 
 import numpy as np
 import pytest
 
-from ki.tokenizers import fast
-from ki.tokenizers import prompt
-from tests.tokenizers.action_chunks import ACTION_DIM, INSTRUCTIONS, TEXT_VOCAB_SIZE
-from tests.tokenizers.action_chunks import smooth_chunks
+from ki.tokenizers import fast, prompt
+from tests.tokenizers.action_chunks import ACTION_DIM, INSTRUCTIONS, TEXT_VOCAB_SIZE, smooth_chunks
 
 
 @pytest.fixture(scope="session")

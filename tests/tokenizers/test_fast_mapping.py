@@ -37,7 +37,8 @@ def test_a_fast_range_reaching_into_text_pieces_is_refused(prompt_tokenizer):
   # 2048 would on PaliGemma under the default scheme).
   with pytest.raises(ValueError, match="collide with .* ids used by special tokens or prompt text"):
     fast_mapping.FastTokenMapping().check(
-      fast_vocab_size=1100, lm_vocab_size=VOCAB_SIZE,
+      fast_vocab_size=1100,
+      lm_vocab_size=VOCAB_SIZE,
       reserved_ids=prompt_tokenizer.reserved_ids(),
     )
 
@@ -45,7 +46,9 @@ def test_a_fast_range_reaching_into_text_pieces_is_refused(prompt_tokenizer):
 def test_a_fast_range_on_special_tokens_is_refused(prompt_tokenizer):
   with pytest.raises(ValueError, match=r"collide.*0 \('<pad>'\)"):
     fast_mapping.FastTokenMapping(scheme="offset", offset=0).check(
-      fast_vocab_size=16, lm_vocab_size=VOCAB_SIZE, reserved_ids=prompt_tokenizer.reserved_ids(),
+      fast_vocab_size=16,
+      lm_vocab_size=VOCAB_SIZE,
+      reserved_ids=prompt_tokenizer.reserved_ids(),
       describe_id=lambda i: repr(prompt_tokenizer.id_to_piece(i)),
     )
 
@@ -60,7 +63,8 @@ def test_a_fast_range_outside_the_vocabulary_is_refused(prompt_tokenizer):
 def test_offset_scheme_onto_rows_past_the_sentencepiece_vocabulary(prompt_tokenizer):
   mapping = fast_mapping.FastTokenMapping(scheme="offset", offset=VOCAB_SIZE)
   mapping.check(
-    fast_vocab_size=2048, lm_vocab_size=VOCAB_SIZE + 2048,
+    fast_vocab_size=2048,
+    lm_vocab_size=VOCAB_SIZE + 2048,
     reserved_ids=prompt_tokenizer.reserved_ids(),
   )
   assert mapping.lm_range(2048, VOCAB_SIZE + 2048) == (VOCAB_SIZE, VOCAB_SIZE + 2048)

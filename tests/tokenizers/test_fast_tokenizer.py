@@ -44,8 +44,11 @@ def test_fit_is_deterministic_and_streams_with_given_bounds(training_chunks, fas
   assert again.min_token == fast_tokenizer.min_token
   # A one-shot generator streams in one pass when the coefficient range is given.
   streamed = fast.FastTokenizer.fit(
-    (chunk for chunk in training_chunks), vocab_size=512, scale=10.0,
-    min_token=fast_tokenizer.min_token, max_token=fast_tokenizer.max_coefficient,
+    (chunk for chunk in training_chunks),
+    vocab_size=512,
+    scale=10.0,
+    min_token=fast_tokenizer.min_token,
+    max_token=fast_tokenizer.max_coefficient,
   )
   probe = smooth_chunks(np.random.default_rng(13), 8)
   assert streamed.encode(probe) == fast_tokenizer.encode(probe)
@@ -106,22 +109,30 @@ def _write_public_format(directory, chunks, scale=10.0, vocab_size=256):
   bpe.decoder = decoders.ByteLevel()
   bpe.post_processor = processors.ByteLevel(trim_offsets=False)
   trainer = trainers.BpeTrainer(
-    vocab_size=vocab_size, min_frequency=2, special_tokens=[], show_progress=False,
-    initial_alphabet=[chr(i) for i in range(max_token - min_token + 1)], max_token_length=10000,
+    vocab_size=vocab_size,
+    min_frequency=2,
+    special_tokens=[],
+    show_progress=False,
+    initial_alphabet=[chr(i) for i in range(max_token - min_token + 1)],
+    max_token_length=10000,
   )
   bpe.train_from_iterator(strings, trainer=trainer)
   bpe.save(str(directory / "tokenizer.json"))
   tokenizer_config = {"clean_up_tokenization_spaces": False}
   (directory / "tokenizer_config.json").write_text(json.dumps(tokenizer_config))
-  (directory / "processor_config.json").write_text(json.dumps({
-    "action_dim": None,
-    "auto_map": {"AutoProcessor": "processing_action_tokenizer.UniversalActionProcessor"},
-    "min_token": min_token,
-    "processor_class": "UniversalActionProcessor",
-    "scale": scale,
-    "time_horizon": None,
-    "vocab_size": vocab_size,
-  }))
+  (directory / "processor_config.json").write_text(
+    json.dumps(
+      {
+        "action_dim": None,
+        "auto_map": {"AutoProcessor": "processing_action_tokenizer.UniversalActionProcessor"},
+        "min_token": min_token,
+        "processor_class": "UniversalActionProcessor",
+        "scale": scale,
+        "time_horizon": None,
+        "vocab_size": vocab_size,
+      }
+    )
+  )
   return bpe, min_token
 
 
@@ -145,11 +156,11 @@ def test_loads_a_folder_in_the_public_fast_format(training_chunks, tmp_path):
 @pytest.mark.parametrize(
   "garbage",
   [
-    [],                      # empty
-    [10**6],                 # outside the vocabulary
-    [-3, 1],                 # negative id
-    "tokens",                # not ids at all
-    [1.5, 2.5],              # not integers
+    [],  # empty
+    [10**6],  # outside the vocabulary
+    [-3, 1],  # negative id
+    "tokens",  # not ids at all
+    [1.5, 2.5],  # not integers
   ],
 )
 def test_garbage_tokens_decode_to_zeros_and_invalid(fast_tokenizer, garbage):

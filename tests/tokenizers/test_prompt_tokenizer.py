@@ -25,7 +25,9 @@ def test_built_model_has_paligemma_layout(sentencepiece_path, prompt_tokenizer):
 
 def test_too_small_text_vocabulary_is_named(tmp_path):
   with pytest.raises(ValueError, match="could not build a 100-piece text vocabulary"):
-    prompt.build_sentencepiece_model(["hello world"] * 10, tmp_path / "x.model", text_vocab_size=100)
+    prompt.build_sentencepiece_model(
+      ["hello world"] * 10, tmp_path / "x.model", text_vocab_size=100
+    )
 
 
 def test_vocab_size_must_match_the_model_config(sentencepiece_path):
@@ -80,7 +82,7 @@ def test_training_postfix_is_fast_then_bar_then_eos(prompt_tokenizer, fast_token
   assert valid
   assert np.linalg.norm(decoded - actions, axis=0).max() <= 0.5 * np.sqrt(HORIZON) / 10 + 1e-6
   # Generated ids that stop early, or hold text, do not decode.
-  assert not tokenizer.decode_actions(tokens[prefix_length:length - 5])[1]
+  assert not tokenizer.decode_actions(tokens[prefix_length : length - 5])[1]
   assert not tokenizer.decode_actions(tokens[:length])[1]
 
 
@@ -93,7 +95,7 @@ def test_vlm_example_masks(prompt_tokenizer):
   np.testing.assert_array_equal(out["tokenized_prompt"][:length], question + answer)
   assert not out["tokenized_prompt"][length:].any()
   expected = np.zeros(64, bool)
-  expected[len(question):length] = True
+  expected[len(question) : length] = True
   np.testing.assert_array_equal(out["token_loss_mask"], expected)
   np.testing.assert_array_equal(out["token_ar_mask"], expected.astype(np.int32))
 
@@ -120,7 +122,9 @@ def test_bad_inputs_are_named(prompt_tokenizer, fast_tokenizer):
     tokenizer.tokenize_robot("go", np.full(8, np.nan))
   with pytest.raises(ValueError, match="collide"):
     prompt.Pi05Tokenizer(
-      prompt_tokenizer, fast_tokenizer, max_token_len=64,
+      prompt_tokenizer,
+      fast_tokenizer,
+      max_token_len=64,
       fast_mapping=fast_mapping.FastTokenMapping(scheme="offset", offset=3),
     )
 

@@ -23,8 +23,14 @@ print(hashlib.sha256(setup.jitted_step.lower(*setup.abstract_inputs()).as_text()
 def _program_hash(hash_seed: int) -> str:
   env = dict(os.environ, PYTHONHASHSEED=str(hash_seed), JAX_PLATFORMS="cpu", PYTHONPATH=REPO)
   env.pop("XLA_FLAGS", None)
-  result = subprocess.run([sys.executable, "-c", _PROGRAM_HASH], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=300)
+  result = subprocess.run(
+    [sys.executable, "-c", _PROGRAM_HASH],
+    cwd=REPO,
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
   assert result.returncode == 0, result.stderr[-3000:]
   return result.stdout.split()[-1]
 

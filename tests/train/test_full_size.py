@@ -8,18 +8,25 @@ import numpy as np
 
 from experiments import droid_ki
 from ki.model import pi05
-from ki.train import optimizer, sharding, state as state_lib, step as step_lib
+from ki.train import optimizer, sharding
+from ki.train import state as state_lib
+from ki.train import step as step_lib
 
 
 def _batch_shapes(model, batch_size):
   obs = jax.eval_shape(lambda: pi05.fake_observation(model, batch_size))
   return {
-    "image": obs.images, "image_mask": obs.image_masks, "state": obs.state,
-    "tokenized_prompt": obs.tokenized_prompt, "tokenized_prompt_mask": obs.tokenized_prompt_mask,
-    "token_ar_mask": obs.token_ar_mask, "token_loss_mask": obs.token_loss_mask,
+    "image": obs.images,
+    "image_mask": obs.image_masks,
+    "state": obs.state,
+    "tokenized_prompt": obs.tokenized_prompt,
+    "tokenized_prompt_mask": obs.tokenized_prompt_mask,
+    "token_ar_mask": obs.token_ar_mask,
+    "token_loss_mask": obs.token_loss_mask,
     "has_actions": obs.has_actions,
-    "actions": jax.ShapeDtypeStruct((batch_size, model.action_horizon, model.action_dim),
-                                    np.float32),
+    "actions": jax.ShapeDtypeStruct(
+      (batch_size, model.action_horizon, model.action_dim), np.float32
+    ),
   }
 
 
@@ -35,23 +42,29 @@ def test_full_size_step_lowers_with_fsdp_8():
   config = droid_ki.get_config("full")
   model = pi05.Config(**config.model).validate()
   mesh = sharding.make_mesh((("data", 1), ("fsdp", 8)))
-  tx, labels, schedules = optimizer.make_optimizer(config.optimizer,
-                                                   state_lib.abstract_params(model))
+  tx, labels, schedules = optimizer.make_optimizer(
+    config.optimizer, state_lib.abstract_params(model)
+  )
   shapes, shardings = state_lib.abstract_train_state(
-    model, tx, mesh, seed=0, use_ema=False, fsdp_min_size_bytes=config.fsdp_min_size_bytes)
+    model, tx, mesh, seed=0, use_ema=False, fsdp_min_size_bytes=config.fsdp_min_size_bytes
+  )
   step = jax.jit(
-    functools.partial(step_lib.train_step, step_lib.StepSettings(model=model), tx, labels,
-                      schedules),
+    functools.partial(
+      step_lib.train_step, step_lib.StepSettings(model=model), tx, labels, schedules
+    ),
     in_shardings=(shardings, sharding.batch_sharding(mesh)),
-    out_shardings=(shardings, sharding.replicated(mesh)), donate_argnums=0)
+    out_shardings=(shardings, sharding.replicated(mesh)),
+    donate_argnums=0,
+  )
   lowered = step.lower(shapes, _batch_shapes(model, 16))
   new_state, metrics = lowered.out_info
   assert [x.shape for x in jax.tree.leaves(new_state)] == [x.shape for x in jax.tree.leaves(shapes)]
   assert metrics["loss"].shape == ()
   assert {"grad_norm/vlm", "grad_norm/action_expert"} <= set(metrics)
 
-  unsharded = sum(int(np.prod(s.shape)) * np.dtype(s.dtype).itemsize
-                  for s in jax.tree.leaves(shapes))
+  unsharded = sum(
+    int(np.prod(s.shape)) * np.dtype(s.dtype).itemsize for s in jax.tree.leaves(shapes)
+  )
   per_device = _bytes_per_device(shapes, shardings)
   # params + Adam moments in float32: ~40 GB unsharded; FSDP over 8 leaves ~1/8 of it per device.
   assert unsharded > 35e9

@@ -25,10 +25,24 @@ def test_two_processes_train_and_checkpoint(tmp_path, compilation_cache):
   env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
   processes = [
     subprocess.Popen(
-      [sys.executable, "-m", "tests.train.train_fake", f"--workdir={tmp_path}",
-       "--total_steps=2", "--num_processes=2", f"--process_id={i}", f"--coordinator_port={port}",
-       "--devices_per_process=2", f"--cache_dir={compilation_cache}"],
-      cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+      [
+        sys.executable,
+        "-m",
+        "tests.train.train_fake",
+        f"--workdir={tmp_path}",
+        "--total_steps=2",
+        "--num_processes=2",
+        f"--process_id={i}",
+        f"--coordinator_port={port}",
+        "--devices_per_process=2",
+        f"--cache_dir={compilation_cache}",
+      ],
+      cwd=REPO,
+      env=env,
+      stdout=subprocess.PIPE,
+      stderr=subprocess.STDOUT,
+      text=True,
+    )
     for i in range(2)
   ]
   outputs = []
@@ -43,8 +57,8 @@ def test_two_processes_train_and_checkpoint(tmp_path, compilation_cache):
     assert process.returncode == 0, output[-4000:]
   results = []
   for output in outputs:
-    line = [l for l in output.splitlines() if l.startswith("RESULT ")][-1]
-    results.append(json.loads(line[len("RESULT "):]))
+    line = [s for s in output.splitlines() if s.startswith("RESULT ")][-1]
+    results.append(json.loads(line[len("RESULT ") :]))
   assert "Mesh {'data': 2, 'fsdp': 2} over 4 devices (2 hosts)" in outputs[0]
   assert results[0]["losses"] == results[1]["losses"]
   assert sorted(results[0]["losses"]) == ["1", "2"]
@@ -53,4 +67,6 @@ def test_two_processes_train_and_checkpoint(tmp_path, compilation_cache):
   assert (step_dir / "state").is_dir() and (step_dir / "params").is_dir()
   # Each host saved its own data iterator state.
   assert sorted(p.name for p in (step_dir / "data").iterdir() if p.suffix == ".json") == [
-    "process_0-of-2.json", "process_1-of-2.json"]
+    "process_0-of-2.json",
+    "process_1-of-2.json",
+  ]

@@ -14,7 +14,10 @@ from ki.train import optimizer
 
 def _params():
   """A hand-made tree with the names of every kind of pi0.5 parameter."""
-  z = lambda *shape: jnp.ones(shape, jnp.float32)
+
+  def z(*shape):
+    return jnp.ones(shape, jnp.float32)
+
   return {
     "PaliGemma": {
       "img": {
@@ -41,18 +44,28 @@ def _params():
 
 def _group(**overrides):
   settings = dict(
-    peak_lr=1e-2, warmup_steps=2, decay_steps=10, end_lr=1e-3, b1=0.9, b2=0.95, eps=1e-8,
-    weight_decay=0.0, clip_norm=1.0, frozen=False,
+    peak_lr=1e-2,
+    warmup_steps=2,
+    decay_steps=10,
+    end_lr=1e-3,
+    b1=0.9,
+    b2=0.95,
+    eps=1e-8,
+    weight_decay=0.0,
+    clip_norm=1.0,
+    frozen=False,
   )
   settings.update(overrides)
   return settings
 
 
 def _config(vlm=None, expert=None, rules=optimizer.PI05_GROUP_RULES):
-  return ml_collections.ConfigDict(dict(
-    group_rules=rules,
-    groups=dict(vlm=vlm or _group(), action_expert=expert or _group()),
-  ))
+  return ml_collections.ConfigDict(
+    dict(
+      group_rules=rules,
+      groups=dict(vlm=vlm or _group(), action_expert=expert or _group()),
+    )
+  )
 
 
 def test_pi05_rules_split_expert_from_vlm():
@@ -76,8 +89,11 @@ def test_pi05_rules_cover_the_openpi_checkpoint_layout():
   labels = dict(optimizer.named_leaves(optimizer.label_params(tree, optimizer.PI05_GROUP_RULES)))
   expert = sorted(n for n, g in labels.items() if g == "action_expert")
   assert len(labels) == 51 and len(expert) == 19
-  assert all("_1/" in n or n.split("/")[0] in ("action_in_proj", "action_out_proj",
-             "time_mlp_in", "time_mlp_out") for n in expert)
+  assert all(
+    "_1/" in n
+    or n.split("/")[0] in ("action_in_proj", "action_out_proj", "time_mlp_in", "time_mlp_out")
+    for n in expert
+  )
   assert all(n.startswith("PaliGemma/") for n, g in labels.items() if g == "vlm")
 
 
@@ -117,8 +133,11 @@ def test_frozen_group_gets_zero_updates_and_other_group_moves():
 def test_each_group_follows_its_own_schedule():
   params = {"PaliGemma": {"w": jnp.zeros(3)}, "action_in_proj": {"kernel": jnp.zeros(3)}}
   rules = (("action_in_proj/.*", "action_expert"), ("PaliGemma/.*", "vlm"))
-  config = _config(vlm=_group(peak_lr=1e-1, clip_norm=None), expert=_group(peak_lr=1e-3,
-                   clip_norm=None), rules=rules)
+  config = _config(
+    vlm=_group(peak_lr=1e-1, clip_norm=None),
+    expert=_group(peak_lr=1e-3, clip_norm=None),
+    rules=rules,
+  )
   tx, _, schedules = optimizer.make_optimizer(config, params)
   # After warmup the schedule is at peak; Adam's first step moves each weight by ~lr.
   np.testing.assert_allclose(schedules["vlm"](2), 1e-1, rtol=1e-6)

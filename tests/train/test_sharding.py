@@ -1,12 +1,11 @@
 """Mesh construction, the FSDP rule, born-sharded initialisation and global batches
 (8 CPU devices)."""
 
-
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
 import numpy as np
 import pytest
-from jax.sharding import PartitionSpec as P
 
 from ki.train import sharding
 
@@ -16,12 +15,15 @@ def test_mesh_shape_fills_the_free_axis():
   assert sharding.mesh_shape((("fsdp", -1), ("data", 1)), 8) == (1, 8)
 
 
-@pytest.mark.parametrize("mesh_config, message", [
-  ((("data", 3), ("fsdp", -1)), "do not divide"),
-  ((("data", 2), ("fsdp", 2)), "needs 4 devices"),
-  ((("data", -1), ("fsdp", -1)), "at most one"),
-  ((("data", -1), ("model", 2)), "exactly the axes"),
-])
+@pytest.mark.parametrize(
+  "mesh_config, message",
+  [
+    ((("data", 3), ("fsdp", -1)), "do not divide"),
+    ((("data", 2), ("fsdp", 2)), "needs 4 devices"),
+    ((("data", -1), ("fsdp", -1)), "at most one"),
+    ((("data", -1), ("model", 2)), "exactly the axes"),
+  ],
+)
 def test_bad_mesh_config_is_refused(mesh_config, message):
   with pytest.raises(ValueError, match=message):
     sharding.mesh_shape(mesh_config, 8)
@@ -32,15 +34,18 @@ def test_make_mesh_uses_all_devices():
   assert dict(mesh.shape) == {"data": 2, "fsdp": 4}
 
 
-@pytest.mark.parametrize("shape, expected", [
-  ((18, 2048, 16384), P(None, None, "fsdp")),   # largest divisible axis
-  ((18, 8, 2048, 256), P(None, None, "fsdp", None)),
-  ((257152, 2048), P("fsdp", None)),
-  ((6, 6), P()),                                # nothing divisible by 4
-  ((2048,), P("fsdp")),
-  ((), P()),
-  ((8, 8), P("fsdp", None)),                     # ties go to the first axis
-])
+@pytest.mark.parametrize(
+  "shape, expected",
+  [
+    ((18, 2048, 16384), P(None, None, "fsdp")),  # largest divisible axis
+    ((18, 8, 2048, 256), P(None, None, "fsdp", None)),
+    ((257152, 2048), P("fsdp", None)),
+    ((6, 6), P()),  # nothing divisible by 4
+    ((2048,), P("fsdp")),
+    ((), P()),
+    ((8, 8), P("fsdp", None)),  # ties go to the first axis
+  ],
+)
 def test_fsdp_rule(shape, expected):
   assert sharding.fsdp_partition_spec(shape, 4, 4, min_size_bytes=0) == expected
 
@@ -52,8 +57,11 @@ def test_fsdp_rule_keeps_small_arrays_and_fsdp_1_replicated():
 
 def _init(rng):
   k1, k2 = jax.random.split(rng)
-  return {"w": jax.random.normal(k1, (16, 12)), "b": jax.random.normal(k2, (3,)),
-          "step": jnp.zeros([], jnp.int32)}
+  return {
+    "w": jax.random.normal(k1, (16, 12)),
+    "b": jax.random.normal(k2, (3,)),
+    "step": jnp.zeros([], jnp.int32),
+  }
 
 
 def test_born_sharded_init_matches_unsharded_values():

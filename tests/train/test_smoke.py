@@ -17,13 +17,20 @@ _PROGRESS = re.compile(r"step (\d+)/\d+ \| loss [\d.]+ fast_ce ([\d.]+) flow_mse
 def test_smoke_experiment_trains_and_both_losses_fall(tmp_path, compilation_cache):
   env = dict(os.environ, KI_CACHE=str(tmp_path / "cache"), JAX_PLATFORMS="cpu")
   env.pop("XLA_FLAGS", None)
-  command = [sys.executable, "-m", "ki.main", "--config=experiments/droid_ki.py:smoke",
-             f"--workdir={tmp_path / 'work'}", "--config.total_steps=120",
-             "--config.log_every=20", "--config.checkpoint.every=60", "--config.eval.every=120",
-             "--config.eval.max_batches=1",
-             f"--config.compilation_cache_dir={compilation_cache}"]
-  result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True,
-                          timeout=600)
+  command = [
+    sys.executable,
+    "-m",
+    "ki.main",
+    "--config=experiments/droid_ki.py:smoke",
+    f"--workdir={tmp_path / 'work'}",
+    "--config.total_steps=120",
+    "--config.log_every=20",
+    "--config.checkpoint.every=60",
+    "--config.eval.every=120",
+    "--config.eval.max_batches=1",
+    f"--config.compilation_cache_dir={compilation_cache}",
+  ]
+  result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
   output = result.stdout + result.stderr
   assert result.returncode == 0, output[-4000:]
   progress = [(int(s), float(ce), float(mse)) for s, ce, mse in _PROGRESS.findall(output)]
@@ -35,7 +42,12 @@ def test_smoke_experiment_trains_and_both_losses_fall(tmp_path, compilation_cach
   assert "data/dropped/too_long=0" in output
   step_dir = tmp_path / "work" / "checkpoints" / "120"
   assets = {p.name for p in (step_dir / "assets").rglob("*") if p.is_file()}
-  assert {"config.json", "norm_stats.json", "tokenizer.model", "tokenizer.json",
-          "processor_config.json"} <= assets
+  assert {
+    "config.json",
+    "norm_stats.json",
+    "tokenizer.model",
+    "tokenizer.json",
+    "processor_config.json",
+  } <= assets
   assert (step_dir / "params").is_dir()
   assert any(f.startswith("events.out.tfevents") for f in os.listdir(tmp_path / "work"))

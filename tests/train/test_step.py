@@ -10,8 +10,9 @@ import numpy as np
 import pytest
 
 from ki.model import pi05
-from ki.train import optimizer, sharding, state as state_lib, step as step_lib
-
+from ki.train import optimizer, sharding
+from ki.train import state as state_lib
+from ki.train import step as step_lib
 from tests.train.fake_data import FakeIterator
 from tests.train.tiny import group_settings, tiny_model_config
 
@@ -22,24 +23,39 @@ def _quadratic_losses(params, config, observation, actions, rng, *, train):
   x = observation.state
   flow = jnp.sum(jnp.square(x @ params["action_in_proj"]["kernel"] - actions[:, 0]), axis=-1)
   fast = jnp.sum(jnp.square(x * params["PaliGemma"]["w"]), axis=-1)
-  return {"flow_mse": flow * observation.has_actions, "fast_ce": fast,
-          "fast_accuracy": jnp.zeros_like(fast)}
+  return {
+    "flow_mse": flow * observation.has_actions,
+    "fast_ce": fast,
+    "fast_accuracy": jnp.zeros_like(fast),
+  }
 
 
 def _toy_setup(monkeypatch, **settings):
   monkeypatch.setattr(pi05, "compute_losses", _quadratic_losses)
-  params = {"PaliGemma": {"w": jnp.linspace(0.5, 1.5, 8)},
-            "action_in_proj": {"kernel": jnp.eye(8) * 0.5}}
+  params = {
+    "PaliGemma": {"w": jnp.linspace(0.5, 1.5, 8)},
+    "action_in_proj": {"kernel": jnp.eye(8) * 0.5},
+  }
   rules = (("action_in_proj/.*", "action_expert"), ("PaliGemma/.*", "vlm"))
-  config = ml_collections.ConfigDict(dict(
-    group_rules=rules, groups=dict(vlm=group_settings(), action_expert=group_settings())))
+  config = ml_collections.ConfigDict(
+    dict(group_rules=rules, groups=dict(vlm=group_settings(), action_expert=group_settings()))
+  )
   tx, labels, schedules = optimizer.make_optimizer(config, params)
-  state = state_lib.state_from_params(params, jax.random.PRNGKey(0), tx=tx,
-                                      use_ema=settings.get("ema_decay") is not None)
+  state = state_lib.state_from_params(
+    params, jax.random.PRNGKey(0), tx=tx, use_ema=settings.get("ema_decay") is not None
+  )
   model = tiny_model_config()
   step_settings = step_lib.StepSettings(model=model, **settings)
-  batch = FakeIterator(batch_size=8, action_dim=8, action_horizon=2, max_token_len=8,
-                       vocab_size=16, image_size=4, vlm_fraction=0.3, seed=1).batch(0)
+  batch = FakeIterator(
+    batch_size=8,
+    action_dim=8,
+    action_horizon=2,
+    max_token_len=8,
+    vocab_size=16,
+    image_size=4,
+    vlm_fraction=0.3,
+    seed=1,
+  ).batch(0)
   step = jax.jit(functools.partial(step_lib.train_step, step_settings, tx, labels, schedules))
   return step, state, batch
 
@@ -52,20 +68,23 @@ def test_grad_accumulation_matches_one_big_batch(monkeypatch):
   for a, b in zip(jax.tree.leaves(reference.params), jax.tree.leaves(accumulated.params)):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
   np.testing.assert_allclose(metrics["loss"], reference_metrics["loss"], rtol=1e-5)
-  np.testing.assert_allclose(metrics["grad_norm/vlm"], reference_metrics["grad_norm/vlm"],
-                             rtol=1e-5)
+  np.testing.assert_allclose(
+    metrics["grad_norm/vlm"], reference_metrics["grad_norm/vlm"], rtol=1e-5
+  )
 
 
 def test_loss_weights_and_logged_terms(monkeypatch):
   step, state, batch = _toy_setup(monkeypatch, flow_weight=0.0, fast_weight=2.0)
   _, metrics = step(state, batch)
-  losses = _quadratic_losses(state.params, None, pi05.Observation.from_dict(batch),
-                             batch["actions"], None, train=True)
+  losses = _quadratic_losses(
+    state.params, None, pi05.Observation.from_dict(batch), batch["actions"], None, train=True
+  )
   np.testing.assert_allclose(metrics["loss"], 2.0 * np.mean(losses["fast_ce"]), rtol=1e-5)
   # flow_mse is logged as the mean over robot examples only.
   has_actions = batch["has_actions"]
-  np.testing.assert_allclose(metrics["flow_mse"], np.mean(losses["flow_mse"][has_actions]),
-                             rtol=1e-5)
+  np.testing.assert_allclose(
+    metrics["flow_mse"], np.mean(losses["flow_mse"][has_actions]), rtol=1e-5
+  )
   # With flow_weight 0 the expert's only parameter gets no gradient.
   assert float(metrics["grad_norm/action_expert"]) == 0.0
   assert float(metrics["grad_norm/vlm"]) > 0.0
@@ -83,20 +102,33 @@ def test_ema_tracks_params(monkeypatch):
 
 def _run_tiny(mesh_config, devices, steps=2):
   model = tiny_model_config()
-  config = ml_collections.ConfigDict(dict(
-    group_rules=optimizer.PI05_GROUP_RULES,
-    groups=dict(vlm=group_settings(), action_expert=group_settings())))
+  config = ml_collections.ConfigDict(
+    dict(
+      group_rules=optimizer.PI05_GROUP_RULES,
+      groups=dict(vlm=group_settings(), action_expert=group_settings()),
+    )
+  )
   tx, labels, schedules = optimizer.make_optimizer(config, state_lib.abstract_params(model))
   mesh = sharding.make_mesh(mesh_config, devices)
-  state, shardings = state_lib.create_train_state(model, tx, mesh, seed=0, use_ema=False,
-                                                  fsdp_min_size_bytes=0)
+  state, shardings = state_lib.create_train_state(
+    model, tx, mesh, seed=0, use_ema=False, fsdp_min_size_bytes=0
+  )
   settings = step_lib.StepSettings(model=model)
-  step = jax.jit(functools.partial(step_lib.train_step, settings, tx, labels, schedules),
-                 in_shardings=(shardings, sharding.batch_sharding(mesh)),
-                 out_shardings=(shardings, sharding.replicated(mesh)), donate_argnums=0)
-  iterator = FakeIterator(batch_size=8, action_dim=model.action_dim, image_size=model.image_size,
-                          action_horizon=model.action_horizon, max_token_len=model.max_token_len,
-                          vocab_size=model.vocab_size, data_action_dim=model.data_action_dim)
+  step = jax.jit(
+    functools.partial(step_lib.train_step, settings, tx, labels, schedules),
+    in_shardings=(shardings, sharding.batch_sharding(mesh)),
+    out_shardings=(shardings, sharding.replicated(mesh)),
+    donate_argnums=0,
+  )
+  iterator = FakeIterator(
+    batch_size=8,
+    action_dim=model.action_dim,
+    image_size=model.image_size,
+    action_horizon=model.action_horizon,
+    max_token_len=model.max_token_len,
+    vocab_size=model.vocab_size,
+    data_action_dim=model.data_action_dim,
+  )
   losses = []
   for _ in range(steps):
     state, metrics = step(state, sharding.global_batch(next(iterator), mesh))

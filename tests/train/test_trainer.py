@@ -15,7 +15,6 @@ import pytest
 from ki.train import sharding
 from ki.train import trainer as trainer_lib
 from ki.train.trainer import Trainer
-
 from tests.train.tiny import fake_iterator, tiny_train_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -26,8 +25,9 @@ pytestmark = pytest.mark.xdist_group("tiny_trainer")
 
 def _train(workdir, total_steps, **iterator_overrides):
   config = tiny_train_config(total_steps=total_steps)
-  trainer = Trainer(config, str(workdir),
-                    train_iterator=fake_iterator(config, **iterator_overrides))
+  trainer = Trainer(
+    config, str(workdir), train_iterator=fake_iterator(config, **iterator_overrides)
+  )
   history = trainer.run()
   trainer.close()
   return trainer, history
@@ -42,8 +42,9 @@ def test_resume_is_exact(tmp_path, compilation_cache):
   assert sorted(resumed) == [3, 4]
   for step in (3, 4):
     for key in ("loss", "fast_ce", "flow_mse", "grad_norm"):
-      np.testing.assert_allclose(resumed[step][key], straight[step][key], rtol=1e-5,
-                                 err_msg=f"{key} at step {step}")
+      np.testing.assert_allclose(
+        resumed[step][key], straight[step][key], rtol=1e-5, err_msg=f"{key} at step {step}"
+      )
   # The serving item and the assets are in the checkpoint too.
   assert (tmp_path / "resumed" / "checkpoints" / "4" / "params").is_dir()
   assert json.loads(second.checkpointer.restore_assets(4)["config.json"])["total_steps"] == 4
@@ -68,9 +69,11 @@ def test_resumable_compares_only_the_data_stream_fields():
   trainer_lib.check_resumable(
     saved_json,
     ml_collections.ConfigDict(dict(saved, total_steps=99, log_every=7)).to_json_best_effort(),
-    "/ckpt/2")
+    "/ckpt/2",
+  )
   workers = ml_collections.ConfigDict(
-    dict(saved, data=dict(saved["data"], num_workers=8))).to_json_best_effort()
+    dict(saved, data=dict(saved["data"], num_workers=8))
+  ).to_json_best_effort()
   with pytest.raises(ValueError, match="data.num_workers: 0 in the checkpoint, 8 now"):
     trainer_lib.check_resumable(saved_json, workers, "/ckpt/2")
 
@@ -99,8 +102,9 @@ class _PoisonedIterator:
 
 def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, compilation_cache):
   config = tiny_train_config(total_steps=6)
-  trainer = Trainer(config, str(tmp_path),
-                    train_iterator=_PoisonedIterator(fake_iterator(config), at=2))
+  trainer = Trainer(
+    config, str(tmp_path), train_iterator=_PoisonedIterator(fake_iterator(config), at=2)
+  )
   with pytest.raises(trainer_lib.NonFiniteLossError, match=r"flow_mse.* at step 3"):
     trainer.run()
   assert trainer.checkpointer.all_steps() == [2]
@@ -124,14 +128,19 @@ def test_tokenizer_vocabulary_must_match_the_model(tmp_path):
   from ki.tokenizers import prompt  # pylint: disable=g-import-not-at-top
 
   model_path = prompt.build_sentencepiece_model(
-    ["pick up the red cube", "put the cup on the plate"] * 20, str(tmp_path / "sp.model"),
-    text_vocab_size=300)
+    ["pick up the red cube", "put the cup on the plate"] * 20,
+    str(tmp_path / "sp.model"),
+    text_vocab_size=300,
+  )
   config = tiny_train_config()
   config.unlock()
   config.assets = {"prompt_tokenizer": model_path, "fast_tokenizer": ""}
   model_config = trainer_lib.check_config(config, sharding.make_mesh((("data", -1), ("fsdp", 1))))
-  with pytest.raises(ValueError, match=r"1452 pieces but model.vocab_size=256; set "
-                                       r"model.vocab_size to 1452"):
+  with pytest.raises(
+    ValueError,
+    match=r"1452 pieces but model.vocab_size=256; set "
+    r"model.vocab_size to 1452",
+  ):
     trainer_lib.build_tokenizer(config, model_config)
 
 
@@ -146,16 +155,23 @@ def test_too_many_overlong_examples_are_refused(tmp_path):
 
 
 def _run_fake(workdir, total_steps, cache_dir, **popen):
-  command = [sys.executable, "-m", "tests.train.train_fake", f"--workdir={workdir}",
-             f"--total_steps={total_steps}", f"--cache_dir={cache_dir}"]
-  return subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                          text=True, **popen)
+  command = [
+    sys.executable,
+    "-m",
+    "tests.train.train_fake",
+    f"--workdir={workdir}",
+    f"--total_steps={total_steps}",
+    f"--cache_dir={cache_dir}",
+  ]
+  return subprocess.Popen(
+    command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **popen
+  )
 
 
 def _result(output):
   lines = [line for line in output.splitlines() if line.startswith("RESULT ")]
   assert lines, output[-3000:]
-  return json.loads(lines[-1][len("RESULT "):])
+  return json.loads(lines[-1][len("RESULT ") :])
 
 
 @pytest.mark.slow
@@ -185,6 +201,7 @@ def test_sigterm_saves_exits_cleanly_and_resumes(tmp_path, compilation_cache):
 
 def test_initialises_from_a_checkpoint_of_ours(tmp_path, compilation_cache):
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+
   from ki.train import state as state_lib  # pylint: disable=g-import-not-at-top
 
   config = tiny_train_config()

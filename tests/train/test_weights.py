@@ -8,7 +8,6 @@ import pytest
 
 from ki.model import weights
 from ki.train import sharding, state
-
 from tests.train.tiny import tiny_model_config
 
 
@@ -20,8 +19,12 @@ def abstract():
 def _values(abstract, offset=0.0):
   """Deterministic distinct host arrays with the model's shapes and dtypes."""
   flat = weights.flatten(abstract)
-  return {name: (np.arange(np.prod(s.shape), dtype=np.float32).reshape(s.shape) * 1e-3
-                 + i + offset).astype(s.dtype) for i, (name, s) in enumerate(sorted(flat.items()))}
+  return {
+    name: (
+      np.arange(np.prod(s.shape), dtype=np.float32).reshape(s.shape) * 1e-3 + i + offset
+    ).astype(s.dtype)
+    for i, (name, s) in enumerate(sorted(flat.items()))
+  }
 
 
 def _nest(flat):
@@ -58,7 +61,7 @@ def test_paligemma_npz_fills_the_vlm_only(tmp_path, abstract):
   assert "PaliGemma/llm/layers/attn/q_einsum/w" in vlm
   assert "PaliGemma/llm/layers/attn/q_einsum_1/w" not in vlm
   path = tmp_path / "pt_224.npz"
-  np.savez(path, **{"params/" + k[len("PaliGemma/"):]: v for k, v in vlm.items()})
+  np.savez(path, **{"params/" + k[len("PaliGemma/") :]: v for k, v in vlm.items()})
   loaded = weights.load("paligemma", str(path), abstract)
   _assert_same(loaded, vlm)
 
@@ -66,8 +69,10 @@ def test_paligemma_npz_fills_the_vlm_only(tmp_path, abstract):
 def test_our_checkpoint_latest_step(tmp_path, abstract):
   for step, offset in ((3, 0.0), (7, 5.0)):
     with ocp.StandardCheckpointer() as checkpointer:
-      checkpointer.save(tmp_path / "checkpoints" / str(step) / "params",
-                        {"params": _nest(_values(abstract, offset))})
+      checkpointer.save(
+        tmp_path / "checkpoints" / str(step) / "params",
+        {"params": _nest(_values(abstract, offset))},
+      )
   loaded = weights.load("ki", str(tmp_path), abstract)
   _assert_same(loaded, _values(abstract, 5.0))
 
@@ -76,11 +81,12 @@ def test_every_mismatch_is_listed_in_one_error(tmp_path, abstract):
   values = {k: v for k, v in _values(abstract).items() if not weights.EXPERT_PATTERN.fullmatch(k)}
   values["PaliGemma/img/embedding/bias"] = values["PaliGemma/img/embedding/bias"][:-1]
   values["PaliGemma/llm/final_norm/scale"] = values["PaliGemma/llm/final_norm/scale"].astype(
-    np.float16)
+    np.float16
+  )
   del values["PaliGemma/llm/embedder/input_embedding"]
   values["PaliGemma/llm/extra_head/kernel"] = np.zeros(3, np.float32)
   path = tmp_path / "bad.npz"
-  np.savez(path, **{"params/" + k[len("PaliGemma/"):]: v for k, v in values.items()})
+  np.savez(path, **{"params/" + k[len("PaliGemma/") :]: v for k, v in values.items()})
   with pytest.raises(weights.WeightsMismatchError) as error:
     weights.load("paligemma", str(path), abstract)
   message = str(error.value)
@@ -93,7 +99,7 @@ def test_every_mismatch_is_listed_in_one_error(tmp_path, abstract):
   values["PaliGemma/img/embedding/bias"] = _values(abstract)["PaliGemma/img/embedding/bias"]
   del values["PaliGemma/llm/extra_head/kernel"]
   with pytest.raises(weights.WeightsMismatchError, match=r"1 mismatch.*\n  missing: .*embedder"):
-    np.savez(path, **{"params/" + k[len("PaliGemma/"):]: v for k, v in values.items()})
+    np.savez(path, **{"params/" + k[len("PaliGemma/") :]: v for k, v in values.items()})
     weights.load("paligemma", str(path), abstract, cast_dtypes=True)
 
 

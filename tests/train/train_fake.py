@@ -26,8 +26,7 @@ def main():
   args = parser.parse_args()
 
   os.environ["JAX_PLATFORMS"] = "cpu"
-  os.environ["XLA_FLAGS"] = (
-    f"--xla_force_host_platform_device_count={args.devices_per_process}")
+  os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={args.devices_per_process}"
   import jax  # pylint: disable=g-import-not-at-top
 
   if args.cache_dir:
@@ -36,24 +35,34 @@ def main():
   if args.num_processes > 1:
     # CPU collectives across processes go through gloo.
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    jax.distributed.initialize(coordinator_address=f"127.0.0.1:{args.coordinator_port}",
-                               num_processes=args.num_processes, process_id=args.process_id)
+    jax.distributed.initialize(
+      coordinator_address=f"127.0.0.1:{args.coordinator_port}",
+      num_processes=args.num_processes,
+      process_id=args.process_id,
+    )
   logging.basicConfig(level=logging.INFO, stream=sys.stdout, force=True)
 
   from ki.train.trainer import Trainer  # pylint: disable=g-import-not-at-top
   from tests.train import tiny  # pylint: disable=g-import-not-at-top
 
-  config = tiny.tiny_train_config(**{"total_steps": args.total_steps,
-                                "checkpoint.every": args.checkpoint_every,
-                                "mesh": (("data", -1), ("fsdp", args.num_processes))})
-  iterator = tiny.fake_iterator(config, batch_size=config.batch_size // jax.process_count(),
-                           process_index=jax.process_index())
+  config = tiny.tiny_train_config(
+    **{
+      "total_steps": args.total_steps,
+      "checkpoint.every": args.checkpoint_every,
+      "mesh": (("data", -1), ("fsdp", args.num_processes)),
+    }
+  )
+  iterator = tiny.fake_iterator(
+    config, batch_size=config.batch_size // jax.process_count(), process_index=jax.process_index()
+  )
   trainer = Trainer(config, args.workdir, train_iterator=iterator)
   history = trainer.run()
   trainer.close()
-  result = {"losses": {str(k): v["loss"] for k, v in history.items()},
-            "start_step": trainer.start_step,
-            "latest_checkpoint": trainer.checkpointer.latest_step()}
+  result = {
+    "losses": {str(k): v["loss"] for k, v in history.items()},
+    "start_step": trainer.start_step,
+    "latest_checkpoint": trainer.checkpointer.latest_step(),
+  }
   print("RESULT " + json.dumps(result), flush=True)
 
 
