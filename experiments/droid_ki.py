@@ -33,8 +33,6 @@ import os
 
 import ml_collections
 
-from ki.train import optimizer
-
 # openpi's DROID fine-tune optimizer (pi05_droid_finetune): AdamW with a tiny weight decay, global
 # norm clipping, 1k warmup to 5e-5 then a slow cosine that barely decays over a run.
 _FULL_GROUP = dict(
@@ -107,7 +105,7 @@ def base_config() -> ml_collections.ConfigDict:
   config.loss = ml_collections.ConfigDict(dict(flow_weight=1.0, fast_weight=1.0))
   config.optimizer = ml_collections.ConfigDict(
     dict(
-      group_rules=optimizer.PI05_GROUP_RULES,
+      group_rules="pi05",
       groups=dict(vlm=dict(_FULL_GROUP), action_expert=dict(_FULL_GROUP)),
       ema_decay=None,
     )

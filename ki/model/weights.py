@@ -18,28 +18,17 @@ from collections.abc import Mapping
 import re
 
 from etils import epath
-import flax.traverse_util
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from ki.model import params as params_lib
+
 FORMATS = ("openpi", "paligemma", "ki")
-# Leaves a PaliGemma checkpoint does not hold: the action expert, its projections, the time MLP.
-EXPERT_PATTERN = re.compile(
-  r"(action_in_proj|action_out_proj|time_mlp_in|time_mlp_out)/.*|PaliGemma/llm/(.*/)?[^/]*_1(/.*)?"
-)
 
 
 class WeightsMismatchError(ValueError):
   pass
-
-
-def flatten(tree: Mapping) -> dict[str, object]:
-  """Nested dict -> {"a/b/c": leaf}."""
-  return {
-    "/".join(map(str, path)): leaf
-    for path, leaf in flax.traverse_util.flatten_dict(dict(tree)).items()
-  }
 
 
 def _unwrap_nnx_values(flat: dict[str, object]) -> dict[str, object]:
@@ -66,7 +55,7 @@ def _restore_params_item(params_dir: epath.Path) -> dict[str, np.ndarray]:
     restored = checkpointer.restore(
       params_dir, args=ocp.args.PyTreeRestore(item=item, restore_args=restore_args)
     )
-  return _unwrap_nnx_values(flatten(restored["params"]))
+  return _unwrap_nnx_values(params_lib.flatten(restored["params"]))
 
 
 def _openpi_params_dir(path: str) -> epath.Path:
@@ -157,13 +146,13 @@ def load(
   Returns {name: array} for every leaf the checkpoint provides (all of them, except the expert's
   for "paligemma").
   """
-  expected = flatten(abstract_params)
+  expected = params_lib.flatten(abstract_params)
   if kind == "openpi":
     loaded, allowed_missing = _restore_params_item(_openpi_params_dir(path)), None
   elif kind == "ki":
     loaded, allowed_missing = _restore_params_item(_ki_params_dir(path)), None
   elif kind == "paligemma":
-    loaded, allowed_missing = _read_paligemma_npz(path), EXPERT_PATTERN
+    loaded, allowed_missing = _read_paligemma_npz(path), params_lib.EXPERT_PATTERN
   else:
     raise ValueError(f"Unknown weights format {kind!r}; expected one of {FORMATS}.")
   return check_against(
@@ -179,10 +168,9 @@ def merge_into(params, loaded: Mapping[str, np.ndarray]):
   """Replaces the leaves of a (device) params tree by the loaded ones, keeping each leaf's
   sharding. Returns the new tree."""
 
-  def replace(path, leaf):
-    name = "/".join(str(getattr(k, "key", k)) for k in path)
+  def replace(name, leaf):
     if name not in loaded:
       return leaf
     return jax.device_put(loaded[name], leaf.sharding)
 
-  return jax.tree_util.tree_map_with_path(replace, params)
+  return params_lib.map_with_names(replace, params)

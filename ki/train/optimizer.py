@@ -11,42 +11,13 @@ AdamW -> warmup + cosine schedule; or `frozen=True`, which zeroes its updates an
 
 from collections.abc import Callable, Sequence
 import re
-from typing import Any
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 import optax
 
-# The rules that split pi0.5 into its two groups. Order matters: the expert's weights live inside
-# PaliGemma/llm with a "_1" suffix on one path component, so they are matched before the catch-all
-# VLM rule. SigLIP has "_1" components too (Dense_1, LayerNorm_1), hence the "llm/" anchor.
-PI05_GROUP_RULES = (
-  (r"(action_in_proj|action_out_proj|time_mlp_in|time_mlp_out)/.*", "action_expert"),
-  (r"PaliGemma/llm/(.*/)?[^/]*_1(/.*)?", "action_expert"),
-  (r"PaliGemma/.*", "vlm"),
-)
-
-
-def path_to_name(path) -> str:
-  """Joins a jax tree path into the "/"-separated name the rules match against."""
-  parts = []
-  for key in path:
-    if isinstance(key, jax.tree_util.DictKey):
-      parts.append(str(key.key))
-    elif isinstance(key, jax.tree_util.GetAttrKey):
-      parts.append(key.name)
-    elif isinstance(key, jax.tree_util.SequenceKey):
-      parts.append(str(key.idx))
-    else:
-      parts.append(str(key))
-  return "/".join(parts)
-
-
-def named_leaves(tree) -> list[tuple[str, Any]]:
-  """[(name, leaf)] in tree order."""
-  leaves, _ = jax.tree_util.tree_flatten_with_path(tree)
-  return [(path_to_name(path), leaf) for path, leaf in leaves]
+from ki.model import params as params_lib
 
 
 def label_params(params, rules: Sequence[tuple[str, str]]):
@@ -60,7 +31,7 @@ def label_params(params, rules: Sequence[tuple[str, str]]):
   uncovered = []
 
   def label(path, _):
-    name = path_to_name(path)
+    name = params_lib.path_to_name(path)
     for i, (pattern, group) in enumerate(compiled):
       if pattern.fullmatch(name):
         used[i] = True
@@ -115,7 +86,7 @@ def make_optimizer(optimizer_config: ml_collections.ConfigDict, params_shape):
   Returns (tx, labels, schedules): the optax transformation, the tree of group names (same
   structure as params) and {group: schedule(step) -> learning rate} for logging (0 if frozen).
   """
-  labels = label_params(params_shape, optimizer_config.group_rules)
+  labels = label_params(params_shape, params_lib.group_rules(optimizer_config.group_rules))
   groups = dict(optimizer_config.groups)
   # Sorted: the traced program (hence the compile cache key, and the order of collectives on
   # every host) must not depend on Python's per-process string hashing.

@@ -8,6 +8,7 @@ import ml_collections
 import numpy as np
 import pytest
 
+from ki.model import params as params_lib
 from ki.model import pi05
 from ki.train import optimizer
 
@@ -59,7 +60,7 @@ def _group(**overrides):
   return settings
 
 
-def _config(vlm=None, expert=None, rules=optimizer.PI05_GROUP_RULES):
+def _config(vlm=None, expert=None, rules=params_lib.GROUP_RULES["pi05"]):
   return ml_collections.ConfigDict(
     dict(
       group_rules=rules,
@@ -69,8 +70,8 @@ def _config(vlm=None, expert=None, rules=optimizer.PI05_GROUP_RULES):
 
 
 def test_pi05_rules_split_expert_from_vlm():
-  labels = optimizer.label_params(_params(), optimizer.PI05_GROUP_RULES)
-  labels = dict(optimizer.named_leaves(labels))
+  labels = optimizer.label_params(_params(), params_lib.GROUP_RULES["pi05"])
+  labels = dict(params_lib.named_leaves(labels))
   assert labels["PaliGemma/llm/layers/attn/q_einsum_1/w"] == "action_expert"
   assert labels["PaliGemma/llm/final_norm_1/Dense_0/kernel"] == "action_expert"
   assert labels["PaliGemma/llm/layers/mlp_1/linear"] == "action_expert"
@@ -86,7 +87,9 @@ def test_pi05_rules_split_expert_from_vlm():
 def test_pi05_rules_cover_the_openpi_checkpoint_layout():
   # The full-size tree by shape alone; tests/model/test_param_layout.py checks it equals openpi's.
   tree = jax.eval_shape(functools.partial(pi05.init_params, pi05.Config()), jax.random.key(0))
-  labels = dict(optimizer.named_leaves(optimizer.label_params(tree, optimizer.PI05_GROUP_RULES)))
+  labels = dict(
+    params_lib.named_leaves(optimizer.label_params(tree, params_lib.GROUP_RULES["pi05"]))
+  )
   expert = sorted(n for n, g in labels.items() if g == "action_expert")
   assert len(labels) == 51 and len(expert) == 19
   assert all(
@@ -101,7 +104,7 @@ def test_uncovered_parameter_is_named_in_the_error():
   params = _params()
   params["new_head"] = {"kernel": jnp.ones((2,))}
   with pytest.raises(ValueError, match="new_head/kernel"):
-    optimizer.label_params(params, optimizer.PI05_GROUP_RULES)
+    optimizer.label_params(params, params_lib.GROUP_RULES["pi05"])
 
 
 def test_rule_matching_nothing_is_an_error():
@@ -121,8 +124,8 @@ def test_frozen_group_gets_zero_updates_and_other_group_moves():
   state = tx.init(params)
   grads = jax.tree.map(jnp.ones_like, params)
   updates, _ = tx.update(grads, state, params)
-  names = dict(optimizer.named_leaves(labels))
-  for name, update in optimizer.named_leaves(updates):
+  names = dict(params_lib.named_leaves(labels))
+  for name, update in params_lib.named_leaves(updates):
     if names[name] == "vlm":
       np.testing.assert_array_equal(update, 0.0)
     else:
@@ -158,7 +161,7 @@ def test_group_without_settings_is_an_error():
 
 def test_group_norms_split_by_label():
   params = {"PaliGemma": {"w": jnp.full(4, 3.0)}, "action_in_proj": {"kernel": jnp.full(1, 2.0)}}
-  rules = optimizer.PI05_GROUP_RULES[:1] + (("PaliGemma/.*", "vlm"),)
+  rules = params_lib.GROUP_RULES["pi05"][:1] + (("PaliGemma/.*", "vlm"),)
   labels = optimizer.label_params(params, rules)
   norms = optimizer.group_norms(params, labels)
   np.testing.assert_allclose(norms["vlm"], 6.0)

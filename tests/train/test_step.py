@@ -9,6 +9,7 @@ import ml_collections
 import numpy as np
 import pytest
 
+from ki.model import params as params_lib
 from ki.model import pi05
 from ki.train import optimizer, sharding
 from ki.train import state as state_lib
@@ -104,7 +105,7 @@ def _run_tiny(mesh_config, devices, steps=2):
   model = tiny_model_config()
   config = ml_collections.ConfigDict(
     dict(
-      group_rules=optimizer.PI05_GROUP_RULES,
+      group_rules=params_lib.GROUP_RULES["pi05"],
       groups=dict(vlm=group_settings(), action_expert=group_settings()),
     )
   )

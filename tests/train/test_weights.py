@@ -6,6 +6,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
+from ki.model import params as params_lib
 from ki.model import weights
 from ki.train import sharding, state
 from tests.train.tiny import tiny_model_config
@@ -18,7 +19,7 @@ def abstract():
 
 def _values(abstract, offset=0.0):
   """Deterministic distinct host arrays with the model's shapes and dtypes."""
-  flat = weights.flatten(abstract)
+  flat = params_lib.flatten(abstract)
   return {
     name: (
       np.arange(np.prod(s.shape), dtype=np.float32).reshape(s.shape) * 1e-3 + i + offset
@@ -56,7 +57,7 @@ def test_openpi_checkpoint_folder(tmp_path, abstract, nnx_values):
 
 def test_paligemma_npz_fills_the_vlm_only(tmp_path, abstract):
   values = _values(abstract)
-  vlm = {k: v for k, v in values.items() if not weights.EXPERT_PATTERN.fullmatch(k)}
+  vlm = {k: v for k, v in values.items() if not params_lib.EXPERT_PATTERN.fullmatch(k)}
   assert any(k.startswith("PaliGemma/img/") for k in vlm)
   assert "PaliGemma/llm/layers/attn/q_einsum/w" in vlm
   assert "PaliGemma/llm/layers/attn/q_einsum_1/w" not in vlm
@@ -78,7 +79,9 @@ def test_our_checkpoint_latest_step(tmp_path, abstract):
 
 
 def test_every_mismatch_is_listed_in_one_error(tmp_path, abstract):
-  values = {k: v for k, v in _values(abstract).items() if not weights.EXPERT_PATTERN.fullmatch(k)}
+  values = {
+    k: v for k, v in _values(abstract).items() if not params_lib.EXPERT_PATTERN.fullmatch(k)
+  }
   values["PaliGemma/img/embedding/bias"] = values["PaliGemma/img/embedding/bias"][:-1]
   values["PaliGemma/llm/final_norm/scale"] = values["PaliGemma/llm/final_norm/scale"].astype(
     np.float16
