@@ -7,8 +7,9 @@
   paligemma  a big_vision PaliGemma .npz: flat keys "params/img/..." and "params/llm/..." joined
              by "/"; it fills the VLM (PaliGemma/img, PaliGemma/llm without the expert's "_1"
              weights) and the action expert keeps its fresh initialisation.
-  ki         a checkpoint of ours: a workdir (latest step), a checkpoints/<step> folder, or its
-             params item; the same {"params": tree} layout as openpi's.
+  ki         a checkpoint of ours (ki/checkpoint.py): a workdir (its latest finished step), a
+             checkpoints/<step> folder, or its params item; the same {"params": tree} layout as
+             openpi's (the EMA params when the run kept an EMA).
 
 `load` returns {name: np.ndarray} for the leaves it provides ("/"-joined names) after comparing
 every leaf with the expected shapes and dtypes; all mismatches are reported in one error.
@@ -22,6 +23,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from ki import checkpoint
 from ki.model import params as params_lib
 
 FORMATS = ("openpi", "paligemma", "ki")
@@ -64,14 +66,12 @@ def _openpi_params_dir(path: str) -> epath.Path:
 
 
 def _ki_params_dir(path: str) -> epath.Path:
-  """A workdir (latest step), a checkpoints folder, a step folder or a params item."""
+  """A params item, or that of a step folder, of a workdir's or a checkpoints/ folder's latest
+  finished step (ki.checkpoint.resolve_step_dir)."""
   path = epath.Path(path)
-  if (path / "checkpoints").exists():
-    path = path / "checkpoints"
-  steps = [p for p in path.iterdir() if p.name.isdigit()] if path.is_dir() else []
-  if steps:
-    path = max(steps, key=lambda p: int(p.name))
-  return path / "params" if (path / "params").exists() else path
+  if path.name == checkpoint.PARAMS_ITEM and not (path / checkpoint.PARAMS_ITEM).exists():
+    return path
+  return checkpoint.resolve_step_dir(path) / checkpoint.PARAMS_ITEM
 
 
 def _read_paligemma_npz(path: str) -> dict[str, np.ndarray]:

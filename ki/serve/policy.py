@@ -7,9 +7,9 @@
   actions sample_actions (prefix + KV cache + Euler steps), cut to the 8 real dims,
           unnormalised, then delta joints turned back into absolute ones with the current state.
 
-`Policy.from_checkpoint` reads what the trainer wrote (ki/train/checkpoint.py): the `params` item
-(restored by orbax onto the local device, shapes and dtypes checked against the model config) and
-the `assets` files (config.json, norm_stats.json, tokenizer.model).
+`Policy.from_checkpoint` reads what the trainer wrote (layout in ki/checkpoint.py): the `params`
+item (restored by orbax onto the local device, shapes and dtypes checked against the model config)
+and the `assets` files (config.json, norm_stats.json, tokenizer.model).
 """
 
 import json
@@ -23,39 +23,13 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from ki import checkpoint as checkpoint_lib
 from ki.data import droid, normalize
 from ki.model import pi05
 from ki.serve import observation as observation_lib
 from ki.tokenizers import prompt as prompt_lib
-from ki.train import checkpoint as checkpoint_lib
 
 _REQUIRED_ASSETS = ("config.json", "norm_stats.json", "tokenizer.model")
-
-
-def resolve_checkpoint(path: str | epath.Path) -> epath.Path:
-  """A step folder (<workdir>/checkpoints/<step>), or the latest step of a workdir (or of its
-  checkpoints/ folder). Raises FileNotFoundError saying what was looked for."""
-  path = epath.Path(path)
-  if (path / "params").is_dir():
-    return path
-  folder = (
-    path / checkpoint_lib.CHECKPOINT_DIR
-    if (path / checkpoint_lib.CHECKPOINT_DIR).is_dir()
-    else path
-  )
-  if not folder.is_dir():
-    raise FileNotFoundError(f"checkpoint path {path} does not exist")
-  # Orbax's in-progress folders ("8.orbax-checkpoint-tmp-...") are not numbers, so a step being
-  # written is never picked.
-  steps = sorted(
-    int(p.name) for p in folder.iterdir() if p.name.isdigit() and (p / "params").is_dir()
-  )
-  if not steps:
-    raise FileNotFoundError(
-      f"no checkpoint with a params item under {folder}: expected <step>/params/ folders "
-      "(pass a step folder, a workdir or its checkpoints/ folder)"
-    )
-  return folder / str(steps[-1])
 
 
 def load_model_config(config_json: dict) -> pi05.Config:
@@ -81,7 +55,7 @@ def restore_params(step_dir: epath.Path, model_config: pi05.Config, device=None)
     )
   }
   with ocp.StandardCheckpointer() as checkpointer:
-    return checkpointer.restore(step_dir / "params", target)["params"]
+    return checkpointer.restore(step_dir / checkpoint_lib.PARAMS_ITEM, target)["params"]
 
 
 class Policy:
@@ -161,9 +135,11 @@ class Policy:
 
   @classmethod
   def from_checkpoint(cls, path: str, *, num_flow_steps: int = 10, seed: int = 0) -> "Policy":
-    """From a step folder or a workdir (its latest step)."""
-    step_dir = resolve_checkpoint(path)
-    assets = step_dir / "assets"
+    """From a step folder, or a workdir or its checkpoints/ folder (the latest finished step)."""
+    step_dir = checkpoint_lib.resolve_step_dir(path)
+    if not (step_dir / checkpoint_lib.PARAMS_ITEM).is_dir():
+      raise FileNotFoundError(f"checkpoint {step_dir} has no {checkpoint_lib.PARAMS_ITEM!r} item")
+    assets = step_dir / checkpoint_lib.ASSETS_ITEM
     missing = [name for name in _REQUIRED_ASSETS if not (assets / name).exists()]
     if missing:
       raise FileNotFoundError(

@@ -88,7 +88,6 @@ class MetricsLogger:
     self._data_wait = 0.0
     self._interval_start = time.perf_counter()
     self._interval_start_step = start_step
-    self.history: list[dict[str, float]] = []
 
   def restart_clock(self):
     self._interval_start = time.perf_counter()
@@ -137,7 +136,6 @@ class MetricsLogger:
       100 * scalars["perf/data_wait_fraction"],
       format_duration(remaining),
     )
-    self.history.append({"step": step, **scalars})
     self._sums.clear()
     self._count = 0
     self._data_wait = 0.0

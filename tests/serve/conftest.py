@@ -4,11 +4,11 @@ import jax
 import numpy as np
 import pytest
 
+from ki import checkpoint as checkpoint_lib
 from ki.data import normalize
 from ki.model import pi05
 from ki.serve import policy as policy_lib
 from ki.tokenizers import prompt as prompt_lib
-from ki.train import checkpoint as checkpoint_lib
 from ki.train.state import TrainState
 
 TEXT_VOCAB_SIZE = 300
@@ -97,7 +97,7 @@ def write_checkpoint(workdir, model_config: pi05.Config) -> None:
     "norm_stats.json": (workdir / "norm_stats.json").read_bytes(),
     "tokenizer.model": (workdir / "tokenizer.model").read_bytes(),
   }
-  checkpointer = checkpoint_lib.Checkpointer(str(workdir), save_every=1, asynchronous=False)
+  checkpointer = checkpoint_lib.Checkpointer(str(workdir), asynchronous=False)
   checkpointer.save(STEP, state, assets=assets, force=True)
   checkpointer.close()
 

@@ -1,9 +1,14 @@
 """Policy: checkpoint loading, the request -> model input path, and actions in raw units."""
 
+import os
+import subprocess
+import sys
+
 import jax
 import numpy as np
 import pytest
 
+from ki import checkpoint as checkpoint_lib
 from ki.data import droid, normalize
 from ki.serve import observation as observation_lib
 from ki.serve import policy as policy_lib
@@ -70,15 +75,25 @@ def test_metadata_describes_the_checkpoint(policy, checkpoint_workdir):
   assert policy.metadata["checkpoint"].endswith(f"checkpoints/{conftest.STEP}")
 
 
-def test_checkpoint_paths_resolve(checkpoint_workdir, tmp_path):
+def test_checkpoint_paths_resolve(checkpoint_workdir):
+  """A workdir, its checkpoints/ folder and a step folder name the same checkpoint."""
   step_dir = checkpoint_workdir / "checkpoints" / str(conftest.STEP)
-  assert policy_lib.resolve_checkpoint(checkpoint_workdir) == step_dir
-  assert policy_lib.resolve_checkpoint(checkpoint_workdir / "checkpoints") == step_dir
-  assert policy_lib.resolve_checkpoint(step_dir) == step_dir
-  with pytest.raises(FileNotFoundError, match="no checkpoint with a params item"):
-    policy_lib.resolve_checkpoint(tmp_path)
+  for path in (checkpoint_workdir, checkpoint_workdir / "checkpoints", step_dir):
+    assert checkpoint_lib.resolve_step_dir(path) == step_dir
   with pytest.raises(FileNotFoundError, match="does not exist"):
-    policy_lib.resolve_checkpoint(tmp_path / "missing")
+    policy_lib.Policy.from_checkpoint(str(checkpoint_workdir / "missing"))
+
+
+def test_serving_does_not_import_the_trainer():
+  """Serving reads the checkpoint layout from ki.checkpoint, not from the training code."""
+  code = (
+    "import sys, ki.serve.policy, ki.serve.server; "
+    "print(sorted(m for m in sys.modules if m.startswith('ki.train')))"
+  )
+  result = subprocess.run(
+    [sys.executable, "-c", code], capture_output=True, text=True, check=True, env=os.environ
+  )
+  assert result.stdout.strip() == "[]", result.stdout
 
 
 @pytest.mark.parametrize(

@@ -6,6 +6,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
+from ki import checkpoint
 from ki.model import params as params_lib
 from ki.model import weights
 from ki.train import sharding, state
@@ -68,14 +69,27 @@ def test_paligemma_npz_fills_the_vlm_only(tmp_path, abstract):
 
 
 def test_our_checkpoint_latest_step(tmp_path, abstract):
+  """Written by the Checkpointer with an EMA: kind "ki" reads the EMA params (the params item) of
+  the latest finished step, from a workdir, its checkpoints/ folder, a step folder or the item."""
+  ckpt = checkpoint.Checkpointer(str(tmp_path), asynchronous=False)
   for step, offset in ((3, 0.0), (7, 5.0)):
-    with ocp.StandardCheckpointer() as checkpointer:
-      checkpointer.save(
-        tmp_path / "checkpoints" / str(step) / "params",
-        {"params": _nest(_values(abstract, offset))},
-      )
-  loaded = weights.load("ki", str(tmp_path), abstract)
-  _assert_same(loaded, _values(abstract, 5.0))
+    params = _nest(_values(abstract, offset))
+    ema_params = _nest(_values(abstract, offset + 0.25))
+    train_state = state.TrainState(
+      step=np.int32(step),
+      params=params,
+      opt_state={},
+      rng=np.zeros(2, np.uint32),
+      ema_params=ema_params,
+    )
+    ckpt.save(step, train_state)
+  ckpt.close()
+  # A later step still being written is never read.
+  (tmp_path / "checkpoints" / "9.orbax-checkpoint-tmp-1700000000" / "params").mkdir(parents=True)
+  step_dir = tmp_path / "checkpoints" / "7"
+  for path in (tmp_path, tmp_path / "checkpoints", step_dir, step_dir / "params"):
+    loaded = weights.load("ki", str(path), abstract)
+    _assert_same(loaded, _values(abstract, 5.25))
 
 
 def test_every_mismatch_is_listed_in_one_error(tmp_path, abstract):

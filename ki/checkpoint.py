@@ -1,0 +1,200 @@
+"""Checkpoints: their layout on disk, finding the latest one, and the run's Checkpointer.
+
+<workdir>/checkpoints/<step>/ holds these orbax items:
+  params  {"params": tree}: the weights to serve and fine-tune from (the EMA params when the run
+          keeps an EMA), in openpi's params-item layout, so that openpi, `ki.serve.policy` and
+          `ki.model.weights` (kind "ki") read it as they read an openpi checkpoint.
+  state   the rest of the TrainState, without a second copy of those weights (openpi's
+          `_split_params`): with an EMA it keeps the raw params and drops ema_params; without one
+          it drops params. `Checkpointer.restore` merges the params item back.
+  assets  small files the policy needs next to the weights: norm stats, tokenizer, config.json.
+  data    the Grain iterator state of every host (grain's own orbax handler, one file per host).
+
+Saving is asynchronous: `save` returns once the arrays are copied off the devices; the files are
+written in the background and committed atomically (a "<step>.orbax-checkpoint-tmp-*" folder
+renamed to "<step>", or a commit_success.txt file on object stores), so a crash mid-write leaves
+the previous checkpoint as the latest one, and `latest_step` never picks a step being written.
+"""
+
+import dataclasses
+import datetime
+from typing import Any
+
+from etils import epath
+import grain.checkpoint
+import jax
+import orbax.checkpoint as ocp
+
+CHECKPOINT_DIR = "checkpoints"
+PARAMS_ITEM = "params"
+STATE_ITEM = "state"
+ASSETS_ITEM = "assets"
+DATA_ITEM = "data"
+# Orbax drops this file into every item folder on non-atomic file systems; it is not an asset.
+_ORBAX_COMMIT_MARKER = "commit_success.txt"
+
+
+def latest_step(checkpoints_dir: str | epath.Path) -> int | None:
+  """The largest finished step in a checkpoints/ folder, or None. Orbax decides what is finished:
+  in-progress folders (temporary names, or no commit marker on object stores) are skipped."""
+  paths = ocp.utils.checkpoint_steps_paths(epath.Path(checkpoints_dir))
+  steps = [int(p.name) for p in paths if p.name.isdigit()]
+  return max(steps) if steps else None
+
+
+def resolve_step_dir(path: str | epath.Path) -> epath.Path:
+  """A step folder (<workdir>/checkpoints/<step>) as it is, or the latest finished step of a
+  workdir or of its checkpoints/ folder. Raises FileNotFoundError saying what was looked for."""
+  path = epath.Path(path)
+  if (path / PARAMS_ITEM).is_dir() or (path / STATE_ITEM).is_dir():
+    return path
+  folder = path / CHECKPOINT_DIR if (path / CHECKPOINT_DIR).is_dir() else path
+  if not folder.is_dir():
+    raise FileNotFoundError(f"checkpoint path {path} does not exist")
+  step = latest_step(folder)
+  if step is None:
+    raise FileNotFoundError(
+      f"no finished checkpoint under {folder}: expected <step>/ folders holding a "
+      f"{PARAMS_ITEM!r} item (pass a step folder, a workdir or its {CHECKPOINT_DIR}/ folder)"
+    )
+  return folder / str(step)
+
+
+def split_params(state):
+  """(the state item's TrainState, the params item's tree): the weights are stored once."""
+  if state.ema_params is not None:
+    return state.replace(ema_params=None), state.ema_params
+  return state.replace(params=None), state.params
+
+
+def merge_params(train_state, params, *, ema: bool):
+  """Undoes `split_params`; `ema` says whether `params` are the EMA params."""
+  if ema:
+    return train_state.replace(ema_params=params)
+  return train_state.replace(params=params)
+
+
+class AssetsHandler(ocp.CheckpointHandler):
+  """Writes {relative path: bytes} as plain files, so that serving code can read them directly."""
+
+  def save(self, directory: epath.Path, args: "AssetsSave"):
+    if jax.process_index() != 0:
+      return
+    for name, content in args.files.items():
+      path = epath.Path(directory) / name
+      if ".." in epath.Path(name).parts:
+        raise ValueError(f"Asset name {name!r} must stay inside the checkpoint.")
+      path.parent.mkdir(parents=True, exist_ok=True)
+      path.write_bytes(content)
+
+  def restore(self, directory: epath.Path, args: "AssetsRestore | None" = None) -> dict[str, bytes]:
+    files, pending = {}, [epath.Path(directory)]
+    while pending:  # a walk by iterdir: epath refuses recursive globs (costly on GCS)
+      for path in sorted(pending.pop().iterdir()):
+        if path.is_dir():
+          pending.append(path)
+        elif path.name != _ORBAX_COMMIT_MARKER:
+          files[str(path.relative_to(directory))] = path.read_bytes()
+    return files
+
+
+@ocp.args.register_with_handler(AssetsHandler, for_save=True)
+@dataclasses.dataclass
+class AssetsSave(ocp.args.CheckpointArgs):
+  files: dict[str, bytes]
+
+
+@ocp.args.register_with_handler(AssetsHandler, for_restore=True)
+@dataclasses.dataclass
+class AssetsRestore(ocp.args.CheckpointArgs):
+  pass
+
+
+def abstract_with_shardings(shapes, shardings):
+  """ShapeDtypeStructs carrying the shardings orbax should restore into."""
+  return jax.tree.map(
+    lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings
+  )
+
+
+class Checkpointer:
+  """The run's checkpoints: keeps the last `max_to_keep` plus every step divisible by
+  `keep_period`, resumes from the latest. When to save is the caller's decision: every `save`
+  call writes a checkpoint unless that step is already saved."""
+
+  def __init__(
+    self,
+    workdir: str,
+    *,
+    max_to_keep: int = 3,
+    keep_period: int | None = None,
+    asynchronous: bool = True,
+  ):
+    self.directory = epath.Path(workdir) / CHECKPOINT_DIR
+    options = ocp.CheckpointManagerOptions(
+      max_to_keep=max_to_keep,
+      keep_period=keep_period,
+      enable_async_checkpointing=asynchronous,
+      # Leftover temporary folders from a run killed mid-write are removed on restart.
+      cleanup_tmp_directories=True,
+      async_options=ocp.AsyncOptions(timeout_secs=int(datetime.timedelta(hours=1).seconds)),
+    )
+    self.manager = ocp.CheckpointManager(self.directory, options=options)
+
+  def latest_step(self) -> int | None:
+    return self.manager.latest_step()
+
+  def all_steps(self) -> list[int]:
+    return list(self.manager.all_steps())
+
+  def save(
+    self,
+    step: int,
+    state,
+    *,
+    data_iterator=None,
+    assets: dict[str, bytes] | None = None,
+    force: bool = False,
+  ) -> bool:
+    """Starts saving `state` (a TrainState) as checkpoint `step`; returns whether a save was
+    started. `force` saves even where orbax's policies would skip the step."""
+    train_state, params = split_params(state)
+    items: dict[str, Any] = {
+      STATE_ITEM: ocp.args.StandardSave(train_state),
+      PARAMS_ITEM: ocp.args.StandardSave({"params": params}),
+    }
+    if assets:
+      items[ASSETS_ITEM] = AssetsSave(assets)
+    if data_iterator is not None:
+      items[DATA_ITEM] = grain.checkpoint.CheckpointSave(data_iterator)
+    return self.manager.save(step, args=ocp.args.Composite(**items), force=force)
+
+  def restore(self, step: int, abstract_state, *, data_iterator=None):
+    """The full TrainState of checkpoint `step`, restored into the shardings of `abstract_state`
+    (a TrainState of ShapeDtypeStructs with shardings, e.g. from `abstract_with_shardings`),
+    and, when given, the data iterator's position, in place."""
+    train_target, params_target = split_params(abstract_state)
+    items: dict[str, Any] = {
+      STATE_ITEM: ocp.args.StandardRestore(train_target),
+      PARAMS_ITEM: ocp.args.StandardRestore({"params": params_target}),
+    }
+    if data_iterator is not None:
+      items[DATA_ITEM] = grain.checkpoint.CheckpointRestore(data_iterator)
+    restored = self.manager.restore(step, args=ocp.args.Composite(**items))
+    return merge_params(
+      restored[STATE_ITEM],
+      restored[PARAMS_ITEM]["params"],
+      ema=abstract_state.ema_params is not None,
+    )
+
+  def restore_assets(self, step: int) -> dict[str, bytes]:
+    restored = self.manager.restore(step, args=ocp.args.Composite(**{ASSETS_ITEM: AssetsRestore()}))
+    return restored[ASSETS_ITEM]
+
+  def wait(self):
+    """Blocks until the background writes are committed."""
+    self.manager.wait_until_finished()
+
+  def close(self):
+    self.manager.wait_until_finished()
+    self.manager.close()
