@@ -1,11 +1,9 @@
-"""Model inputs and parameters for benchmarks, made on the devices without the model's init.
+"""Parameters for benchmarks, made on the devices without the model's init (batches: ki.batch).
 
 Timings do not depend on the parameter values, and compiling pi05.init_params costs ~20 s even
 for the tiny model on a CPU (minutes at full size); drawing random leaves of the right shapes
 compiles in a second.
 """
-
-from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -41,27 +39,3 @@ def random_params(config: pi05.Config, seed: int = 0, *, shardings=None):
     return jax.tree.unflatten(treedef, values)
 
   return jax.jit(draw, out_shardings=shardings)()
-
-
-def fake_host_batch(config: pi05.Config, batch_size: int) -> dict[str, Any]:
-  """A host batch of the data contract (uint8 images, prompt with a FAST postfix, actions)."""
-  observation = pi05.fake_observation(config, batch_size, with_fast=config.fast_loss)
-  return {
-    "image": {k: np.asarray((v + 1.0) * 127.5, np.uint8) for k, v in observation.images.items()},
-    "image_mask": {k: np.asarray(v) for k, v in observation.image_masks.items()},
-    "state": np.asarray(observation.state),
-    "tokenized_prompt": np.asarray(observation.tokenized_prompt),
-    "tokenized_prompt_mask": np.asarray(observation.tokenized_prompt_mask),
-    "token_ar_mask": np.asarray(observation.token_ar_mask),
-    "token_loss_mask": np.asarray(observation.token_loss_mask),
-    "has_actions": np.asarray(observation.has_actions),
-    "actions": np.asarray(pi05.fake_actions(config, batch_size)),
-  }
-
-
-def abstract_host_batch(config: pi05.Config, batch_size: int, sharding=None):
-  """ShapeDtypeStructs of fake_host_batch(config, batch_size), allocating nothing."""
-  one = fake_host_batch(config, 1)
-  return jax.tree.map(
-    lambda x: jax.ShapeDtypeStruct((batch_size,) + x.shape[1:], x.dtype, sharding=sharding), one
-  )

@@ -1,16 +1,23 @@
 """The host data pipeline: sources -> per-example transforms -> mixture -> batches, in Grain.
 
-One entry point, `make_iterator`, builds this for one host (process):
+`make_streams` is what the trainer calls: the training iterator and the eval sets of one host.
+`make_iterator` builds one stream for one host (process):
 
   robot frames (ArrayRecord: MapDataset with a global shuffle, then this host's slice, repeat;
                 or RLDS: IterDataset over this host's shards, then a window shuffle)
-    -> RobotTransform (random_map: randomness seeded by (seed, element index))
-    -> drop counting (Dropped markers become a per-example count vector on the next kept example)
+    -> RobotTransform (random_map: randomness seeded by (seed, element index)) -> a ki.batch.Batch
+       per example (no batch axis)
+    -> drop counting (Dropped markers become a count vector riding with the next kept example)
   [+ VLM sources (JSONL / TFDS), each -> VlmTransform -> drop counting]
     -> IterDataset.mix(weights)
     -> batch(per_host_batch_size, drop_remainder=True)
     -> mp_prefetch(num_workers)   (0 = in-process)
-    -> HostBatchIterator: strips the counts off each batch and keeps running totals.
+    -> HostBatchIterator: strips the counts off each batch, keeps running totals and yields
+       ki.batch.Batch objects with a leading [per_host_batch_size] axis.
+
+Shapes (action_dim, action_horizon, data_action_dim, image_size, cameras) come from the model
+config (pi05.Config, duck-typed: this module does not import the model); the data config holds
+only how to read and mix the data.
 
 Why drop counts travel inside the examples: with worker processes, a counter in a transform
 object would be incremented in a worker's copy and never seen by the trainer. Carrying the counts
@@ -18,10 +25,11 @@ through the batch makes them exact whatever the number of workers, and putting t
 iterator state makes them survive a restore.
 
 The iterator is a grain DatasetIterator, so its state goes into the checkpoint with Grain's orbax
-handler (`checkpoint_handler`, `checkpoint_save_args`, `checkpoint_restore_args`).
+handler (grain.checkpoint.CheckpointHandler / CheckpointSave / CheckpointRestore).
 """
 
-from collections.abc import Mapping
+from collections.abc import Callable, Iterable, Mapping
+import dataclasses
 from typing import Any
 
 from absl import flags
@@ -29,13 +37,13 @@ import grain
 import ml_collections
 import numpy as np
 
+from ki.batch import Batch
 from ki.data import droid, sources, transforms
 from ki.data.transforms import DROP_REASONS, Dropped
 
 SOURCE_KINDS = ("arrayrecord", "rlds")
 VLM_KINDS = ("jsonl", "tfds")
 SPLITS = ("train", "eval")
-DROP_COUNTS_KEY = "drop_counts"
 _SEED_MODULUS = 2**32
 
 
@@ -51,12 +59,10 @@ def default_config() -> ml_collections.ConfigDict:
     keep_ranges_path: openpi's keep-ranges JSON for the RLDS stream ('' = compute the idle rule).
     action_space: "joint_position" or "joint_velocity" (RLDS stream; prepared data fixed it).
     shuffle_window: RLDS stream window-shuffle size in frames (memory: ~45 KB per frame).
-  Example layout:
-    action_dim: the model's action width (state and actions are zero-padded to it).
-    action_horizon: H; data_action_dim: real dims (8 for DROID).
-    delta_action_mask: per real dim, joints relative to the state; () keeps absolute actions.
+  Examples (their shapes come from the model config):
+    delta_action_mask: per real dim (model.data_action_dim of them), joints relative to the
+      state; () keeps absolute actions.
     augment: pi0.5's image augmentation (only when train=True).
-    image_size: 224.
   Execution:
     num_workers: Grain worker processes (0 = in-process); worker_buffer_size: batches each
       worker prefetches; read_threads / read_buffer_size: grain.ReadOptions for the in-process
@@ -78,12 +84,8 @@ def default_config() -> ml_collections.ConfigDict:
   config.keep_ranges_path = ""
   config.action_space = "joint_position"
   config.shuffle_window = 4096
-  config.action_dim = 32
-  config.action_horizon = 16
-  config.data_action_dim = droid.ACTION_DIM
   config.delta_action_mask = droid.DEFAULT_DELTA_ACTION_MASK
   config.augment = True
-  config.image_size = 224
   config.num_workers = 0
   config.worker_buffer_size = 2
   config.read_threads = 2
@@ -119,6 +121,7 @@ def _vlm_entry(entry: Mapping[str, Any], position: int) -> dict[str, Any]:
 
 def validate_config(
   config: ml_collections.ConfigDict,
+  model_config,
   *,
   split: str,
   process_index: int,
@@ -143,16 +146,12 @@ def validate_config(
     raise ValueError(f"data.source={config.source!r}, expected one of {SOURCE_KINDS}")
   if config.action_space not in droid.ACTION_SPACES:
     raise ValueError(f"data.action_space={config.action_space!r}, expected {droid.ACTION_SPACES}")
-  if config.data_action_dim > config.action_dim:
-    raise ValueError(
-      f"data.data_action_dim={config.data_action_dim} > data.action_dim={config.action_dim}"
-    )
-  if config.delta_action_mask and len(config.delta_action_mask) != config.data_action_dim:
+  if config.delta_action_mask and len(config.delta_action_mask) != model_config.data_action_dim:
     raise ValueError(
       f"data.delta_action_mask has {len(config.delta_action_mask)} entries, expected "
-      f"data.data_action_dim={config.data_action_dim}"
+      f"model.data_action_dim={model_config.data_action_dim}"
     )
-  for field in ("action_horizon", "image_size", "shuffle_window", "worker_buffer_size"):
+  for field in ("shuffle_window", "worker_buffer_size"):
     if config[field] <= 0:
       raise ValueError(f"data.{field} must be positive, got {config[field]}")
   for field in ("num_workers", "read_threads", "read_buffer_size", "num_epochs"):
@@ -210,8 +209,9 @@ def _map_pipeline(
 
 
 class _DropCountingIterDataset(grain.IterDataset):
-  """Skips Dropped markers and attaches their counts (int32 [len(DROP_REASONS)]) to the next
-  kept example under DROP_COUNTS_KEY, so batching sums them without losing any."""
+  """Skips Dropped markers and pairs the next kept example with their counts:
+  (Batch, int32 [len(DROP_REASONS)]). Batching stacks the counts, HostBatchIterator sums them, so
+  none is lost whichever worker process saw the drop."""
 
   def __iter__(self):
     return _DropCountingIterator(self._parent.__iter__())
@@ -230,7 +230,7 @@ class _DropCountingIterator(grain.DatasetIterator):
       if isinstance(element, Dropped):
         counts[DROP_REASONS.index(element.reason)] += 1
         continue
-      return {**element, DROP_COUNTS_KEY: counts}
+      return element, counts
 
   def get_state(self):
     # A state is only ever taken between __next__ calls, when no counts are pending.
@@ -241,19 +241,20 @@ class _DropCountingIterator(grain.DatasetIterator):
 
 
 class HostBatchIterator(grain.DatasetIterator):
-  """Yields host-batch dicts; `drop_counts` holds the running totals of skipped examples.
+  """Yields ki.batch.Batch host batches; `drop_counts` holds the running totals of skipped
+  examples.
 
   Its state is {"pipeline": Grain's state, "drop_totals": {...}}; restore it with `set_state` or
-  through orbax (`checkpoint_restore_args`).
+  through orbax (grain.checkpoint.CheckpointRestore).
   """
 
   def __init__(self, parent: grain.DatasetIterator):
     super().__init__(parent)
     self._totals = np.zeros(len(DROP_REASONS), np.int64)
 
-  def __next__(self) -> dict[str, Any]:
-    batch = dict(next(self._parent))
-    self._totals += np.asarray(batch.pop(DROP_COUNTS_KEY)).sum(axis=0)
+  def __next__(self) -> Batch:
+    batch, counts = next(self._parent)
+    self._totals += np.asarray(counts).sum(axis=0)
     return batch
 
   @property
@@ -287,6 +288,7 @@ class _HostBatchIterDataset(grain.IterDataset):
 
 def _robot_dataset(
   config: ml_collections.ConfigDict,
+  model_config,
   transform: transforms.RobotTransform,
   *,
   split: str,
@@ -312,7 +314,7 @@ def _robot_dataset(
     )
   frames = sources.rlds_frames(
     config.rlds_dir,
-    action_horizon=config.action_horizon,
+    action_horizon=model_config.action_horizon,
     action_space=config.action_space,
     keep_ranges_path=config.keep_ranges_path or None,
     split=config.rlds_split if split == "train" else config.rlds_eval_split,
@@ -369,8 +371,37 @@ def _ensure_absl_flags_parsed() -> None:
     flags.FLAGS.mark_as_parsed()
 
 
+def _robot_transform(model_config, tokenizer, norm_stats, delta_action_mask, augment: bool):
+  return transforms.RobotTransform(
+    tokenizer=tokenizer,
+    norm_stats=dict(norm_stats),
+    action_dim=model_config.action_dim,
+    action_horizon=model_config.action_horizon,
+    data_action_dim=model_config.data_action_dim,
+    image_keys=tuple(model_config.image_keys),
+    delta_action_mask=tuple(delta_action_mask) or None,
+    augment=augment,
+    # The FAST postfix (KI, pi0-FAST) only when the tokenizer can make one: flow-only runs
+    # build their tokenizer without FAST and so train on prompts without it.
+    include_actions_in_prompt=tokenizer.fast_tokenizer is not None,
+    image_size=model_config.image_size,
+  )
+
+
+def _vlm_transform(model_config, tokenizer, augment: bool):
+  return transforms.VlmTransform(
+    tokenizer=tokenizer,
+    action_dim=model_config.action_dim,
+    action_horizon=model_config.action_horizon,
+    image_keys=tuple(model_config.image_keys),
+    augment=augment,
+    image_size=model_config.image_size,
+  )
+
+
 def make_iterator(
   config: ml_collections.ConfigDict,
+  model_config,
   *,
   tokenizer,
   norm_stats: Mapping[str, Any],
@@ -385,6 +416,8 @@ def make_iterator(
 
   Args:
     config: the data config (fields and defaults: `default_config`).
+    model_config: the pi05.Config the batches are for (action_dim, action_horizon,
+      data_action_dim, image_size, image_keys are read from it).
     tokenizer: ki.tokenizers.prompt.Pi05Tokenizer (with a FAST tokenizer for KI training).
     norm_stats: {"state": NormStats, "actions": NormStats} (ki.data.normalize.load_norm_stats).
     split: "train" or "eval" (which shards / RLDS split).
@@ -395,11 +428,12 @@ def make_iterator(
       the robot split once, in order, without augmentation.
 
   Returns:
-    A HostBatchIterator yielding the host-batch dicts of the data contract, each array with a
-    leading [per_host_batch_size] axis.
+    A HostBatchIterator yielding ki.batch.Batch objects, each array with a leading
+    [per_host_batch_size] axis.
   """
   vlm_entries = validate_config(
     config,
+    model_config,
     split=split,
     process_index=process_index,
     process_count=process_count,
@@ -415,19 +449,8 @@ def make_iterator(
   augment = bool(config.augment and train)
   robot = _robot_dataset(
     config,
-    transforms.RobotTransform(
-      tokenizer=tokenizer,
-      norm_stats=dict(norm_stats),
-      action_dim=config.action_dim,
-      action_horizon=config.action_horizon,
-      data_action_dim=config.data_action_dim,
-      delta_action_mask=tuple(config.delta_action_mask) or None,
-      augment=augment,
-      # The FAST postfix (KI, pi0-FAST) only when the tokenizer can make one: flow-only runs
-      # build their tokenizer without FAST and so train on prompts without it.
-      include_actions_in_prompt=tokenizer.fast_tokenizer is not None,
-      image_size=config.image_size,
-    ),
+    model_config,
+    _robot_transform(model_config, tokenizer, norm_stats, config.delta_action_mask, augment),
     split=split,
     seed=seed,
     process_index=process_index,
@@ -440,13 +463,7 @@ def make_iterator(
   # for the examples that reach the batch.
   dataset = robot = _DropCountingIterDataset(robot)
   if train and vlm_entries:
-    vlm_transform = transforms.VlmTransform(
-      tokenizer=tokenizer,
-      action_dim=config.action_dim,
-      action_horizon=config.action_horizon,
-      augment=augment,
-      image_size=config.image_size,
-    )
+    vlm_transform = _vlm_transform(model_config, tokenizer, augment)
     datasets = [robot] + [
       _DropCountingIterDataset(
         _vlm_dataset(
@@ -475,26 +492,102 @@ def make_iterator(
   return iter(_HostBatchIterDataset(dataset))
 
 
-# ------------------------------------------------------------------------------------------------
-# Checkpointing with orbax, through Grain's handler.
+def vlm_heldout_batches(
+  manifest_path: str,
+  model_config,
+  *,
+  tokenizer,
+  per_host_batch_size: int,
+  process_index: int,
+  process_count: int,
+) -> Iterable[Batch]:
+  """Held-out co-training (VLM) host batches from a JSONL manifest, read once in order.
 
-
-def checkpoint_handler() -> grain.checkpoint.CheckpointHandler:
-  """The orbax item handler for the data iterator: one JSON file per process in the step folder.
-
-  Register it with orbax's CheckpointManager, e.g.
-    ocp.CheckpointManager(dir, item_handlers={..., "data": checkpoint_handler()})
-  (ki/train/checkpoint.py does the same with grain's classes directly.)
+  The same record source and example transform as the training mixture, without augmentation;
+  examples the transform drops are skipped (not counted: this is an eval set).
   """
-  return grain.checkpoint.CheckpointHandler()
+  dataset = sources.jsonl_vlm_examples(manifest_path)[process_index::process_count]
+  dataset = dataset.random_map(_vlm_transform(model_config, tokenizer, augment=False), seed=0)
+  dataset = dataset.filter(lambda example: not isinstance(example, Dropped))
+  dataset = dataset.to_iter_dataset(grain.ReadOptions(num_threads=1))
+  return iter(dataset.batch(per_host_batch_size, drop_remainder=True))
 
 
-def checkpoint_save_args(iterator: HostBatchIterator) -> grain.checkpoint.CheckpointSave:
-  """`args` for the data item in `manager.save(step, args=ocp.args.Composite(...))`."""
-  return grain.checkpoint.CheckpointSave(iterator)
+@dataclasses.dataclass(frozen=True)
+class Streams:
+  """One host's data for a training run.
+
+  train: the training iterator (its state goes into the checkpoint).
+  eval_sets: {name: zero-argument callable returning a fresh iterable of Batch}; "robot" (the
+    eval shards) and "vlm" (held-out co-training examples), each only when configured.
+  """
+
+  train: HostBatchIterator
+  eval_sets: dict[str, Callable[[], Iterable[Batch]]]
 
 
-def checkpoint_restore_args(iterator: HostBatchIterator) -> grain.checkpoint.CheckpointRestore:
-  """`args` for the data item in `manager.restore(step, args=...)`: restores `iterator` in place
-  (build a fresh one with make_iterator and the same arguments first)."""
-  return grain.checkpoint.CheckpointRestore(iterator)
+def make_streams(
+  config: ml_collections.ConfigDict,
+  model_config,
+  tokenizer,
+  norm_stats: Mapping[str, Any],
+  *,
+  process_index: int,
+  process_count: int,
+) -> Streams:
+  """The training iterator and the eval sets of one host, from the experiment config.
+
+  Reads config.data (the data config), config.seed, config.batch_size (global; each host reads
+  batch_size / process_count) and config.eval.{every, batch_size, vlm_heldout}. The eval sets
+  exist only when config.eval.every is set: "robot" when data.eval_arrayrecord_dir is, "vlm"
+  when eval.vlm_heldout is.
+
+  Args:
+    config: the experiment config (ki.train.config.default_config's fields).
+    model_config: the validated pi05.Config; the batches' shapes come from it.
+    tokenizer: ki.tokenizers.prompt.Pi05Tokenizer (with a FAST tokenizer iff model.fast_loss).
+    norm_stats: {"state": NormStats, "actions": NormStats}.
+    process_index, process_count: this host and the number of hosts.
+  """
+  for name, size in (
+    ("batch_size", config.batch_size),
+    ("eval.batch_size", config.eval.batch_size),
+  ):
+    if size % process_count:
+      raise ValueError(f"config.{name}={size} is not divisible by {process_count} hosts")
+  common = dict(
+    tokenizer=tokenizer,
+    norm_stats=norm_stats,
+    seed=config.seed,
+    process_index=process_index,
+    process_count=process_count,
+  )
+  train = make_iterator(
+    config.data,
+    model_config,
+    split="train",
+    train=True,
+    per_host_batch_size=config.batch_size // process_count,
+    **common,
+  )
+  eval_sets = {}
+  eval_batch_size = config.eval.batch_size // process_count
+  if config.eval.every and config.data.eval_arrayrecord_dir:
+    eval_sets["robot"] = lambda: make_iterator(
+      config.data,
+      model_config,
+      split="eval",
+      train=False,
+      per_host_batch_size=eval_batch_size,
+      **common,
+    )
+  if config.eval.every and config.eval.get("vlm_heldout"):
+    eval_sets["vlm"] = lambda: vlm_heldout_batches(
+      config.eval.vlm_heldout,
+      model_config,
+      tokenizer=tokenizer,
+      per_host_batch_size=eval_batch_size,
+      process_index=process_index,
+      process_count=process_count,
+    )
+  return Streams(train=train, eval_sets=eval_sets)

@@ -1,4 +1,4 @@
-"""Per-example transforms: a prepared-frame record (or a VLM example) -> one host-batch example.
+"""Per-example transforms: a prepared-frame record (or a VLM example) -> one ki.batch.Batch.
 
 A robot record is the dict of the prepared-frame contract (see ki/data/records.py):
   {"episode_id", "step", "episode_length",
@@ -6,13 +6,14 @@ A robot record is the dict of the prepared-frame contract (see ki/data/records.p
    "state": float32[8], "actions": float32[H_record, 8], "instructions": [str, str, str]}
 A VLM record is {"image": image bytes, "prompt": str, "answer": str}.
 
-The output example uses openpi's Observation names (the host-batch contract, unbatched):
-  image:      {"base_0_rgb": uint8[224, 224, 3], "left_wrist_0_rgb": uint8[224, 224, 3]}
-  image_mask: {"base_0_rgb": bool[], "left_wrist_0_rgb": bool[]}
-  state:      float32[action_dim]        normalised, zero-padded
-  actions:    float32[H, action_dim]     normalised, zero-padded (zeros for VLM examples)
-  has_actions: bool[]
-  tokenized_prompt: int32[L], tokenized_prompt_mask: bool[L], token_ar_mask: int32[L],
+The output is a ki.batch.Batch without the batch axis (Grain's batching adds it):
+  observation.images:      {slot: uint8[S, S, 3]} for each slot in image_keys: the exterior camera
+                           in BASE_SLOT, the wrist camera in LEFT_WRIST_SLOT, black elsewhere
+  observation.image_masks: {slot: bool[]}  False for the black placeholders
+  observation.state:       float32[action_dim]        normalised, zero-padded
+  actions:                 float32[H, action_dim]     normalised, zero-padded (zeros for VLM)
+  observation.has_actions: bool[]
+  observation.tokenized_prompt: int32[L], tokenized_prompt_mask: bool[L], token_ar_mask: int32[L],
   token_loss_mask: bool[L]
 
 Bad input never raises: the transform returns `Dropped(reason)` and a later pipeline stage counts
@@ -26,6 +27,8 @@ from typing import Any
 
 import numpy as np
 
+from ki import batch as batch_lib
+from ki.batch import Batch, Observation
 from ki.data import droid, normalize
 from ki.data import images as image_lib
 
@@ -40,8 +43,6 @@ DROP_REASONS = (
 
 EXTERIOR_CAMERAS = ("exterior_image_1_left", "exterior_image_2_left")
 WRIST_CAMERA = "wrist_image_left"
-BASE_IMAGE_KEY = "base_0_rgb"
-WRIST_IMAGE_KEY = "left_wrist_0_rgb"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,18 +62,37 @@ def _pad_last_axis(array: np.ndarray, size: int) -> np.ndarray:
   return np.pad(array.astype(np.float32), padding)
 
 
-def _tokens(tokenized: dict[str, Any]) -> dict[str, np.ndarray]:
-  return {
-    "tokenized_prompt": np.asarray(tokenized["tokenized_prompt"], np.int32),
-    "tokenized_prompt_mask": np.asarray(tokenized["tokenized_prompt_mask"], bool),
-    "token_ar_mask": np.asarray(tokenized["token_ar_mask"], np.int32),
-    "token_loss_mask": np.asarray(tokenized["token_loss_mask"], bool),
-  }
+def _example(
+  image_keys: tuple[str, ...],
+  cameras: dict[str, np.ndarray],
+  tokenized: dict[str, Any],
+  *,
+  state: np.ndarray,
+  actions: np.ndarray,
+  has_actions: bool,
+) -> Batch:
+  """One unbatched Batch: `cameras` fill their slots, the other slots of image_keys are black and
+  masked out."""
+  shape = next(iter(cameras.values())).shape
+  images = {k: cameras[k] if k in cameras else np.zeros(shape, np.uint8) for k in image_keys}
+  return Batch(
+    observation=Observation(
+      images=images,
+      image_masks={k: np.bool_(k in cameras) for k in image_keys},
+      state=state,
+      tokenized_prompt=np.asarray(tokenized["tokenized_prompt"], np.int32),
+      tokenized_prompt_mask=np.asarray(tokenized["tokenized_prompt_mask"], bool),
+      token_ar_mask=np.asarray(tokenized["token_ar_mask"], np.int32),
+      token_loss_mask=np.asarray(tokenized["token_loss_mask"], bool),
+      has_actions=np.bool_(has_actions),
+    ),
+    actions=actions,
+  )
 
 
 @dataclasses.dataclass(frozen=True)
 class RobotTransform:
-  """Prepared-frame record -> host-batch example (or `Dropped`). Use with `random_map`.
+  """Prepared-frame record -> unbatched Batch (or `Dropped`). Use with `random_map`.
 
   Attributes:
     tokenizer: a ki.tokenizers.prompt.Pi05Tokenizer (`tokenize_robot`).
@@ -80,7 +100,9 @@ class RobotTransform:
       data_action_dim real dims (computed on delta actions when `delta_action_mask` is set).
     action_dim: the model's action width; state and actions are zero-padded to it.
     action_horizon: H; the record's chunk must hold at least H steps (extra steps are cut).
-    data_action_dim: real dims in the data (8 for DROID: 7 joints + gripper).
+    data_action_dim: real dims in the data (8 for DROID: 7 joints + gripper); at most action_dim
+      (pi05.Config.validate checks it).
+    image_keys: the camera slots to produce (the model's image_keys).
     delta_action_mask: per real dim, True where the action becomes relative to the state
       (DROID: 7 x True for the joints, False for the absolute gripper); None keeps absolute.
     augment: apply pi0.5's training augmentation.
@@ -94,16 +116,13 @@ class RobotTransform:
   action_dim: int
   action_horizon: int
   data_action_dim: int = 8
+  image_keys: tuple[str, ...] = batch_lib.DROID_SLOTS
   delta_action_mask: tuple[bool, ...] | None = None
   augment: bool = True
   image_size: int = 224
   include_actions_in_prompt: bool = True
 
   def __post_init__(self):
-    if self.data_action_dim > self.action_dim:
-      raise ValueError(
-        f"data_action_dim={self.data_action_dim} exceeds the model's action_dim={self.action_dim}"
-      )
     if self.delta_action_mask is not None and len(self.delta_action_mask) != self.data_action_dim:
       raise ValueError(
         f"delta_action_mask has {len(self.delta_action_mask)} entries, expected "
@@ -157,21 +176,21 @@ class RobotTransform:
     )
     if tokenized is None:
       return Dropped("too_long")
-    return {
-      "image": {BASE_IMAGE_KEY: base, WRIST_IMAGE_KEY: wrist},
-      "image_mask": {BASE_IMAGE_KEY: np.True_, WRIST_IMAGE_KEY: np.True_},
-      "state": _pad_last_axis(state, self.action_dim),
-      "actions": _pad_last_axis(actions, self.action_dim),
-      "has_actions": np.True_,
-      **_tokens(tokenized),
-    }
+    return _example(
+      self.image_keys,
+      {batch_lib.BASE_SLOT: base, batch_lib.LEFT_WRIST_SLOT: wrist},
+      tokenized,
+      state=_pad_last_axis(state, self.action_dim),
+      actions=_pad_last_axis(actions, self.action_dim),
+      has_actions=True,
+    )
 
 
 @dataclasses.dataclass(frozen=True)
 class VlmTransform:
-  """VLM co-training record -> host-batch example with has_actions=False (or `Dropped`).
+  """VLM co-training record -> unbatched Batch with has_actions=False (or `Dropped`).
 
-  The image goes to the base camera slot; the wrist slot is black and masked out. State and
+  The image goes to the base camera slot; the other slots are black and masked out. State and
   actions are zeros so the batch stacks with robot examples; the tokenizer puts the loss on the
   answer only. With `augment`, the image gets the same augmentation as a robot base camera.
   """
@@ -179,6 +198,7 @@ class VlmTransform:
   tokenizer: Any
   action_dim: int
   action_horizon: int
+  image_keys: tuple[str, ...] = batch_lib.DROID_SLOTS
   augment: bool = True
   image_size: int = 224
 
@@ -202,11 +222,11 @@ class VlmTransform:
     tokenized = self.tokenizer.tokenize_vlm(prompt, answer)
     if tokenized is None:
       return Dropped("too_long")
-    return {
-      "image": {BASE_IMAGE_KEY: base, WRIST_IMAGE_KEY: np.zeros_like(base)},
-      "image_mask": {BASE_IMAGE_KEY: np.True_, WRIST_IMAGE_KEY: np.False_},
-      "state": np.zeros((self.action_dim,), np.float32),
-      "actions": np.zeros((self.action_horizon, self.action_dim), np.float32),
-      "has_actions": np.False_,
-      **_tokens(tokenized),
-    }
+    return _example(
+      self.image_keys,
+      {batch_lib.BASE_SLOT: base},
+      tokenized,
+      state=np.zeros((self.action_dim,), np.float32),
+      actions=np.zeros((self.action_horizon, self.action_dim), np.float32),
+      has_actions=False,
+    )

@@ -1,8 +1,9 @@
 """pi0.5 with Knowledge Insulation: one forward pass, two losses, and the two ways to sample.
 
 Public surface (the trainer, the server and outside checks call these; keep them stable):
-  Config, Observation, init_params, compute_losses, sample_actions, sample_fast,
-  fake_observation, fake_actions, training_flops_per_example.
+  Config, init_params, compute_losses, sample_actions, sample_fast, fake_observation,
+  fake_actions, training_flops_per_example. The batch they take (Observation, Batch) is
+  ki/batch.py's; pi0.5 has no dropout, so training and evaluation call the same compute_losses.
 
 The parameter tree is openpi's pi0.5 layout (`PaliGemma/img`, `PaliGemma/llm`, `action_in_proj`,
 `action_out_proj`, `time_mlp_in`, `time_mlp_out`), so openpi checkpoints load unchanged. Masks and
@@ -12,11 +13,11 @@ positions are explained in ki/model/masks.py, the joint attention in ki/model/ge
 import dataclasses
 
 import flax.linen as nn
-import flax.struct
 import jax
 import jax.numpy as jnp
-import numpy as np
 
+from ki import batch as batch_lib
+from ki.batch import Observation
 from ki.model import flops as flops_lib
 from ki.model import gemma, siglip
 from ki.model import masks as masks_lib
@@ -32,8 +33,9 @@ class Config:
   vlm_variant: str = "gemma_2b"
   expert_variant: str = "gemma_300m"
   siglip_variant: str = "So400m/14"
-  # Cameras the model encodes, in prefix order. Slots not listed are never encoded.
-  image_keys: tuple[str, ...] = ("base_0_rgb", "left_wrist_0_rgb")
+  # Cameras the model encodes (from ki.batch.CAMERA_SLOTS), in prefix order. Slots not listed are
+  # never encoded.
+  image_keys: tuple[str, ...] = batch_lib.DROID_SLOTS
   image_size: int = 224
   action_dim: int = 32  # the model's (padded) action width
   data_action_dim: int = 8  # the real action dims; the flow loss ignores the padding
@@ -79,6 +81,9 @@ class Config:
           )
     if not self.image_keys:
       errors.append("image_keys is empty: the model needs at least one camera")
+    unknown = [k for k in self.image_keys if k not in batch_lib.CAMERA_SLOTS]
+    if unknown:
+      errors.append(f"image_keys {unknown} are not camera slots {batch_lib.CAMERA_SLOTS}")
     if self.data_action_dim > self.action_dim:
       errors.append(
         f"data_action_dim {self.data_action_dim} > action_dim {self.action_dim}: "
@@ -103,47 +108,6 @@ class Config:
     return len(self.image_keys) * siglip.num_tokens(self.siglip_variant, self.image_size)
 
 
-@flax.struct.dataclass
-class Observation:
-  """The batch contract between data and model (openpi's field names).
-
-  images: {name: float32 [B, H, W, 3] in [-1, 1]}; image_masks: {name: bool [B]};
-  state: float32 [B, S]; tokenized_prompt: int32 [B, L]; tokenized_prompt_mask: bool [B, L];
-  token_ar_mask: int32 [B, L] (1 = causal, the FAST postfix / answer); token_loss_mask: bool [B, L];
-  has_actions: bool [B] (False for VLM co-training examples: no flow loss).
-  """
-
-  images: dict
-  image_masks: dict
-  state: jax.Array
-  tokenized_prompt: jax.Array
-  tokenized_prompt_mask: jax.Array
-  token_ar_mask: jax.Array
-  token_loss_mask: jax.Array
-  has_actions: jax.Array
-
-  @classmethod
-  def from_dict(cls, batch: dict) -> "Observation":
-    """From the host-batch dict ("image", "image_mask", ...); uint8 images become [-1, 1] floats."""
-
-    def to_float(image):
-      if image.dtype == np.uint8 or image.dtype == jnp.uint8:
-        return image.astype(jnp.float32) / 127.5 - 1.0
-      return image
-
-    prompt = batch["tokenized_prompt"]
-    return cls(
-      images={name: to_float(image) for name, image in batch["image"].items()},
-      image_masks=dict(batch["image_mask"]),
-      state=batch["state"],
-      tokenized_prompt=prompt,
-      tokenized_prompt_mask=batch["tokenized_prompt_mask"],
-      token_ar_mask=batch.get("token_ar_mask", jnp.zeros(prompt.shape, jnp.int32)),
-      token_loss_mask=batch.get("token_loss_mask", jnp.zeros(prompt.shape, bool)),
-      has_actions=batch.get("has_actions", jnp.ones(prompt.shape[:1], bool)),
-    )
-
-
 def posemb_sincos(time, width, min_period, max_period):
   """Sine-cosine embedding of scalars time [B] -> [B, width]."""
   fraction = jnp.linspace(0.0, 1.0, width // 2)
@@ -152,6 +116,13 @@ def posemb_sincos(time, width, min_period, max_period):
     "i,j->ij", time, 1.0 / period * 2 * jnp.pi, precision=jax.lax.Precision.HIGHEST
   )
   return jnp.concatenate([jnp.sin(angles), jnp.cos(angles)], axis=-1)
+
+
+def _to_float_image(image):
+  """uint8 [..., 3] (what the data and the server give) -> float32 in [-1, 1]; floats pass."""
+  if image.dtype == jnp.uint8:
+    return image.astype(jnp.float32) / 127.5 - 1.0
+  return image
 
 
 class PaliGemma(nn.Module):
@@ -199,7 +170,7 @@ class Pi05(nn.Module):
     # flattening is batch-major ([B, cameras] -> [B * cameras]), so a batch sharded over devices
     # stays sharded the same way and no device needs another's images.
     batch, num_cameras = obs.tokenized_prompt.shape[0], len(c.image_keys)
-    images = jnp.stack([obs.images[k] for k in c.image_keys], axis=1)
+    images = jnp.stack([_to_float_image(obs.images[k]) for k in c.image_keys], axis=1)
     image_tokens = self.PaliGemma.img(images.reshape(batch * num_cameras, *images.shape[2:]))
     per_camera = image_tokens.shape[1]
     image_tokens = image_tokens.astype(c.dtype).reshape(batch, num_cameras * per_camera, -1)
@@ -324,14 +295,12 @@ def _loss_positions(obs: Observation, max_loss_tokens):
 
 
 def compute_losses(
-  params, config: Config, observation: Observation, actions, rng, *, train, noise=None, time=None
+  params, config: Config, observation: Observation, actions, rng, *, noise=None, time=None
 ) -> dict:
   """One forward pass; per-example losses.
 
   Args:
     actions: float32 [B, H, action_dim], normalised, zero-padded past data_action_dim.
-    train: accepted for API stability; pi0.5 has no dropout, so both modes compute the same thing
-      (augmentation happens in the data pipeline).
     rng: for the noise and time draws (may be None when both are given).
     noise, time: replace the random draws ([B, H, A] and [B]) when given.
 
@@ -341,7 +310,6 @@ def compute_losses(
      action dims (0 where has_actions is False), "fast_accuracy": [B], "loss_tokens_truncated": [B]
      count of target tokens beyond max_loss_tokens (should stay 0)}.
   """
-  del train
   batch = actions.shape[0]
   if noise is None or time is None:
     noise_rng, time_rng = jax.random.split(rng)

@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from ki import batch as batch_lib
 from ki.data import droid
 from ki.data import images as image_lib
 
@@ -28,8 +29,9 @@ GRIPPER_POSITION = "observation/gripper_position"
 PROMPT = "prompt"
 REQUIRED_KEYS = (EXTERIOR_IMAGE, WRIST_IMAGE, JOINT_POSITION, GRIPPER_POSITION, PROMPT)
 
-# Which model camera slot each client camera fills (the data pipeline's slot names).
-IMAGE_SLOTS = {"base_0_rgb": EXTERIOR_IMAGE, "left_wrist_0_rgb": WRIST_IMAGE}
+# Which model camera slot (ki.batch.CAMERA_SLOTS) each client camera fills, as the data
+# transforms fill them from a DROID frame.
+IMAGE_SLOTS = {batch_lib.BASE_SLOT: EXTERIOR_IMAGE, batch_lib.LEFT_WRIST_SLOT: WRIST_IMAGE}
 # Far above any robot camera; refuses a malformed header before PIL allocates for it.
 MAX_IMAGE_SIDE = 8192
 

@@ -1,6 +1,7 @@
 """Periodic evaluation on held-out batches.
 
-For every named eval set (an iterable of host batches, read afresh each time):
+For every named eval set (an iterable of host ki.batch.Batch objects, read afresh each time; the
+data side builds them: ki.data.pipeline.make_streams):
   action_mae   mean |a_pred - a| in raw action units over the real dims, with a_pred from
                sample_actions (flow decoding, `num_flow_steps` Euler steps) — robot examples only.
   fast_ce / fast_accuracy   next-token loss and accuracy on the FAST postfix of robot examples.
@@ -18,19 +19,18 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ki.batch import Batch
 from ki.data import normalize
 from ki.model import pi05
 from ki.train import sharding as sharding_lib
 
 
-def eval_batch(model_config: pi05.Config, num_flow_steps: int, params, batch, rng):
+def eval_batch(model_config: pi05.Config, num_flow_steps: int, params, batch: Batch, rng):
   """Per-example results for one global batch: dict of [B] arrays plus predicted actions
   [B, H, action_dim] (normalised)."""
-  observation = pi05.Observation.from_dict(batch)
+  observation = batch.observation
   loss_rng, sample_rng = jax.random.split(rng)
-  losses = pi05.compute_losses(
-    params, model_config, observation, batch["actions"], loss_rng, train=False
-  )
+  losses = pi05.compute_losses(params, model_config, observation, batch.actions, loss_rng)
   predicted = pi05.sample_actions(
     params, model_config, observation, sample_rng, num_steps=num_flow_steps
   )
@@ -38,47 +38,11 @@ def eval_batch(model_config: pi05.Config, num_flow_steps: int, params, batch, rn
     "fast_ce": losses["fast_ce"],
     "fast_accuracy": losses["fast_accuracy"],
     "flow_mse": losses["flow_mse"],
-    "has_tokens": jnp.any(batch["token_loss_mask"], axis=-1),
-    "has_actions": batch["has_actions"],
+    "has_tokens": jnp.any(observation.token_loss_mask, axis=-1),
+    "has_actions": observation.has_actions,
     "predicted_actions": predicted,
-    "actions": batch["actions"],
+    "actions": batch.actions,
   }
-
-
-def vlm_heldout_batches(
-  manifest_path: str,
-  *,
-  tokenizer,
-  action_dim: int,
-  action_horizon: int,
-  image_size: int,
-  per_host_batch_size: int,
-  process_index: int,
-  process_count: int,
-):
-  """Held-out co-training (VLM) host batches from a JSONL manifest, read once in order.
-
-  The same record source and example transform as the training mixture (ki.data), without
-  augmentation; examples the transform drops are skipped.
-  """
-  import grain  # pylint: disable=g-import-not-at-top
-
-  from ki.data import sources, transforms  # pylint: disable=g-import-not-at-top
-
-  dataset = sources.jsonl_vlm_examples(manifest_path)[process_index::process_count]
-  dataset = dataset.random_map(
-    transforms.VlmTransform(
-      tokenizer=tokenizer,
-      action_dim=action_dim,
-      action_horizon=action_horizon,
-      augment=False,
-      image_size=image_size,
-    ),
-    seed=0,
-  )
-  dataset = dataset.filter(lambda example: not isinstance(example, transforms.Dropped))
-  dataset = dataset.to_iter_dataset(grain.ReadOptions(num_threads=1))
-  return iter(dataset.batch(per_host_batch_size, drop_remainder=True))
 
 
 def _mean(values: np.ndarray, mask: np.ndarray) -> float:
@@ -125,7 +89,7 @@ class Evaluator:
     return normalize.unnormalize(actions, self.action_stats, use_quantiles=self.use_quantiles)
 
   def evaluate(self, params, batches, *, rng, max_batches: int | None = None) -> dict[str, float]:
-    """Scalars over up to max_batches host batches of `batches` (any iterable)."""
+    """Scalars over up to max_batches host batches (ki.batch.Batch) of `batches` (any iterable)."""
     results = []
     for index, host_batch in enumerate(batches):
       if max_batches is not None and index >= max_batches:

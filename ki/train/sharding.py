@@ -115,9 +115,11 @@ def check_batch_size(global_batch_size: int, mesh: Mesh, grad_accum_steps: int =
 
 
 def global_batch(host_batch, mesh: Mesh):
-  """Assembles each host's slice of the batch (a nested dict of numpy arrays) into global arrays.
+  """Assembles each host's slice of the batch into global arrays, leaf by leaf.
 
-  Every host passes its own [B / num_hosts, ...] slice; the result is [B, ...] split over devices.
+  host_batch: a ki.batch.Batch (or any pytree) of numpy arrays; every host passes its own
+  [B / num_hosts, ...] slice. The result has the same structure, each leaf [B, ...] split over
+  the devices.
   """
   sharding = batch_sharding(mesh)
   return jax.tree.map(

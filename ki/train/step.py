@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from ki.batch import Batch
 from ki.model import pi05
 from ki.train import optimizer as optimizer_lib
 from ki.train.state import TrainState
@@ -23,8 +24,9 @@ class StepSettings:
   """What the step needs from the experiment config (hashable, so it can be static)."""
 
   model: pi05.Config
-  # total = flow_weight * flow_mse + fast_weight * fast_ce per example, averaged over the batch.
-  # The KI paper uses 1 and 1 (alpha = 1 once the stop-gradient insulates the VLM).
+  # total = flow_weight * mean flow_mse (over robot examples) + fast_weight * mean fast_ce (over
+  # examples with loss tokens); see loss_and_metrics. The KI paper uses 1 and 1 (alpha = 1 once
+  # the stop-gradient insulates the VLM).
   flow_weight: float = 1.0
   fast_weight: float = 1.0
   # The batch is split into this many micro-batches whose gradients are averaged.
@@ -38,24 +40,26 @@ def _masked_mean(values: jax.Array, mask: jax.Array) -> jax.Array:
   return jnp.sum(values * mask) / jnp.maximum(jnp.sum(mask), 1.0)
 
 
-def loss_and_metrics(params, settings: StepSettings, batch, rng, *, train: bool):
+def loss_and_metrics(params, settings: StepSettings, batch: Batch, rng):
   """Total loss (scalar) and its terms for one (micro-)batch.
 
-  The logged terms are averaged over the examples they apply to: flow_mse over examples with
-  actions, fast_ce / fast_accuracy over examples with any loss token (FAST or co-training text).
+  Each loss is averaged over the examples that carry it, then weighted:
+    loss = flow_weight * mean(flow_mse over examples with actions)
+         + fast_weight * mean(fast_ce over examples with any loss token)
+  so co-training (VLM) examples do not dilute the flow term, nor robot examples without a FAST
+  postfix the token term. A batch without any such example contributes 0 for that term. The
+  logged fast_ce / fast_accuracy / flow_mse are the same means.
   """
-  observation = pi05.Observation.from_dict(batch)
-  losses = pi05.compute_losses(
-    params, settings.model, observation, batch["actions"], rng, train=train
-  )
-  per_example = settings.flow_weight * losses["flow_mse"] + settings.fast_weight * losses["fast_ce"]
-  has_tokens = jnp.any(batch["token_loss_mask"], axis=-1)
+  losses = pi05.compute_losses(params, settings.model, batch.observation, batch.actions, rng)
+  has_tokens = jnp.any(batch.observation.token_loss_mask, axis=-1)
   metrics = {
-    "loss": jnp.mean(per_example),
-    "flow_mse": _masked_mean(losses["flow_mse"], batch["has_actions"]),
+    "flow_mse": _masked_mean(losses["flow_mse"], batch.observation.has_actions),
     "fast_ce": _masked_mean(losses["fast_ce"], has_tokens),
     "fast_accuracy": _masked_mean(losses["fast_accuracy"], has_tokens),
   }
+  metrics["loss"] = settings.flow_weight * metrics["flow_mse"] + (
+    settings.fast_weight * metrics["fast_ce"]
+  )
   return metrics["loss"], metrics
 
 
@@ -73,26 +77,22 @@ def _split_micro_batches(batch, num: int):
   return jax.tree.map(split, batch)
 
 
-def _grads_and_metrics(params, settings: StepSettings, batch, rng):
+def _grads_and_metrics(params, settings: StepSettings, batch: Batch, rng):
+  """Gradients and metrics, averaged over micro-batches (each micro-batch's means, averaged)."""
   grad_fn = jax.grad(loss_and_metrics, has_aux=True)
   if settings.grad_accum_steps == 1:
-    return grad_fn(params, settings, batch, rng, train=True)
+    return grad_fn(params, settings, batch, rng)
 
   micro_batches = _split_micro_batches(batch, settings.grad_accum_steps)
 
   def accumulate(carry, xs):
     index, micro_batch = xs
-    grads, metrics = grad_fn(
-      params, settings, micro_batch, jax.random.fold_in(rng, index), train=True
-    )
+    grads, metrics = grad_fn(params, settings, micro_batch, jax.random.fold_in(rng, index))
     return jax.tree.map(jnp.add, carry, (grads, metrics)), None
 
   zeros = jax.tree.map(jnp.zeros_like, params)
-  zero_metrics = jax.eval_shape(
-    lambda: grad_fn(params, settings, jax.tree.map(lambda x: x[0], micro_batches), rng, train=True)[
-      1
-    ]
-  )
+  first = jax.tree.map(lambda x: x[0], micro_batches)
+  zero_metrics = jax.eval_shape(lambda: grad_fn(params, settings, first, rng)[1])
   zero_metrics = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), zero_metrics)
   indices = jnp.arange(settings.grad_accum_steps)
   (grads, metrics), _ = jax.lax.scan(accumulate, (zeros, zero_metrics), (indices, micro_batches))
@@ -106,9 +106,9 @@ def train_step(
   labels,
   schedules,
   state: TrainState,
-  batch,
+  batch: Batch,
 ) -> tuple[TrainState, dict]:
-  """One optimizer update. batch: the host-batch dict as global arrays [B, ...].
+  """One optimizer update. batch: a ki.batch.Batch of global arrays [B, ...].
 
   Returns the new state and scalar metrics: loss terms, learning rate, gradient and update norm
   per optimizer group, global gradient norm, parameter norm.

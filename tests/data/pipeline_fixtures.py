@@ -13,6 +13,7 @@ import numpy as np
 from PIL import Image
 
 from ki.data import droid, normalize, records
+from ki.model import pi05
 from ki.tokenizers import fast, prompt
 
 HORIZON = 4
@@ -20,6 +21,22 @@ ACTION_DIM = 10  # The model's width: 8 real dims + 2 padding.
 IMAGE_SIZE = 32
 MAX_TOKEN_LEN = 96
 INSTRUCTIONS = ("pick up the red block", "open the drawer", "put the cup on the plate")
+
+
+def model_config(**overrides) -> pi05.Config:
+  """A tiny model whose batches are the sizes above (the pipeline reads its shapes from it)."""
+  fields = dict(
+    vlm_variant="tiny",
+    expert_variant="tiny",
+    siglip_variant="mu/16",
+    image_size=IMAGE_SIZE,
+    action_dim=ACTION_DIM,
+    data_action_dim=droid.ACTION_DIM,
+    action_horizon=HORIZON,
+    max_token_len=MAX_TOKEN_LEN,
+    max_loss_tokens=48,
+  )
+  return pi05.Config(**{**fields, **overrides}).validate()
 
 
 def jpeg(color, size=(64, 96)) -> bytes:

@@ -2,12 +2,14 @@
 and with worker processes, directly and through orbax), disjoint hosts, drop counts, config
 validation."""
 
+import grain
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
 from ki import msgpack_numpy
+from ki.batch import CAMERA_SLOTS, Batch, fake_batch
 from ki.data import normalize, pipeline
 from ki.tokenizers import prompt
 from tests.data import pipeline_fixtures as fixtures
@@ -54,12 +56,12 @@ def data(tmp_path_factory):
   }
 
 
+MODEL = fixtures.model_config()
+
+
 def config(path, **overrides):
   c = pipeline.default_config()
   c.arrayrecord_dir = str(path)
-  c.action_dim = fixtures.ACTION_DIM
-  c.action_horizon = fixtures.HORIZON
-  c.image_size = fixtures.IMAGE_SIZE
   c.update(overrides)
   return c
 
@@ -67,6 +69,7 @@ def config(path, **overrides):
 def make(data, c, *, batch=4, process_index=0, process_count=1, train=True, seed=7):
   return pipeline.make_iterator(
     c,
+    MODEL,
     tokenizer=data["tokenizer"],
     norm_stats=data["stats"],
     split="train",
@@ -84,47 +87,62 @@ def assert_same(a, b):
 
 def tags(batch, stats) -> list[int]:
   """The (episode * 1000 + step) tag each example's state carries (see fixtures.frame)."""
-  state = normalize.quantile_unnormalize(batch["state"][:, :8], stats["state"])
+  state = normalize.quantile_unnormalize(batch.observation.state[:, :8], stats["state"])
   return [int(round(t)) for t in state[:, 0]]
 
 
-def test_batches_follow_the_host_batch_contract(data):
+def test_batches_follow_the_batch_contract(data):
   batch = next(make(data, config(data["good"])))
-  b, h, d, length = 4, fixtures.HORIZON, fixtures.ACTION_DIM, fixtures.MAX_TOKEN_LEN
-  expected = {
-    "image": {
-      "base_0_rgb": ((b, 32, 32, 3), np.uint8),
-      "left_wrist_0_rgb": ((b, 32, 32, 3), np.uint8),
-    },
-    "image_mask": {"base_0_rgb": ((b,), np.bool_), "left_wrist_0_rgb": ((b,), np.bool_)},
-    "state": ((b, d), np.float32),
-    "actions": ((b, h, d), np.float32),
-    "has_actions": ((b,), np.bool_),
-    "tokenized_prompt": ((b, length), np.int32),
-    "tokenized_prompt_mask": ((b, length), np.bool_),
-    "token_ar_mask": ((b, length), np.int32),
-    "token_loss_mask": ((b, length), np.bool_),
-  }
-  got = jax.tree.map(lambda x: (x.shape, x.dtype.type), batch)
-  assert got == expected
+  assert isinstance(batch, Batch)
+  # The model's fake batch has the same structure, shapes and dtypes.
+  expected = jax.tree.map(lambda x: (x.shape, x.dtype.type), fake_batch(MODEL, 4))
+  assert jax.tree.map(lambda x: (x.shape, x.dtype.type), batch) == expected
+  assert batch.observation.has_actions.all()
+
+
+def test_shapes_and_cameras_come_from_the_model_config(data):
+  model = fixtures.model_config(
+    image_size=16, action_dim=12, action_horizon=3, image_keys=CAMERA_SLOTS
+  )
+  iterator = pipeline.make_iterator(
+    config(data["good"]),
+    model,
+    tokenizer=data["tokenizer"],
+    norm_stats=data["stats"],
+    split="train",
+    seed=0,
+    process_index=0,
+    process_count=1,
+    per_host_batch_size=2,
+    train=True,
+  )
+  batch = next(iterator)
+  expected = jax.tree.map(lambda x: (x.shape, x.dtype.type), fake_batch(model, 2))
+  assert jax.tree.map(lambda x: (x.shape, x.dtype.type), batch) == expected
+  # A DROID frame has no right wrist camera: that slot is black and masked out.
+  masks = batch.observation.image_masks
+  assert masks["base_0_rgb"].all() and masks["left_wrist_0_rgb"].all()
+  assert not masks["right_wrist_0_rgb"].any()
+  assert not batch.observation.images["right_wrist_0_rgb"].any()
 
 
 def test_fast_postfix_only_when_the_tokenizer_has_fast(data):
   """KI/pi0-FAST prompts end in FAST tokens (ar=1, loss on); flow-only prompts carry none."""
   with_fast = next(make(data, config(data["good"])))
-  assert with_fast["token_ar_mask"].sum(axis=1).min() > 0
-  np.testing.assert_array_equal(with_fast["token_ar_mask"] == 1, with_fast["token_loss_mask"])
+  with_fast = with_fast.observation
+  assert with_fast.token_ar_mask.sum(axis=1).min() > 0
+  np.testing.assert_array_equal(with_fast.token_ar_mask == 1, with_fast.token_loss_mask)
   tokenizer = data["tokenizer"]
   flow_only = prompt.Pi05Tokenizer(
     tokenizer.prompt_tokenizer, None, max_token_len=tokenizer.max_token_len
   )
-  batch = next(make(dict(data, tokenizer=flow_only), config(data["good"])))
-  assert batch["token_ar_mask"].sum() == 0 and batch["token_loss_mask"].sum() == 0
+  batch = next(make(dict(data, tokenizer=flow_only), config(data["good"]))).observation
+  assert batch.token_ar_mask.sum() == 0 and batch.token_loss_mask.sum() == 0
   # The same prompt text otherwise: the prefix is identical.
-  prefix_lengths = batch["tokenized_prompt_mask"].sum(axis=1)
+  prefix_lengths = batch.tokenized_prompt_mask.sum(axis=1)
   np.testing.assert_array_equal(
     prefix_lengths,
-    with_fast["tokenized_prompt_mask"].sum(axis=1) - with_fast["token_ar_mask"].sum(axis=1),
+    with_fast.tokenized_prompt_mask.sum(axis=1) - with_fast.token_ar_mask.sum(axis=1),
   )
 
 
@@ -149,9 +167,9 @@ def test_resume_through_orbax_with_worker_processes(data, tmp_path):
     for _ in range(3):
       next(iterator)
     manager = ocp.CheckpointManager(
-      tmp_path / "ckpt", item_handlers={"data": pipeline.checkpoint_handler()}
+      tmp_path / "ckpt", item_handlers={"data": grain.checkpoint.CheckpointHandler()}
     )
-    manager.save(3, args=ocp.args.Composite(data=pipeline.checkpoint_save_args(iterator)))
+    manager.save(3, args=ocp.args.Composite(data=grain.checkpoint.CheckpointSave(iterator)))
     manager.wait_until_finished()
     expected = next(iterator)
     counts = iterator.drop_counts
@@ -159,7 +177,7 @@ def test_resume_through_orbax_with_worker_processes(data, tmp_path):
     iterator.close()
   restored = make(data, c)
   try:
-    manager.restore(3, args=ocp.args.Composite(data=pipeline.checkpoint_restore_args(restored)))
+    manager.restore(3, args=ocp.args.Composite(data=grain.checkpoint.CheckpointRestore(restored)))
     assert_same(expected, next(restored))
     assert restored.drop_counts == counts
   finally:
@@ -176,7 +194,7 @@ def test_every_bad_record_is_counted_once(data, num_workers):
     batches = list(iterator)
   finally:
     iterator.close()
-  assert sum(len(b["has_actions"]) for b in batches) == 20
+  assert sum(len(b.observation.has_actions) for b in batches) == 20
   assert iterator.drop_counts == data["expected_drops"]
   assert iterator.metrics()["data/dropped/corrupt_image"] == 2
 
@@ -205,6 +223,7 @@ def test_eval_iterator_is_unaugmented_and_finite(data):
   c = config(data["good"], eval_arrayrecord_dir=data["good"])
   iterator = pipeline.make_iterator(
     c,
+    MODEL,
     tokenizer=data["tokenizer"],
     norm_stats=data["stats"],
     split="eval",
@@ -217,7 +236,7 @@ def test_eval_iterator_is_unaugmented_and_finite(data):
   batches = list(iterator)
   assert len(batches) == 5
   # Without augmentation the red/green exterior stays a flat colour at the image centre.
-  centre = batches[0]["image"]["base_0_rgb"][:, 16, 16]
+  centre = batches[0].observation.images["base_0_rgb"][:, 16, 16]
   assert np.all(
     (np.abs(centre.astype(int) - [200, 0, 0]).max(1) < 12)
     | (np.abs(centre.astype(int) - [0, 200, 0]).max(1) < 12)

@@ -6,6 +6,7 @@ from PIL import Image
 import pytest
 
 from ki import msgpack_numpy
+from ki.batch import Batch
 from ki.data import droid, images, normalize, sources, transforms
 from ki.data.transforms import Dropped
 from tests.data import pipeline_fixtures as fixtures
@@ -78,24 +79,26 @@ def test_fused_augmentation_matches_openpis_step_by_step_order():
 def test_robot_example_matches_contract(tokenizer, stats):
   record = fixtures.frame(1, 3)
   example = robot_transform(tokenizer, stats, augment=False)(record, np.random.default_rng(0))
-  assert example["image"]["base_0_rgb"].shape == (32, 32, 3)
-  assert example["image"]["base_0_rgb"].dtype == np.uint8
-  assert example["image_mask"] == {"base_0_rgb": True, "left_wrist_0_rgb": True}
-  assert example["has_actions"]
-  assert example["state"].shape == (fixtures.ACTION_DIM,)
-  assert example["actions"].shape == (fixtures.HORIZON, fixtures.ACTION_DIM)
+  assert isinstance(example, Batch)
+  obs = example.observation
+  assert obs.images["base_0_rgb"].shape == (32, 32, 3)
+  assert obs.images["base_0_rgb"].dtype == np.uint8
+  assert obs.image_masks == {"base_0_rgb": True, "left_wrist_0_rgb": True}
+  assert obs.has_actions
+  assert obs.state.shape == (fixtures.ACTION_DIM,)
+  assert example.actions.shape == (fixtures.HORIZON, fixtures.ACTION_DIM)
   # Quantile-normalised state; joints of the actions relative to the state; zero padding.
   np.testing.assert_allclose(
-    example["state"][:8], normalize.quantile_normalize(record["state"], stats["state"]), rtol=1e-6
+    obs.state[:8], normalize.quantile_normalize(record["state"], stats["state"]), rtol=1e-6
   )
   delta = droid.to_delta_actions(record["actions"], record["state"])
   np.testing.assert_allclose(
-    example["actions"][:, :8], normalize.quantile_normalize(delta, stats["actions"]), rtol=1e-5
+    example.actions[:, :8], normalize.quantile_normalize(delta, stats["actions"]), rtol=1e-5
   )
-  assert np.all(example["state"][8:] == 0) and np.all(example["actions"][:, 8:] == 0)
-  assert example["tokenized_prompt"].shape == (fixtures.MAX_TOKEN_LEN,)
+  assert np.all(obs.state[8:] == 0) and np.all(example.actions[:, 8:] == 0)
+  assert obs.tokenized_prompt.shape == (fixtures.MAX_TOKEN_LEN,)
   # The FAST postfix carries the loss; the prompt does not.
-  loss, ar = example["token_loss_mask"], example["token_ar_mask"]
+  loss, ar = obs.token_loss_mask, obs.token_ar_mask
   assert loss.any() and not loss[0] and np.all(ar[loss] == 1)
 
 
@@ -105,16 +108,16 @@ def test_camera_and_instruction_choice_is_random_per_index_and_deterministic(tok
   prompt_tokenizer = tokenizer.prompt_tokenizer
   colours, texts = set(), set()
   for seed in range(24):
-    example = transform(record, np.random.default_rng(seed))
-    again = transform(record, np.random.default_rng(seed))
-    np.testing.assert_array_equal(example["image"]["base_0_rgb"], again["image"]["base_0_rgb"])
-    np.testing.assert_array_equal(example["tokenized_prompt"], again["tokenized_prompt"])
-    centre = example["image"]["base_0_rgb"][16, 16]
+    example = transform(record, np.random.default_rng(seed)).observation
+    again = transform(record, np.random.default_rng(seed)).observation
+    np.testing.assert_array_equal(example.images["base_0_rgb"], again.images["base_0_rgb"])
+    np.testing.assert_array_equal(example.tokenized_prompt, again.tokenized_prompt)
+    centre = example.images["base_0_rgb"][16, 16]
     colours.add("red" if centre[0] > centre[1] else "green")
     # The wrist camera (blue) always goes to the wrist slot.
-    wrist = example["image"]["left_wrist_0_rgb"][16, 16]
+    wrist = example.images["left_wrist_0_rgb"][16, 16]
     assert wrist[2] > 150 and wrist[0] < 50
-    text = prompt_tokenizer.decode(example["tokenized_prompt"][example["token_ar_mask"] == 0])
+    text = prompt_tokenizer.decode(example.tokenized_prompt[example.token_ar_mask == 0])
     texts.add("drawer" if "open the drawer" in text else "block" if "red block" in text else "?")
   assert colours == {"red", "green"}
   assert texts == {"drawer", "block"}
@@ -172,12 +175,13 @@ def test_vlm_example_masks_wrist_and_puts_loss_on_answer(tokenizer):
   )
   record = {"image": fixtures.jpeg((0, 0, 200)), "prompt": "where is the cup?", "answer": "left"}
   example = transform(record, np.random.default_rng(0))
-  assert not example["has_actions"]
-  assert example["image_mask"] == {"base_0_rgb": True, "left_wrist_0_rgb": False}
-  assert not example["image"]["left_wrist_0_rgb"].any()
-  assert not example["state"].any() and not example["actions"].any()
-  assert example["actions"].shape == (fixtures.HORIZON, fixtures.ACTION_DIM)
-  answer = example["tokenized_prompt"][example["token_loss_mask"]]
+  obs = example.observation
+  assert not obs.has_actions
+  assert obs.image_masks == {"base_0_rgb": True, "left_wrist_0_rgb": False}
+  assert not obs.images["left_wrist_0_rgb"].any()
+  assert not obs.state.any() and not example.actions.any()
+  assert example.actions.shape == (fixtures.HORIZON, fixtures.ACTION_DIM)
+  answer = obs.tokenized_prompt[obs.token_loss_mask]
   assert answer[-1] == tokenizer.prompt_tokenizer.eos_id
   assert tokenizer.prompt_tokenizer.decode(answer[:-1]) == "left"
   assert transform({**record, "image": b"nope"}, np.random.default_rng(0)) == Dropped(

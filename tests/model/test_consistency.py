@@ -25,7 +25,7 @@ def test_one_step_sampling_equals_the_training_velocity(dtype, tolerance):
   training_obs = pi05.fake_observation(config, 2, with_fast=True)
   assert int(training_obs.token_ar_mask.sum()) > 0
   losses = pi05.compute_losses(
-    params, config, training_obs, actions, None, train=True, noise=noise, time=jnp.ones((2,))
+    params, config, training_obs, actions, None, noise=noise, time=jnp.ones((2,))
   )
   relative = losses["flow_mse"] / jnp.mean(jnp.square(velocity[..., : config.data_action_dim]))
   assert float(jnp.max(relative)) < tolerance

@@ -1,3 +1,4 @@
+from ki import batch as batch_lib
 from ki.model import pi05
 
 
@@ -9,7 +10,7 @@ def test_full_pi05_ki_flops_match_the_papers_figure():
 
 def test_flops_grow_with_cameras_and_text():
   base = pi05.Config()
-  more_cameras = pi05.Config(image_keys=("a", "b", "c"))
+  more_cameras = pi05.Config(image_keys=batch_lib.CAMERA_SLOTS)
   more_text = pi05.Config(max_token_len=400)
   flops = pi05.training_flops_per_example
   assert flops(more_cameras) > flops(base)

@@ -33,7 +33,7 @@ def _grad_norms(config, params, term):
   actions = pi05.fake_actions(config, 2)
 
   def loss(p):
-    losses = pi05.compute_losses(p, config, obs, actions, jax.random.key(3), train=True)
+    losses = pi05.compute_losses(p, config, obs, actions, jax.random.key(3))
     return jnp.sum(losses[term])
 
   grads = jax.jit(jax.grad(loss))(params)
@@ -76,7 +76,7 @@ def test_insulation_changes_gradients_not_values():
   params = perturbed(pi05.init_params(on, jax.random.key(0)), jax.random.key(1))
   obs, actions = pi05.fake_observation(on, 2), pi05.fake_actions(on, 2)
   run = functools.partial(
-    pi05.compute_losses, observation=obs, actions=actions, rng=jax.random.key(5), train=True
+    pi05.compute_losses, observation=obs, actions=actions, rng=jax.random.key(5)
   )
   losses_on, losses_off = run(params, on), run(params, off)
   for term in ("fast_ce", "flow_mse"):

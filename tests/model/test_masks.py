@@ -71,7 +71,7 @@ def test_expert_is_blind_to_the_postfix_and_the_prefix_to_the_expert(config, par
 
   def losses(observation, noise):
     return pi05.compute_losses(
-      params, config, observation, actions, jax.random.key(1), train=True, noise=noise, time=time
+      params, config, observation, actions, jax.random.key(1), noise=noise, time=time
     )
 
   reference = losses(obs, noise)

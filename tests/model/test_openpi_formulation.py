@@ -115,7 +115,6 @@ def test_fused_attention_kernel_computes_the_same(config, params):
     observation=obs,
     actions=actions,
     rng=None,
-    train=True,
     noise=noise,
     time=jnp.array([0.3, 0.7]),
   )

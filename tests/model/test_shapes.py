@@ -16,7 +16,7 @@ def test_jitted_losses_and_sampling_in_bfloat16():
   params = pi05.init_params(config, jax.random.key(0))
   assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(params))  # fp32 parameters
   obs, actions = pi05.fake_observation(config, 3), pi05.fake_actions(config, 3)
-  losses = jax.jit(functools.partial(pi05.compute_losses, config=config, train=True))(
+  losses = jax.jit(functools.partial(pi05.compute_losses, config=config))(
     params, observation=obs, actions=actions, rng=jax.random.key(1)
   )
   assert set(losses) == {"fast_ce", "flow_mse", "fast_accuracy", "loss_tokens_truncated"}
@@ -34,9 +34,7 @@ def test_jitted_losses_and_sampling_in_bfloat16():
 def test_vlm_only_examples_have_no_flow_loss(config, params):
   obs = pi05.fake_observation(config, 2)
   obs = obs.replace(has_actions=jnp.array([True, False]))
-  losses = pi05.compute_losses(
-    params, config, obs, pi05.fake_actions(config, 2), jax.random.key(0), train=True
-  )
+  losses = pi05.compute_losses(params, config, obs, pi05.fake_actions(config, 2), jax.random.key(0))
   assert losses["flow_mse"][0] > 0 and losses["flow_mse"][1] == 0
   assert losses["fast_ce"][1] > 0
 
@@ -50,7 +48,6 @@ def test_flow_loss_ignores_padded_action_dims(config, params):
     config,
     obs,
     rng=jax.random.key(0),
-    train=True,
     noise=jax.random.normal(jax.random.key(1), actions.shape),
     time=jnp.ones((1,)),
   )
@@ -69,7 +66,6 @@ def test_fast_loss_switch():
     pi05.fake_observation(config, 1),
     pi05.fake_actions(config, 1),
     jax.random.key(0),
-    train=True,
   )
   assert losses["fast_ce"][0] == 0 and losses["flow_mse"][0] > 0
 
@@ -89,30 +85,32 @@ def test_greedy_fast_decoding_agrees_with_the_training_pass(config, params):
     token_loss_mask=obs.token_loss_mask.at[:, span].set(True),
   )
   losses = pi05.compute_losses(
-    params, config, teacher, pi05.fake_actions(config, 2), jax.random.key(0), train=True
+    params, config, teacher, pi05.fake_actions(config, 2), jax.random.key(0)
   )
   np.testing.assert_array_equal(losses["fast_accuracy"], [1.0, 1.0])
 
 
-def test_observation_from_host_batch_dict(config):
-  batch = {
-    "image": {k: np.full((2, 224, 224, 3), 255, np.uint8) for k in config.image_keys},
-    "image_mask": {k: np.ones((2,), bool) for k in config.image_keys},
-    "state": np.zeros((2, config.action_dim), np.float32),
-    "tokenized_prompt": np.ones((2, config.max_token_len), np.int32),
-    "tokenized_prompt_mask": np.ones((2, config.max_token_len), bool),
-  }
-  obs = pi05.Observation.from_dict(batch)
-  assert (
-    obs.images["base_0_rgb"].dtype == jnp.float32 and float(obs.images["base_0_rgb"].max()) == 1.0
+def test_uint8_images_from_the_data_are_what_the_model_sees_in_minus_one_to_one(config, params):
+  """The data and the server hand uint8 images; the model maps them to [-1, 1] itself."""
+  obs = pi05.fake_observation(config, 2)
+  as_uint8 = obs.replace(
+    images={k: jnp.round((v + 1.0) * 127.5).astype(jnp.uint8) for k, v in obs.images.items()}
   )
-  assert obs.has_actions.shape == (2,) and bool(obs.has_actions.all())
+  as_float = as_uint8.replace(
+    images={k: v.astype(jnp.float32) / 127.5 - 1.0 for k, v in as_uint8.images.items()}
+  )
+  noise = jax.random.normal(jax.random.key(1), (2, config.action_horizon, config.action_dim))
+  np.testing.assert_array_equal(
+    pi05.sample_actions(params, config, as_uint8, None, num_steps=2, noise=noise),
+    pi05.sample_actions(params, config, as_float, None, num_steps=2, noise=noise),
+  )
 
 
 @pytest.mark.parametrize(
   "overrides,message",
   [
     (dict(data_action_dim=40), "data_action_dim 40 > action_dim"),
+    (dict(image_keys=("base_0_rgb", "top_camera")), r"image_keys \['top_camera'\]"),
     (dict(vlm_variant="gemma_2b", expert_variant="dummy"), "depth must agree"),
     (dict(siglip_variant="Huge/14"), "Unknown SigLIP size"),
     (dict(dtype="float16"), "dtype"),

@@ -2,6 +2,7 @@
 
 import jax
 
+from ki import batch as batch_lib
 from ki.model import pi05
 
 
@@ -10,7 +11,7 @@ def tiny_config(**overrides) -> pi05.Config:
     vlm_variant="tiny",
     expert_variant="tiny",
     siglip_variant="mu/16",
-    image_keys=("base_0_rgb", "left_wrist_0_rgb"),
+    image_keys=batch_lib.DROID_SLOTS,
     action_dim=16,
     data_action_dim=6,
     action_horizon=5,

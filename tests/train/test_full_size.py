@@ -7,27 +7,11 @@ import jax
 import numpy as np
 
 from experiments import droid_ki
+from ki import batch as batch_lib
 from ki.model import pi05
 from ki.train import optimizer, sharding
 from ki.train import state as state_lib
 from ki.train import step as step_lib
-
-
-def _batch_shapes(model, batch_size):
-  obs = jax.eval_shape(lambda: pi05.fake_observation(model, batch_size))
-  return {
-    "image": obs.images,
-    "image_mask": obs.image_masks,
-    "state": obs.state,
-    "tokenized_prompt": obs.tokenized_prompt,
-    "tokenized_prompt_mask": obs.tokenized_prompt_mask,
-    "token_ar_mask": obs.token_ar_mask,
-    "token_loss_mask": obs.token_loss_mask,
-    "has_actions": obs.has_actions,
-    "actions": jax.ShapeDtypeStruct(
-      (batch_size, model.action_horizon, model.action_dim), np.float32
-    ),
-  }
 
 
 def _bytes_per_device(shapes, shardings):
@@ -56,7 +40,7 @@ def test_full_size_step_lowers_with_fsdp_8():
     out_shardings=(shardings, sharding.replicated(mesh)),
     donate_argnums=0,
   )
-  lowered = step.lower(shapes, _batch_shapes(model, 16))
+  lowered = step.lower(shapes, batch_lib.abstract_batch(model, 16))
   new_state, metrics = lowered.out_info
   assert [x.shape for x in jax.tree.leaves(new_state)] == [x.shape for x in jax.tree.leaves(shapes)]
   assert metrics["loss"].shape == ()

@@ -18,51 +18,66 @@ from tests.train.fake_data import FakeIterator
 from tests.train.tiny import group_settings, tiny_model_config
 
 
-def _quadratic_losses(params, config, observation, actions, rng, *, train):
-  """A stand-in for pi05.compute_losses that ignores rng, so accumulation is exactly testable."""
-  del config, rng, train
+def _quadratic_losses(params, config, observation, actions, rng):
+  """A stand-in for pi05.compute_losses that ignores rng, so accumulation is exactly testable.
+  Like the model, each term is 0 for examples that do not carry it."""
+  del config, rng
   x = observation.state
+  has_tokens = jnp.any(observation.token_loss_mask, axis=-1)
   flow = jnp.sum(jnp.square(x @ params["action_in_proj"]["kernel"] - actions[:, 0]), axis=-1)
-  fast = jnp.sum(jnp.square(x * params["PaliGemma"]["w"]), axis=-1)
+  fast = jnp.sum(jnp.square((x + 1.0) * params["PaliGemma"]["w"]), axis=-1)
   return {
     "flow_mse": flow * observation.has_actions,
-    "fast_ce": fast,
+    "fast_ce": fast * has_tokens,
     "fast_accuracy": jnp.zeros_like(fast),
   }
 
 
-def _toy_setup(monkeypatch, **settings):
-  monkeypatch.setattr(pi05, "compute_losses", _quadratic_losses)
-  params = {
+def _toy_params():
+  return {
     "PaliGemma": {"w": jnp.linspace(0.5, 1.5, 8)},
     "action_in_proj": {"kernel": jnp.eye(8) * 0.5},
   }
+
+
+def _toy_batch(**model_overrides):
+  """8 examples of the toy's width: 6 robot examples, VLM examples at indices 3 and 7."""
+  model = tiny_model_config(action_dim=8, action_horizon=2, **model_overrides)
+  batch = FakeIterator(model, batch_size=8, seed=1).batch(0)
+  # The robot examples' states differ from each other and from the VLM examples' (zero) states.
+  assert list(batch.observation.has_actions) == [True, True, True, False] * 2
+  return batch
+
+
+def _toy_setup(monkeypatch, **settings):
+  monkeypatch.setattr(pi05, "compute_losses", _quadratic_losses)
+  params = _toy_params()
   rules = (("action_in_proj/.*", "action_expert"), ("PaliGemma/.*", "vlm"))
   config = ml_collections.ConfigDict(
-    dict(group_rules=rules, groups=dict(vlm=group_settings(), action_expert=group_settings()))
+    dict(
+      group_rules=rules,
+      groups=dict(vlm=group_settings(), action_expert=group_settings()),
+      clip_norm=1.0,
+    )
   )
   tx, labels, schedules = optimizer.make_optimizer(config, params)
   state = state_lib.state_from_params(
     params, jax.random.PRNGKey(0), tx=tx, use_ema=settings.get("ema_decay") is not None
   )
-  model = tiny_model_config()
-  step_settings = step_lib.StepSettings(model=model, **settings)
-  batch = FakeIterator(
-    batch_size=8,
-    action_dim=8,
-    action_horizon=2,
-    max_token_len=8,
-    vocab_size=16,
-    image_size=4,
-    vlm_fraction=0.3,
-    seed=1,
-  ).batch(0)
+  step_settings = step_lib.StepSettings(model=tiny_model_config(), **settings)
   step = jax.jit(functools.partial(step_lib.train_step, step_settings, tx, labels, schedules))
-  return step, state, batch
+  return step, state, _toy_batch()
+
+
+def _all_robot(batch):
+  observation = batch.observation.replace(has_actions=np.ones(8, bool))
+  return batch.replace(observation=observation)
 
 
 def test_grad_accumulation_matches_one_big_batch(monkeypatch):
+  # Every example carries both losses, so the micro-batch means average to the batch mean.
   step, state, batch = _toy_setup(monkeypatch)
+  batch = _all_robot(batch)
   reference, reference_metrics = step(state, batch)
   step4, state4, _ = _toy_setup(monkeypatch, grad_accum_steps=4)
   accumulated, metrics = step4(state4, batch)
@@ -74,15 +89,59 @@ def test_grad_accumulation_matches_one_big_batch(monkeypatch):
   )
 
 
+def test_grad_accumulation_averages_each_micro_batch_mean(monkeypatch):
+  monkeypatch.setattr(pi05, "compute_losses", _quadratic_losses)
+  params, batch = _toy_params(), _toy_batch()
+  one = step_lib.StepSettings(model=tiny_model_config())
+  two = step_lib.StepSettings(model=tiny_model_config(), grad_accum_steps=2)
+  grads, metrics = step_lib._grads_and_metrics(params, two, batch, jax.random.key(0))
+  # Micro-batch i holds examples i, i + 2, ...: here 4 robot examples, then 2 robot + 2 VLM.
+  micro_batches = [jax.tree.map(lambda x, i=i: x[i::2], batch) for i in range(2)]
+  parts = [step_lib._grads_and_metrics(params, one, micro, None) for micro in micro_batches]
+  expected = jax.tree.map(lambda a, b: (a + b) / 2, *parts)
+  for a, b in zip(jax.tree.leaves((grads, metrics)), jax.tree.leaves(expected)):
+    np.testing.assert_allclose(a, b, rtol=1e-6)
+
+
+def test_each_loss_is_averaged_over_the_examples_that_carry_it(monkeypatch):
+  """VLM co-training examples must not dilute the flow term (pi05_flow_only, vlm_frozen keep
+  them with the token loss off), nor robot examples without loss tokens the token term."""
+  monkeypatch.setattr(pi05, "compute_losses", _quadratic_losses)
+  params = _toy_params()
+  flow_only = step_lib.StepSettings(model=tiny_model_config(), flow_weight=1.0, fast_weight=0.0)
+  batch = _toy_batch()
+  robot = np.asarray(batch.observation.has_actions)
+
+  def robot_flow_mean(p):
+    losses = _quadratic_losses(p, None, batch.observation, batch.actions, None)
+    return jnp.mean(losses["flow_mse"][robot])
+
+  grads, metrics = step_lib._grads_and_metrics(params, flow_only, batch, None)
+  np.testing.assert_allclose(metrics["loss"], robot_flow_mean(params), rtol=1e-6)
+  for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(jax.grad(robot_flow_mean)(params))):
+    np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+
+  # Flow-only data (no FAST postfix): only the VLM examples have loss tokens.
+  batch = _toy_batch(fast_loss=False)
+  has_tokens = np.asarray(batch.observation.token_loss_mask).any(axis=-1)
+  np.testing.assert_array_equal(has_tokens, ~batch.observation.has_actions)
+  settings = step_lib.StepSettings(model=tiny_model_config(), flow_weight=0.5, fast_weight=2.0)
+  _, metrics = step_lib._grads_and_metrics(params, settings, batch, None)
+  losses = _quadratic_losses(params, None, batch.observation, batch.actions, None)
+  flow = np.mean(losses["flow_mse"][np.asarray(batch.observation.has_actions)])
+  fast = np.mean(losses["fast_ce"][has_tokens])
+  np.testing.assert_allclose(metrics["flow_mse"], flow, rtol=1e-6)
+  np.testing.assert_allclose(metrics["fast_ce"], fast, rtol=1e-6)
+  np.testing.assert_allclose(metrics["loss"], 0.5 * flow + 2.0 * fast, rtol=1e-6)
+
+
 def test_loss_weights_and_logged_terms(monkeypatch):
   step, state, batch = _toy_setup(monkeypatch, flow_weight=0.0, fast_weight=2.0)
   _, metrics = step(state, batch)
-  losses = _quadratic_losses(
-    state.params, None, pi05.Observation.from_dict(batch), batch["actions"], None, train=True
-  )
+  losses = _quadratic_losses(state.params, None, batch.observation, batch.actions, None)
   np.testing.assert_allclose(metrics["loss"], 2.0 * np.mean(losses["fast_ce"]), rtol=1e-5)
   # flow_mse is logged as the mean over robot examples only.
-  has_actions = batch["has_actions"]
+  has_actions = batch.observation.has_actions
   np.testing.assert_allclose(
     metrics["flow_mse"], np.mean(losses["flow_mse"][has_actions]), rtol=1e-5
   )
@@ -107,6 +166,7 @@ def _run_tiny(mesh_config, devices, steps=2):
     dict(
       group_rules=params_lib.GROUP_RULES["pi05"],
       groups=dict(vlm=group_settings(), action_expert=group_settings()),
+      clip_norm=1.0,
     )
   )
   tx, labels, schedules = optimizer.make_optimizer(config, state_lib.abstract_params(model))
@@ -121,15 +181,7 @@ def _run_tiny(mesh_config, devices, steps=2):
     out_shardings=(shardings, sharding.replicated(mesh)),
     donate_argnums=0,
   )
-  iterator = FakeIterator(
-    batch_size=8,
-    action_dim=model.action_dim,
-    image_size=model.image_size,
-    action_horizon=model.action_horizon,
-    max_token_len=model.max_token_len,
-    vocab_size=model.vocab_size,
-    data_action_dim=model.data_action_dim,
-  )
+  iterator = FakeIterator(model, batch_size=8)
   losses = []
   for _ in range(steps):
     state, metrics = step(state, sharding.global_batch(next(iterator), mesh))
