@@ -13,6 +13,7 @@ from ki import checkpoint
 from ki.train import sharding
 from ki.train.state import TrainState
 from tests.train.fake_data import FakeIterator
+from tests.train.tiny import tiny_model_config
 
 
 def _state(mesh, value, *, ema: bool, big: bool = False):
@@ -36,9 +37,7 @@ def _state(mesh, value, *, ema: bool, big: bool = False):
 
 
 def _iterator():
-  return FakeIterator(
-    batch_size=2, action_dim=8, action_horizon=2, max_token_len=4, vocab_size=10, image_size=4
-  )
+  return FakeIterator(tiny_model_config(), batch_size=2)
 
 
 def _bytes_under(path) -> int:

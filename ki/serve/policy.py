@@ -24,6 +24,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from ki import checkpoint as checkpoint_lib
+from ki.batch import Observation
 from ki.data import droid, normalize
 from ki.model import pi05
 from ki.serve import observation as observation_lib
@@ -127,8 +128,7 @@ class Policy:
       observation_keys=list(observation_lib.REQUIRED_KEYS),
     )
 
-    def sample(params, batch, rng):
-      observation = pi05.Observation.from_dict(batch)
+    def sample(params, observation: Observation, rng):
       return pi05.sample_actions(params, model_config, observation, rng, num_steps=num_flow_steps)
 
     self._sample = jax.jit(sample)
@@ -174,8 +174,10 @@ class Policy:
       metadata=metadata,
     )
 
-  def _model_inputs(self, images: dict[str, np.ndarray], state: np.ndarray, prompt: str) -> dict:
-    """Raw request parts -> a host batch of one, as the data pipeline builds it."""
+  def _model_inputs(
+    self, images: dict[str, np.ndarray], state: np.ndarray, prompt: str
+  ) -> Observation:
+    """Raw request parts -> an observation of one, as the data pipeline builds it."""
     config = self.model_config
     normalized_state = normalize.quantile_normalize(state, self.norm_stats["state"])
     tokens = self.tokenizer.tokenize_robot(prompt, normalized_state, None)
@@ -186,15 +188,19 @@ class Policy:
       )
     padded_state = np.zeros((config.action_dim,), np.float32)
     padded_state[: droid.ACTION_DIM] = normalized_state
-    batch = {
-      "image": {
+    observation = Observation(
+      images={
         k: observation_lib.resize_image(images[k], config.image_size) for k in config.image_keys
       },
-      "image_mask": {k: np.ones((), bool) for k in config.image_keys},
-      "state": padded_state,
-      **tokens,
-    }
-    return jax.tree.map(lambda x: np.asarray(x)[None], batch)
+      image_masks={k: np.ones((), bool) for k in config.image_keys},
+      state=padded_state,
+      tokenized_prompt=np.asarray(tokens["tokenized_prompt"], np.int32),
+      tokenized_prompt_mask=np.asarray(tokens["tokenized_prompt_mask"], bool),
+      token_ar_mask=np.asarray(tokens["token_ar_mask"], np.int32),
+      token_loss_mask=np.asarray(tokens["token_loss_mask"], bool),
+      has_actions=np.ones((), bool),
+    )
+    return jax.tree.map(lambda x: np.asarray(x)[None], observation)
 
   def _next_rng(self):
     with self._lock:
@@ -206,8 +212,8 @@ class Policy:
     "policy_timing": {"infer_ms": float}}. Raises InvalidObservationError for a bad request."""
     start = time.monotonic()
     images, state, prompt = observation_lib.parse(obs)
-    batch = self._model_inputs(images, state, prompt)
-    normalized = np.asarray(self._sample(self.params, batch, self._next_rng()))[0]
+    observation = self._model_inputs(images, state, prompt)
+    normalized = np.asarray(self._sample(self.params, observation, self._next_rng()))[0]
     actions = normalize.quantile_unnormalize(
       normalized[:, : droid.ACTION_DIM], self.norm_stats["actions"]
     )

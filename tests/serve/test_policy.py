@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from ki import checkpoint as checkpoint_lib
+from ki.batch import Observation
 from ki.data import droid, normalize
 from ki.serve import observation as observation_lib
 from ki.serve import policy as policy_lib
@@ -49,15 +50,16 @@ def test_infer_matches_the_training_transforms_step_by_step(policy):
   assert resized["base_0_rgb"].shape == (32, 32, 3)
   # 120x90 is taller than wide: padded left and right with black, like training frames.
   assert resized["base_0_rgb"][:, 0].max() == 0 and resized["base_0_rgb"][:, 16].max() > 0
-  batch = {
-    "image": {k: v[None] for k, v in resized.items()},
-    "image_mask": {k: np.ones((1,), bool) for k in resized},
-    "state": np.pad(normalised_state, (0, config.action_dim - 8))[None],
+  observation = Observation(
+    images={k: v[None] for k, v in resized.items()},
+    image_masks={k: np.ones((1,), bool) for k in resized},
+    state=np.pad(normalised_state, (0, config.action_dim - 8))[None],
+    has_actions=np.ones((1,), bool),
     **{k: np.asarray(v)[None] for k, v in tokens.items()},
-  }
+  )
   rng = jax.random.fold_in(jax.random.key(0), count + 1)
-  # The policy's compiled function is Observation.from_dict + pi05.sample_actions, nothing else.
-  normalised = policy._sample(policy.params, batch, rng)
+  # The policy's compiled function is pi05.sample_actions, nothing else.
+  normalised = policy._sample(policy.params, observation, rng)
   expected = normalize.quantile_unnormalize(np.asarray(normalised)[0, :, :8], conftest.ACTION_STATS)
   expected = droid.to_absolute_actions(expected, state, droid.DEFAULT_DELTA_ACTION_MASK)
   np.testing.assert_allclose(result["actions"], expected, rtol=1e-4, atol=1e-4)
