@@ -45,8 +45,7 @@ def analyse(
   """Compiles one configuration for abstract inputs; returns its memory per device in GiB."""
   config = train_bench.model_config(size, remat_policy=remat)
   setup = train_bench.build_train_step(config, per_device_batch, num_devices=num_devices)
-  state, batch = setup.abstract_inputs()
-  compiled = setup.jitted_step.lower(state, batch).compile(compiler_options=compiler_options)
+  compiled = setup.lower().compile(compiler_options=compiler_options)
   memory = compiled.memory_analysis()
   if memory is None:
     raise RuntimeError(f"the {jax.default_backend()} backend gives no memory analysis")

@@ -7,10 +7,11 @@ r"""Training throughput and MFU of the real train step, from a tiny model up to 
   python -m benchmarks.train_bench --sizes=full \
     --ablations=baseline,remat_none,remat_dots,empty_camera_slot,logits_everywhere,float32,fused_attention
 
-Runs the trainer's own pieces: the experiment's optimizer (experiments/droid_ki.py), the state born
-sharded over an FSDP mesh of every device, ki.train.step.train_step jitted with donated state, a
-fixed batch already on the devices (data throughput is benchmarks/data_bench.py's job). It reports
-compile time, the compiled memory estimate, samples/s and
+Runs the trainer's own step (ki.train.setup.make_setup: openpi's optimizer from
+ki.train.config, the state born sharded over an FSDP mesh of every device, the step jitted with
+donated state), a fixed batch already on the devices (data throughput is
+benchmarks/data_bench.py's job). It reports compile time, the compiled memory estimate,
+samples/s and
 
   MFU = training_flops_per_example * samples/s / (num_devices * peak bf16 FLOP/s per device),
 
@@ -25,53 +26,22 @@ Writes benchmarks/results/train.json (train_quick.json with --quick) and prints 
 
 import argparse
 import dataclasses
-import functools
 import time
 from typing import Any
 
 import jax
 import numpy as np
 
-from benchmarks import fake_model, results_writer
-from experiments import droid_ki
-from ki.model import pi05
-from ki.train import checkpoint as checkpoint_lib
+from benchmarks import results_writer
+from ki import batch as batch_lib
+from ki.model import pi05, sizes
+from ki.train import config as config_lib
 from ki.train import metrics as metrics_lib
-from ki.train import optimizer as optimizer_lib
+from ki.train import setup as setup_lib
 from ki.train import sharding as sharding_lib
-from ki.train import state as state_lib
-from ki.train import step as step_lib
 
-# Model sizes, smallest first: overrides of experiments/droid_ki.py's full model config.
-SIZES = {
-  "tiny": dict(
-    vlm_variant="tiny",
-    expert_variant="tiny",
-    siglip_variant="mu/16",
-    image_size=32,
-    max_token_len=48,
-    max_loss_tokens=16,
-    vocab_size=2176,
-    dtype="float32",
-    remat_policy="none",
-  ),
-  "smoke": dict(
-    vlm_variant="dummy",
-    expert_variant="dummy",
-    siglip_variant="mu/16",
-    image_size=64,
-    max_token_len=64,
-    max_loss_tokens=24,
-    vocab_size=2176,
-    dtype="float32",
-    remat_policy="none",
-  ),
-  # pi0.5's proportions scaled down, ~90M parameters (experiments/droid_ki.py:medium).
-  "medium": droid_ki.MEDIUM_MODEL,
-  # Gemma 300M in both streams with the full SigLIP: ~1.3B parameters.
-  "gemma_300m": dict(vlm_variant="gemma_300m"),
-  "full": {},
-}
+# Model sizes, smallest first (ki.model.sizes): tiny/smoke on a CPU, the rest on an accelerator.
+SIZES = tuple(sizes.SIZES)
 CPU_SIZES = ("tiny", "smoke")
 # Before/after for what the model does for speed: each variant undoes one choice of the trained
 # configuration (compare samples/s: the model FLOPs, and so MFU, change with some of them).
@@ -106,67 +76,23 @@ QUICK_COMPILER_OPTIONS = {
 
 
 def model_config(size: str, **overrides) -> pi05.Config:
-  """The full experiment's model with a size's overrides (and any given here)."""
-  fields = dict(droid_ki.get_config("full").model)
-  fields.update(SIZES[size])
-  fields.update(overrides)
-  return pi05.Config(**fields).validate()
-
-
-@dataclasses.dataclass
-class TrainSetup:
-  """The jitted train step and the abstract inputs it compiles for."""
-
-  jitted_step: Any
-  mesh: Any
-  state_shapes: Any
-  state_shardings: Any
-  batch_size: int
-  model_config: pi05.Config
-  tx: Any
-
-  def abstract_inputs(self):
-    """(state, batch) as ShapeDtypeStructs with shardings: compile without allocating."""
-    state = checkpoint_lib.abstract_with_shardings(self.state_shapes, self.state_shardings)
-    batch = fake_model.abstract_host_batch(
-      self.model_config, self.batch_size, sharding_lib.batch_sharding(self.mesh)
-    )
-    return state, batch
-
-  def create_state(self):
-    """A fresh state with random params, born sharded."""
-    params = fake_model.random_params(self.model_config, shardings=self.state_shardings.params)
-    return jax.jit(
-      functools.partial(state_lib.state_from_params, tx=self.tx, use_ema=False),
-      out_shardings=self.state_shardings,
-      donate_argnums=0,
-    )(params, jax.random.PRNGKey(0))
+  """A size of ki.model.sizes with `overrides` applied."""
+  return pi05.Config(**sizes.fields(size, **overrides)).validate()
 
 
 def build_train_step(
-  config: pi05.Config, per_device_batch: int, *, num_devices: int | None = None
-) -> TrainSetup:
-  """The trainer's step for `config`, FSDP over the first `num_devices` devices (default all)."""
-  experiment = droid_ki.get_config("full")
+  model: pi05.Config, per_device_batch: int, *, num_devices: int | None = None
+) -> setup_lib.TrainSetup:
+  """The trainer's own setup (ki.train.setup) for `model` with the default training config
+  (openpi's optimizer, FSDP over the first `num_devices` devices, default all)."""
   devices = jax.devices()[:num_devices] if num_devices else jax.devices()
-  mesh = sharding_lib.make_mesh(experiment.mesh, devices=devices)
-  abstract_params = state_lib.abstract_params(config)
-  tx, labels, schedules = optimizer_lib.make_optimizer(experiment.optimizer, abstract_params)
-  state_shapes, state_shardings = state_lib.abstract_train_state(
-    config, tx, mesh, seed=0, use_ema=False, fsdp_min_size_bytes=experiment.fsdp_min_size_bytes
-  )
-  settings = step_lib.StepSettings(
-    model=config, flow_weight=1.0, fast_weight=1.0 if config.fast_loss else 0.0
-  )
-  jitted = jax.jit(
-    functools.partial(step_lib.train_step, settings, tx, labels, schedules),
-    in_shardings=(state_shardings, sharding_lib.batch_sharding(mesh)),
-    out_shardings=(state_shardings, sharding_lib.replicated(mesh)),
-    donate_argnums=0,
-  )
-  return TrainSetup(
-    jitted, mesh, state_shapes, state_shardings, per_device_batch * len(devices), config, tx
-  )
+  config = config_lib.default_config()
+  config.model.update(dataclasses.asdict(model))
+  config.batch_size = per_device_batch * len(devices)
+  config.loss.fast_weight = 1.0 if model.fast_loss else 0.0
+  config.init.kind = "scratch"
+  config.lock()
+  return setup_lib.make_setup(config, devices=devices)
 
 
 def measure(
@@ -185,13 +111,11 @@ def measure(
   TensorBoard's profile tab or Perfetto) to see where the step time goes.
   """
   setup = build_train_step(config, per_device_batch, num_devices=num_devices)
-  state = setup.create_state()
-  batch = sharding_lib.global_batch(
-    fake_model.fake_host_batch(config, setup.batch_size), setup.mesh
-  )
+  state = setup.init_state()
+  batch = sharding_lib.global_batch(batch_lib.fake_batch(config, setup.batch_size), setup.mesh)
 
   start = time.perf_counter()
-  compiled = setup.jitted_step.lower(state, batch).compile(compiler_options=compiler_options)
+  compiled = setup.step.lower(state, batch).compile(compiler_options=compiler_options)
   compile_seconds = time.perf_counter() - start
   memory = compiled.memory_analysis()
 

@@ -5,8 +5,11 @@ A parameter's name is its tree path joined by "/" (e.g. "PaliGemma/llm/layers/q_
 fully matches a name gives its group, and a name no rule matches is an error (big_vision's optax.py
 does the same, so that a renamed parameter cannot silently fall out of training).
 
-Each group in `config.optimizer.groups` has its own chain: clip by the group's global norm ->
-AdamW -> warmup + cosine schedule; or `frozen=True`, which zeroes its updates and keeps no state.
+Each group in `config.optimizer.groups` has its own AdamW with a warmup + cosine schedule, or
+`frozen=True`, which zeroes its updates and keeps no state. Before the groups, the gradient of all
+parameters together is clipped to `config.optimizer.clip_norm` (global norm, as openpi does): one
+scale for the whole model, so a gradient spike in one group also damps the other's step, and a
+run's clipping means the same thing as openpi's.
 """
 
 from collections.abc import Callable, Sequence
@@ -65,19 +68,13 @@ def make_schedule(group: ml_collections.ConfigDict) -> Callable[[jax.Array], jax
 def _group_chain(group: ml_collections.ConfigDict) -> optax.GradientTransformation:
   if group.get("frozen", False):
     return optax.set_to_zero()
-  parts = []
-  if group.get("clip_norm"):
-    parts.append(optax.clip_by_global_norm(group.clip_norm))
-  parts.append(
-    optax.adamw(
-      make_schedule(group),
-      b1=group.b1,
-      b2=group.b2,
-      eps=group.eps,
-      weight_decay=group.weight_decay,
-    )
+  return optax.adamw(
+    make_schedule(group),
+    b1=group.b1,
+    b2=group.b2,
+    eps=group.eps,
+    weight_decay=group.weight_decay,
   )
-  return optax.chain(*parts)
 
 
 def make_optimizer(optimizer_config: ml_collections.ConfigDict, params_shape):
@@ -104,7 +101,10 @@ def make_optimizer(optimizer_config: ml_collections.ConfigDict, params_shape):
     else make_schedule(groups[name])
     for name in used
   }
-  return optax.multi_transform(transforms, labels), labels, schedules
+  tx = optax.multi_transform(transforms, labels)
+  if optimizer_config.clip_norm:
+    tx = optax.chain(optax.clip_by_global_norm(optimizer_config.clip_norm), tx)
+  return tx, labels, schedules
 
 
 def group_norms(tree, labels) -> dict[str, jax.Array]:

@@ -1,8 +1,8 @@
 """The train state and its born-sharded creation.
 
-`create_train_state` never materialises an unsharded copy: it traces the initialiser with
-jax.eval_shape, derives FSDP shardings from the shapes, and runs the initialiser under jit with
-those out_shardings, so each device only ever allocates its own shard (openpi / MaxText style).
+The state is born sharded (ki/train/setup.py): its shapes come from `abstract_state` without
+allocating, FSDP shardings from the shapes, and `initializer` runs under jit with those
+out_shardings, so each device only ever allocates its own shard (openpi / MaxText style).
 """
 
 import functools
@@ -14,7 +14,6 @@ import jax.numpy as jnp
 import optax
 
 from ki.model import pi05
-from ki.train import sharding as sharding_lib
 
 
 @flax.struct.dataclass
@@ -54,62 +53,30 @@ def abstract_params(model_config: pi05.Config):
   return jax.eval_shape(functools.partial(pi05.init_params, model_config), jax.random.PRNGKey(0))
 
 
-def state_shardings(state_shapes, mesh, *, fsdp_min_size_bytes: int):
-  """FSDP shardings for every leaf of a (shape) TrainState; optimizer moments follow their params
-  because they have the same shapes and the rule depends on shape only."""
-  return sharding_lib.fsdp_shardings(state_shapes, mesh, min_size_bytes=fsdp_min_size_bytes)
+def abstract_state(params_shapes, tx: optax.GradientTransformation, *, use_ema: bool) -> TrainState:
+  """The state's ShapeDtypeStructs from the params' (the optimizer's init is traced, the model's
+  is not)."""
+  key = jax.ShapeDtypeStruct((2,), jnp.uint32)
+  return TrainState(
+    step=jax.ShapeDtypeStruct((), jnp.int32),
+    params=params_shapes,
+    opt_state=jax.eval_shape(tx.init, params_shapes),
+    rng=key,
+    ema_params=params_shapes if use_ema else None,
+  )
 
 
-def _initializer(model_config: pi05.Config, tx: optax.GradientTransformation, use_ema: bool):
-  def init(params_key, train_key, params):
-    if params is None:
-      params = pi05.init_params(model_config, params_key)
+def initializer(model_config: pi05.Config, tx: optax.GradientTransformation, *, use_ema: bool):
+  """init(params_key, train_key) -> a fresh TrainState (jit it with the state's out_shardings)."""
+
+  def init(params_key, train_key):
+    params = pi05.init_params(model_config, params_key)
     return state_from_params(params, train_key, tx=tx, use_ema=use_ema)
 
   return init
 
 
-def _keys(seed: int):
+def init_keys(seed: int) -> tuple[jax.Array, jax.Array]:
+  """(params_key, train_key) of a run: the parameters' init and the base of every step's key."""
   params_key, train_key = jax.random.split(jax.random.PRNGKey(seed))
   return params_key, train_key
-
-
-def abstract_train_state(
-  model_config: pi05.Config,
-  tx: optax.GradientTransformation,
-  mesh,
-  *,
-  seed: int,
-  use_ema: bool,
-  fsdp_min_size_bytes: int,
-):
-  """(shapes, shardings) of the state create_train_state would build; allocates nothing."""
-  shapes = jax.eval_shape(_initializer(model_config, tx, use_ema), *_keys(seed), None)
-  return shapes, state_shardings(shapes, mesh, fsdp_min_size_bytes=fsdp_min_size_bytes)
-
-
-def create_train_state(
-  model_config: pi05.Config,
-  tx: optax.GradientTransformation,
-  mesh,
-  *,
-  seed: int,
-  use_ema: bool,
-  fsdp_min_size_bytes: int,
-  params=None,
-):
-  """Creates the state sharded over `mesh`. Returns (state, shardings).
-
-  params: optional params already placed on the devices (e.g. pretrained weights put with
-    `shardings.params`); when None the model's initialiser runs under jit, born sharded.
-  """
-  init = _initializer(model_config, tx, use_ema)
-  _, shardings = abstract_train_state(
-    model_config, tx, mesh, seed=seed, use_ema=use_ema, fsdp_min_size_bytes=fsdp_min_size_bytes
-  )
-  if params is None:
-    state = jax.jit(init, static_argnums=2, out_shardings=shardings)(*_keys(seed), None)
-  else:
-    # Donated: the loaded params become the state's params without a second copy.
-    state = jax.jit(init, out_shardings=shardings, donate_argnums=2)(*_keys(seed), params)
-  return state, shardings

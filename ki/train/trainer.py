@@ -1,14 +1,14 @@
-"""The training loop: setup (checks, mesh, state, checkpoints, data), steps, logging, eval, saving.
+"""The training loop: state (restored or born sharded), steps, logging, eval, saving, preemption.
 
-Order of setup, so that mistakes surface before anything expensive:
-  1. config checks (model, mesh, batch divisibility, data/model agreement, tokenizer vocabulary);
-  2. data iterator (first batch fetched: drops from a too-small max_token_len show up here);
+Order of setup (`Trainer.from_config`), so that mistakes surface before anything expensive:
+  1. config checks (model, mesh, batch divisibility) and the step built: ki/train/setup.py;
+  2. tokenizer (vocabulary checked against the model) and data streams (data config validated);
   3. state: restored from the latest checkpoint in the workdir, or born sharded (optionally from
      pretrained weights);
-  4. the train step compiled once; its memory estimate printed before step 1.
+  4. first batch fetched (drops from a too-small max_token_len show up here), the train step
+     compiled once, its memory estimate printed before step 1.
 """
 
-import functools
 import json
 import logging
 import os
@@ -21,18 +21,16 @@ from jax.experimental import multihost_utils
 import ml_collections
 import numpy as np
 
+from ki import checkpoint as checkpoint_lib
+from ki.data import normalize, pipeline
 from ki.model import pi05
-from ki.model import weights as weights_lib
-from ki.train import checkpoint as checkpoint_lib
+from ki.tokenizers import fast as fast_lib
+from ki.tokenizers import prompt as prompt_lib
 from ki.train import evaluation
 from ki.train import metrics as metrics_lib
-from ki.train import optimizer as optimizer_lib
+from ki.train import setup as setup_lib
 from ki.train import sharding as sharding_lib
-from ki.train import state as state_lib
-from ki.train import step as step_lib
 
-# The data config fields that must equal the model's (the pipeline pads and cuts to them).
-_SHARED_DATA_FIELDS = ("action_dim", "action_horizon", "data_action_dim", "image_size")
 # Training refuses to start when more than this fraction of the first batch's examples were
 # dropped for being longer than max_token_len.
 _MAX_TOO_LONG_FRACTION = 0.1
@@ -42,32 +40,8 @@ class NonFiniteLossError(RuntimeError):
   pass
 
 
-def check_config(config: ml_collections.ConfigDict, mesh) -> pi05.Config:
-  """Everything that can be refused before compiling; returns the validated model config."""
-  model_config = pi05.Config(**config.model).validate()
-  sharding_lib.check_batch_size(config.batch_size, mesh, config.grad_accum_steps)
-  if config.get("data") is not None:
-    mismatched = [
-      f"data.{f}={config.data[f]} but model.{f}={getattr(model_config, f)}"
-      for f in _SHARED_DATA_FIELDS
-      if f in config.data and config.data[f] != getattr(model_config, f)
-    ]
-    if mismatched:
-      raise ValueError(
-        "The data and model configs disagree (set both to the same value): " + "; ".join(mismatched)
-      )
-  if config.loss.fast_weight and not model_config.fast_loss:
-    raise ValueError("loss.fast_weight is non-zero but model.fast_loss is False; set one of them.")
-  if config.total_steps <= 0:
-    raise ValueError(f"total_steps must be positive, got {config.total_steps}")
-  return model_config
-
-
 def build_tokenizer(config: ml_collections.ConfigDict, model_config: pi05.Config):
   """The pi0.5 tokenizer from config.assets; vocabulary checked against the model's."""
-  from ki.tokenizers import fast as fast_lib  # pylint: disable=g-import-not-at-top
-  from ki.tokenizers import prompt as prompt_lib  # pylint: disable=g-import-not-at-top
-
   prompt_tokenizer = prompt_lib.PromptTokenizer(config.assets.prompt_tokenizer)
   if prompt_tokenizer.vocab_size != model_config.vocab_size:
     raise ValueError(
@@ -79,7 +53,7 @@ def build_tokenizer(config: ml_collections.ConfigDict, model_config: pi05.Config
   # FAST tokens (the data pipeline appends them iff the tokenizer has a FAST tokenizer).
   fast_tokenizer = None
   if model_config.fast_loss:
-    if not config.assets.get("fast_tokenizer"):
+    if not config.assets.fast_tokenizer:
       raise ValueError(
         "model.fast_loss is on but config.assets.fast_tokenizer is empty; set it to "
         "a FAST tokenizer folder (data_prep.fit_fast_tokenizer)."
@@ -96,14 +70,14 @@ def build_tokenizer(config: ml_collections.ConfigDict, model_config: pi05.Config
 def _read_assets(config: ml_collections.ConfigDict) -> dict[str, bytes]:
   """The files a policy needs next to the weights, plus the config that trained them."""
   assets = {"config.json": config.to_json_best_effort(indent=2).encode()}
-  paths = config.get("assets") or {}
-  if paths.get("norm_stats"):
+  paths = config.assets
+  if paths.norm_stats:
     with open(paths.norm_stats, "rb") as f:
       assets["norm_stats.json"] = f.read()
-  if paths.get("prompt_tokenizer"):
+  if paths.prompt_tokenizer:
     with open(paths.prompt_tokenizer, "rb") as f:
       assets["tokenizer.model"] = f.read()
-  if paths.get("fast_tokenizer"):
+  if paths.fast_tokenizer:
     for name in sorted(os.listdir(paths.fast_tokenizer)):
       with open(os.path.join(paths.fast_tokenizer, name), "rb") as f:
         assets[f"fast_tokenizer/{name}"] = f.read()
@@ -153,23 +127,29 @@ def check_resumable(
 class Trainer:
   """One training run in `workdir`; resumes from the latest checkpoint there.
 
-  train_iterator / eval_sets: optional data in place of the configured pipeline (tests use a
-  deterministic in-memory iterator). eval_sets maps a name to a zero-argument callable returning
-  a fresh iterable of host batches.
+  setup: the compiled-program side (ki.train.setup.make_setup(config)).
+  train_iterator: this host's training batches (ki.batch.Batch), e.g. ki.data.pipeline's
+    iterator; its state is checkpointed when it has get_state/set_state.
+  eval_sets: {name: zero-argument callable returning a fresh iterable of Batch}.
+  norm_stats: {"state", "actions": NormStats}; eval reports action errors in raw units with them.
+  `Trainer.from_config(config, workdir)` builds all of these from the experiment config.
   """
 
   def __init__(
     self,
-    config: ml_collections.ConfigDict,
+    setup: setup_lib.TrainSetup,
     workdir: str,
+    train_iterator,
     *,
-    train_iterator=None,
     eval_sets: dict[str, Any] | None = None,
+    norm_stats: dict[str, Any] | None = None,
   ):
+    config = setup.config
+    self.setup = setup
     self.config = config
     self.workdir = workdir
-    self.mesh = sharding_lib.make_mesh(config.mesh)
-    self.model_config = check_config(config, self.mesh)
+    self.mesh = setup.mesh
+    self.model_config = setup.model_config
     self.per_host_batch_size = config.batch_size // jax.process_count()
     logging.info(
       "Mesh %s over %d devices (%d hosts); global batch %d, %d per host.",
@@ -179,38 +159,15 @@ class Trainer:
       config.batch_size,
       self.per_host_batch_size,
     )
-
-    self.norm_stats = None
-    if config.get("assets") and config.assets.get("norm_stats"):
-      from ki.data import normalize  # pylint: disable=g-import-not-at-top
-
-      self.norm_stats = normalize.load_norm_stats(config.assets.norm_stats)
     self.train_iterator = train_iterator
-    self.eval_sets = eval_sets
-    if train_iterator is None:
-      self.train_iterator, self.eval_sets = self._make_pipeline()
+    self.eval_sets = eval_sets or {}
     self.assets = _read_assets(config)
 
-    abstract_params = state_lib.abstract_params(self.model_config)
-    self.tx, self.labels, self.schedules = optimizer_lib.make_optimizer(
-      config.optimizer, abstract_params
-    )
-    self.use_ema = config.optimizer.get("ema_decay") is not None
-    state_args = dict(
-      seed=config.seed, use_ema=self.use_ema, fsdp_min_size_bytes=config.fsdp_min_size_bytes
-    )
-    state_shapes, self.state_shardings = state_lib.abstract_train_state(
-      self.model_config, self.tx, self.mesh, **state_args
-    )
-
-    ckpt = config.checkpoint
     self.checkpointer = checkpoint_lib.Checkpointer(
       workdir,
-      save_every=ckpt.every,
-      max_to_keep=ckpt.max_to_keep,
-      keep_period=ckpt.get("keep_period") or None,
-      asynchronous=ckpt.asynchronous,
-      save_params_item=ckpt.params_item,
+      max_to_keep=config.checkpoint.max_to_keep,
+      keep_period=config.checkpoint.keep_period or None,
+      asynchronous=config.checkpoint.asynchronous,
     )
     latest = self.checkpointer.latest_step()
     if latest is not None:
@@ -221,38 +178,20 @@ class Trainer:
         os.path.join(self.checkpointer.directory, str(latest)),
       )
       self.state = self.checkpointer.restore(
-        latest,
-        checkpoint_lib.abstract_with_shardings(state_shapes, self.state_shardings),
-        data_iterator=self.train_iterator,
+        latest, setup.abstract_state(), data_iterator=self.train_iterator
       )
     else:
-      params = self._pretrained_params(abstract_params)
-      self.state, _ = state_lib.create_train_state(
-        self.model_config, self.tx, self.mesh, params=params, **state_args
-      )
+      self.state = setup.init_state(setup_lib.pretrained_weights(setup))
     self.start_step = int(jax.device_get(self.state.step))
 
-    self.settings = step_lib.StepSettings(
-      model=self.model_config,
-      flow_weight=config.loss.flow_weight,
-      fast_weight=config.loss.fast_weight,
-      grad_accum_steps=config.grad_accum_steps,
-      ema_decay=config.optimizer.get("ema_decay"),
-    )
-    self._jitted_step = jax.jit(
-      functools.partial(step_lib.train_step, self.settings, self.tx, self.labels, self.schedules),
-      in_shardings=(self.state_shardings, sharding_lib.batch_sharding(self.mesh)),
-      out_shardings=(self.state_shardings, sharding_lib.replicated(self.mesh)),
-      donate_argnums=0,
-    )
     self._compiled_step = None
     self.evaluator = None
     if self.eval_sets:
       self.evaluator = evaluation.Evaluator(
         self.model_config,
         self.mesh,
-        self.state_shardings.params,
-        action_stats=(self.norm_stats or {}).get("actions"),
+        setup.state_shardings.params,
+        action_stats=(norm_stats or {}).get("actions"),
         num_flow_steps=config.eval.flow_steps,
       )
     self.metrics = metrics_lib.MetricsLogger(
@@ -266,81 +205,37 @@ class Trainer:
     self.step_metrics: dict[int, dict[str, float]] = {}
     self._preempted = False
 
-  # --------------------------------------------------------------------------------------------
-  # Setup helpers.
+  @classmethod
+  def from_config(cls, config: ml_collections.ConfigDict, workdir: str, **kwargs) -> "Trainer":
+    """The run an experiment config describes: setup, tokenizer, norm stats and data streams.
 
-  def _make_pipeline(self):
-    from ki.data import pipeline  # pylint: disable=g-import-not-at-top
-
-    tokenizer = build_tokenizer(self.config, self.model_config)
-    common = dict(
-      tokenizer=tokenizer,
-      norm_stats=self.norm_stats,
-      seed=self.config.seed,
+    The config is checked (make_setup) and the data validated (make_streams) before anything is
+    compiled.
+    """
+    setup = setup_lib.make_setup(config)
+    norm_stats = None
+    if config.assets.norm_stats:
+      norm_stats = normalize.load_norm_stats(config.assets.norm_stats)
+    tokenizer = build_tokenizer(config, setup.model_config)
+    streams = pipeline.make_streams(
+      config,
+      setup.model_config,
+      tokenizer,
+      norm_stats,
       process_index=jax.process_index(),
       process_count=jax.process_count(),
     )
-    train = pipeline.make_iterator(
-      self.config.data,
-      split="train",
-      train=True,
-      per_host_batch_size=self.per_host_batch_size,
-      **common,
+    return cls(
+      setup,
+      workdir,
+      streams.train,
+      eval_sets=streams.eval_sets,
+      norm_stats=norm_stats,
+      **kwargs,
     )
-    eval_sets = {}
-    eval_batch_size = self.config.eval.batch_size // jax.process_count()
-    if self.config.eval.every and self.config.data.get("eval_arrayrecord_dir"):
-      eval_sets["robot"] = lambda: pipeline.make_iterator(
-        self.config.data, split="eval", train=False, per_host_batch_size=eval_batch_size, **common
-      )
-    if self.config.eval.every and self.config.eval.get("vlm_heldout"):
-      model = self.model_config
-      eval_sets["vlm"] = lambda: evaluation.vlm_heldout_batches(
-        self.config.eval.vlm_heldout,
-        tokenizer=tokenizer,
-        action_dim=model.action_dim,
-        action_horizon=model.action_horizon,
-        image_size=model.image_size,
-        per_host_batch_size=eval_batch_size,
-        process_index=jax.process_index(),
-        process_count=jax.process_count(),
-      )
-    return train, eval_sets
 
-  def _pretrained_params(self, abstract_params):
-    init = self.config.init
-    if init.kind == "scratch":
-      return None
-    logging.info("Loading %s weights from %s.", init.kind, init.path)
-    # Checked before anything is allocated on the devices.
-    loaded = weights_lib.load(
-      init.kind, init.path, abstract_params, cast_dtypes=init.get("cast_dtypes", False)
-    )
-    shardings = sharding_lib.fsdp_shardings(
-      abstract_params, self.mesh, min_size_bytes=self.config.fsdp_min_size_bytes
-    )
-    # Leaves the checkpoint lacks (the expert, for a PaliGemma checkpoint) keep a fresh init.
-    fresh = jax.jit(
-      functools.partial(pi05.init_params, self.model_config), out_shardings=shardings
-    )(jax.random.PRNGKey(self.config.seed))
-    logging.info("Loaded %d of %d parameter arrays.", len(loaded), len(jax.tree.leaves(fresh)))
-    return weights_lib.merge_into(fresh, loaded)
-
-  def _compile(self, batch):
-    lowered = self._jitted_step.lower(self.state, batch)
-    compiled = lowered.compile()
-    memory = compiled.memory_analysis()
-    if memory is not None:
-      mib = 2**20
-      logging.info(
-        "Compiled train step, memory per device: arguments %.1f MiB, outputs %.1f MiB, "
-        "temporaries %.1f MiB, generated code %.1f MiB.",
-        memory.argument_size_in_bytes / mib,
-        memory.output_size_in_bytes / mib,
-        memory.temp_size_in_bytes / mib,
-        memory.generated_code_size_in_bytes / mib,
-      )
-    return compiled
+  # --------------------------------------------------------------------------------------------
+  # Setup helpers.
 
   def _check_drops(self, examples_seen: int):
     counts = getattr(self.train_iterator, "drop_counts", None)
@@ -366,12 +261,21 @@ class Trainer:
     logging.warning("SIGTERM received: finishing the current step, then saving and exiting.")
     self._preempted = True
 
-  def _should_stop(self) -> bool:
-    # Every host must stop at the same step, or the others would hang in the next collective.
+  def _should_stop(self, step: int) -> bool:
+    """Whether this step is the one to save and stop at after a preemption notice (SIGTERM).
+
+    Every host must stop at the same step, or the others would hang in the next collective. With
+    several processes, jax's preemption service agrees on it: jax.distributed.initialize starts
+    it and it catches SIGTERM itself; the host that gets the notice tells the coordinator, and
+    every host sees `reached_preemption_sync_point` turn true at the same step (the largest step
+    any host had reached, plus one). Each call is a local flag check: no collective and no host
+    block per step, so the one-step-late metrics fetch keeps the devices busy.
+    """
     if jax.process_count() == 1:
       return self._preempted
-    flags = multihost_utils.process_allgather(np.asarray(self._preempted, np.int32))
-    return bool(np.any(flags))
+    if multihost_utils.reached_preemption_sync_point(step):
+      self._preempted = True
+    return self._preempted
 
   def _record(self, step: int, device_metrics, data_wait: float):
     """Fetches one step's metrics, stops on a non-finite loss, adds them to the log interval."""
@@ -428,12 +332,15 @@ class Trainer:
       return self.step_metrics
     if jax.process_index() == 0:
       self.metrics.write_hparams({k: v for k, v in _flat_config(config).items()})
-    previous_handler = signal.signal(signal.SIGTERM, self._on_sigterm)
+    # One process: our own handler. Several: jax's preemption service owns SIGTERM (a handler
+    # installed here would replace its notifier).
+    single = jax.process_count() == 1
+    previous_handler = signal.signal(signal.SIGTERM, self._on_sigterm) if single else None
     try:
       batch, data_wait = self._next_batch()
       self._check_drops(self.per_host_batch_size)
       if self._compiled_step is None:
-        self._compiled_step = self._compile(batch)
+        self._compiled_step = self.setup.compile(self.state, batch)
       self.metrics.restart_clock()  # throughput excludes compilation
       pending = None
       while True:
@@ -442,7 +349,7 @@ class Trainer:
         if pending is not None:
           self._record(*pending)
         pending = (step, device_metrics, data_wait)
-        stop = self._should_stop()
+        stop = self._should_stop(step)
         last = step >= config.total_steps
         saving = stop or last or step % config.checkpoint.every == 0
         evaluating = bool(
@@ -462,7 +369,8 @@ class Trainer:
       if self._preempted:
         logging.warning("Stopped by SIGTERM at step %d; checkpoint saved.", step)
     finally:
-      signal.signal(signal.SIGTERM, previous_handler)
+      if single:
+        signal.signal(signal.SIGTERM, previous_handler)
       self.checkpointer.wait()
     return self.step_metrics
 

@@ -3,10 +3,13 @@ frames in the configured proportions, with has_actions=False and loss only on th
 
 import tempfile
 
+import jax
+import ml_collections
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
+from ki.batch import Batch
 from ki.data import pipeline, sources
 from tests.data import pipeline_fixtures as fixtures
 
@@ -18,7 +21,7 @@ class _CaptionSet(tfds.core.GeneratorBasedBuilder, skip_registration=True):
   """A tiny VLM set with non-default feature names, as a co-training dataset might have."""
 
   VERSION = tfds.core.Version("1.0.0")
-  # No checksums file to look up: nothing is downloaded (see data_prep/rlds_writer.py).
+  # No checksums file to look up: nothing is downloaded (see ki/data/rlds_writer.py).
   code_path = None
 
   def _info(self):
@@ -64,9 +67,6 @@ def make(data, vlm_sources, *, robot_weight=1.0, batch=8, **overrides):
   c.update(
     dict(
       arrayrecord_dir=data["robot"],
-      action_dim=fixtures.ACTION_DIM,
-      action_horizon=fixtures.HORIZON,
-      image_size=fixtures.IMAGE_SIZE,
       robot_weight=robot_weight,
       vlm_sources=tuple(vlm_sources),
       **overrides,
@@ -74,6 +74,7 @@ def make(data, vlm_sources, *, robot_weight=1.0, batch=8, **overrides):
   )
   return pipeline.make_iterator(
     c,
+    fixtures.model_config(),
     tokenizer=data["tokenizer"],
     norm_stats=data["stats"],
     split="train",
@@ -89,7 +90,7 @@ def test_mixture_follows_the_weights(data):
   iterator = make(
     data, [{"kind": "jsonl", "path": data["manifest"], "weight": 1.0}], robot_weight=3.0
   )
-  has_actions = np.concatenate([next(iterator)["has_actions"] for _ in range(40)])
+  has_actions = np.concatenate([next(iterator).observation.has_actions for _ in range(40)])
   assert abs(has_actions.mean() - 0.75) < 0.03
   # Mixing happens per example, not per batch.
   assert 0 < has_actions[:8].sum() < 8 or 0 < has_actions[8:16].sum() < 16
@@ -101,15 +102,16 @@ def test_mixture_follows_the_weights(data):
 def test_vlm_examples_in_the_batch_follow_the_contract(data):
   iterator = make(data, [{"kind": "jsonl", "path": data["manifest"], "weight": 1.0}])
   batch = next(iterator)
-  vlm = ~batch["has_actions"]
-  assert vlm.any() and batch["has_actions"].any()
-  assert np.all(batch["image_mask"]["left_wrist_0_rgb"] == batch["has_actions"])
-  assert np.all(batch["image_mask"]["base_0_rgb"])
-  assert not batch["image"]["left_wrist_0_rgb"][vlm].any()
-  assert not batch["actions"][vlm].any() and not batch["state"][vlm].any()
+  obs = batch.observation
+  vlm = ~obs.has_actions
+  assert vlm.any() and obs.has_actions.any()
+  assert np.all(obs.image_masks["left_wrist_0_rgb"] == obs.has_actions)
+  assert np.all(obs.image_masks["base_0_rgb"])
+  assert not obs.images["left_wrist_0_rgb"][vlm].any()
+  assert not batch.actions[vlm].any() and not obs.state[vlm].any()
   prompt_tokenizer = data["tokenizer"].prompt_tokenizer
   for row in np.flatnonzero(vlm):
-    answer = batch["tokenized_prompt"][row][batch["token_loss_mask"][row]]
+    answer = obs.tokenized_prompt[row][obs.token_loss_mask[row]]
     assert prompt_tokenizer.decode(answer[:-1]) == "red"
 
 
@@ -143,10 +145,10 @@ def test_three_way_mixture_with_a_tfds_source(data):
   robot = 0
   prompt_tokenizer = data["tokenizer"].prompt_tokenizer
   for _ in range(10):
-    batch = next(iterator)
-    robot += int(batch["has_actions"].sum())
-    for row in np.flatnonzero(~batch["has_actions"]):
-      answer = batch["tokenized_prompt"][row][batch["token_loss_mask"][row]][:-1]
+    obs = next(iterator).observation
+    robot += int(obs.has_actions.sum())
+    for row in np.flatnonzero(~obs.has_actions):
+      answer = obs.tokenized_prompt[row][obs.token_loss_mask[row]][:-1]
       answers[prompt_tokenizer.decode(answer)] += 1
   assert robot == pytest.approx(40, abs=3)
   assert answers["red"] == pytest.approx(20, abs=3) and answers["blue"] == pytest.approx(20, abs=3)
@@ -173,7 +175,57 @@ def test_robot_weight_zero_trains_on_the_vlm_sources_alone(data):
   iterator = make(
     data, [{"kind": "jsonl", "path": data["manifest"], "weight": 1.0}], robot_weight=0.0
   )
-  has_actions = np.concatenate([next(iterator)["has_actions"] for _ in range(4)])
+  has_actions = np.concatenate([next(iterator).observation.has_actions for _ in range(4)])
   assert not has_actions.any()
   with pytest.raises(ValueError, match="robot_weight"):
     make(data, [], robot_weight=0.0)
+
+
+def test_make_streams_gives_the_train_iterator_and_fresh_eval_sets(data):
+  data_config = pipeline.default_config()
+  data_config.update(
+    dict(
+      arrayrecord_dir=data["robot"],
+      eval_arrayrecord_dir=data["robot"],
+      vlm_sources=({"kind": "jsonl", "path": data["manifest"], "weight": 1.0},),
+    )
+  )
+  config = ml_collections.ConfigDict(
+    dict(
+      seed=0,
+      batch_size=8,
+      data=data_config,
+      eval=dict(every=10, batch_size=4, vlm_heldout=data["manifest"]),
+    )
+  )
+  streams = pipeline.make_streams(
+    config,
+    fixtures.model_config(),
+    data["tokenizer"],
+    data["stats"],
+    process_index=1,
+    process_count=2,
+  )
+  batch = next(streams.train)
+  assert isinstance(batch, Batch) and batch.actions.shape[0] == 4  # 8 over 2 hosts
+  assert sorted(streams.eval_sets) == ["robot", "vlm"]
+  robot = list(streams.eval_sets["robot"]())
+  assert robot and all(b.observation.has_actions.all() for b in robot)
+  # Host 1 of 2 reads 5 of the manifest's 12 examples (its one garbage image is skipped): two
+  # batches of 2; every call reads the set afresh.
+  vlm = [list(streams.eval_sets["vlm"]()) for _ in range(2)]
+  assert len(vlm[0]) == 2 and vlm[0][0].actions.shape[0] == 2
+  assert not vlm[0][0].observation.has_actions.any()
+  jax.tree.map(np.testing.assert_array_equal, vlm[0], vlm[1])
+  config.eval.every = 0
+  assert (
+    pipeline.make_streams(
+      config,
+      fixtures.model_config(),
+      data["tokenizer"],
+      data["stats"],
+      process_index=0,
+      process_count=1,
+    ).eval_sets
+    == {}
+  )

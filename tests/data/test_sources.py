@@ -9,8 +9,7 @@ import jax
 import numpy as np
 import pytest
 
-from data_prep import make_synthetic_droid, rlds_writer
-from ki.data import droid, pipeline, records, sources
+from ki.data import droid, pipeline, records, rlds_writer, sources, synthetic_droid
 from ki.data.transforms import Dropped
 from tests.data import pipeline_fixtures as fixtures
 
@@ -22,7 +21,7 @@ def rlds_dir(tmp_path_factory):
   root = str(tmp_path_factory.mktemp("rlds"))
   return rlds_writer.write_rlds_dataset(
     root,
-    lambda index: make_synthetic_droid.make_episode(0, index),
+    lambda index: synthetic_droid.make_episode(0, index),
     NUM_EPISODES,
     num_shards=3,
     description="ki data tests",
@@ -128,9 +127,6 @@ def test_streaming_pipeline_resumes_exactly(rlds_dir, tmp_path):
     dict(
       source="rlds",
       rlds_dir=rlds_dir,
-      action_dim=fixtures.ACTION_DIM,
-      action_horizon=fixtures.HORIZON,
-      image_size=fixtures.IMAGE_SIZE,
       shuffle_window=16,
     )
   )
@@ -145,7 +141,7 @@ def test_streaming_pipeline_resumes_exactly(rlds_dir, tmp_path):
     per_host_batch_size=4,
     train=True,
   )
-  iterator = pipeline.make_iterator(c, **kwargs)
+  iterator = pipeline.make_iterator(c, fixtures.model_config(), **kwargs)
   try:
     for _ in range(5):
       next(iterator)
@@ -153,7 +149,7 @@ def test_streaming_pipeline_resumes_exactly(rlds_dir, tmp_path):
     expected = [next(iterator) for _ in range(3)]
   finally:
     iterator.close()
-  restored = pipeline.make_iterator(c, **kwargs)
+  restored = pipeline.make_iterator(c, fixtures.model_config(), **kwargs)
   try:
     restored.set_state(state)
     for batch in expected:
@@ -217,16 +213,13 @@ def test_worker_processes_split_the_stream_and_resume_exactly(rlds_dir, tmp_path
       dict(
         source="rlds",
         rlds_dir=rlds_dir,
-        action_dim=fixtures.ACTION_DIM,
-        action_horizon=fixtures.HORIZON,
-        image_size=fixtures.IMAGE_SIZE,
         num_workers=workers,
       )
     )
-    return pipeline.make_iterator(c, **kwargs)
+    return pipeline.make_iterator(c, fixtures.model_config(), **kwargs)
 
   single = make(0)
-  single_states = sorted(batch["state"].tobytes() for batch in single)
+  single_states = sorted(batch.observation.state.tobytes() for batch in single)
   # Every frame is either in a batch or counted.
   assert len(single_states) + sum(single.drop_counts.values()) == len(elements)
 
@@ -238,7 +231,7 @@ def test_worker_processes_split_the_stream_and_resume_exactly(rlds_dir, tmp_path
     drops = iterator.drop_counts
   finally:
     iterator.close()
-  assert sorted(b["state"].tobytes() for b in head + tail) == single_states
+  assert sorted(b.observation.state.tobytes() for b in head + tail) == single_states
   # A drop after a worker's last kept frame of a finite pass has no example to ride on (see
   # pipeline._DropCountingIterator); training repeats forever, so there it never happens.
   assert all(drops[reason] <= single.drop_counts[reason] for reason in drops)

@@ -67,12 +67,12 @@ def _job_id_with_free_port():
 @pytest.fixture(scope="module")
 def synthetic_cache(tmp_path_factory):
   """Synthetic DROID for the smoke model, generated once by one process as a real multi-host run
-  needs (ki.train.demo_data refuses to generate it from several); small: ~10 s."""
+  needs (ki.data.synthetic_cache refuses to generate it from several); small: ~10 s."""
   cache = tmp_path_factory.mktemp("ki_cache")
   code = (
-    "import sys; from experiments import droid_ki; from ki.train import demo_data; "
+    "import sys; from experiments import droid_ki; from ki.data import synthetic_cache; "
     "c = droid_ki.get_config('smoke'); c.unlock(); "
-    "c.synthetic_data.update(dict(episodes=16, vlm_images=120)); demo_data.ensure(c)"
+    "c.synthetic_data.update(dict(episodes=16, vlm_images=120)); synthetic_cache.ensure(c)"
   )
   env = dict(os.environ, KI_CACHE=str(cache), JAX_PLATFORMS="cpu")
   env.pop("XLA_FLAGS", None)
@@ -156,7 +156,6 @@ def test_sbatch_script_trains_two_processes_under_fake_slurm(
     "--config.model.vlm_variant=tiny",
     "--config.model.expert_variant=tiny",
     "--config.model.image_size=32",
-    "--config.data.image_size=32",
     "--config.batch_size=8",
     "--config.total_steps=2",
     "--config.log_every=1",

@@ -3,9 +3,11 @@ process, (data=2, fsdp=2) mesh; both processes train, checkpoint, and see the sa
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -18,24 +20,22 @@ def _free_port():
     return s.getsockname()[1]
 
 
-@pytest.mark.multiprocess
-@pytest.mark.slow
-def test_two_processes_train_and_checkpoint(tmp_path, compilation_cache):
+def _start(tmp_path, total_steps, cache_dir):
   port = _free_port()
   env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-  processes = [
+  return [
     subprocess.Popen(
       [
         sys.executable,
         "-m",
         "tests.train.train_fake",
         f"--workdir={tmp_path}",
-        "--total_steps=2",
+        f"--total_steps={total_steps}",
         "--num_processes=2",
         f"--process_id={i}",
         f"--coordinator_port={port}",
         "--devices_per_process=2",
-        f"--cache_dir={compilation_cache}",
+        f"--cache_dir={cache_dir}",
       ],
       cwd=REPO,
       env=env,
@@ -45,10 +45,14 @@ def test_two_processes_train_and_checkpoint(tmp_path, compilation_cache):
     )
     for i in range(2)
   ]
+
+
+def _finish(processes, timeout=300):
+  """Waits for both processes; returns their RESULT dicts and outputs."""
   outputs = []
   try:
     for process in processes:
-      outputs.append(process.communicate(timeout=300)[0])
+      outputs.append(process.communicate(timeout=timeout)[0])
   finally:
     for process in processes:
       if process.poll() is None:
@@ -59,6 +63,13 @@ def test_two_processes_train_and_checkpoint(tmp_path, compilation_cache):
   for output in outputs:
     line = [s for s in output.splitlines() if s.startswith("RESULT ")][-1]
     results.append(json.loads(line[len("RESULT ") :]))
+  return results, outputs
+
+
+@pytest.mark.multiprocess
+@pytest.mark.slow
+def test_two_processes_train_and_checkpoint(tmp_path, compilation_cache):
+  results, outputs = _finish(_start(tmp_path, 2, compilation_cache))
   assert "Mesh {'data': 2, 'fsdp': 2} over 4 devices (2 hosts)" in outputs[0]
   assert results[0]["losses"] == results[1]["losses"]
   assert sorted(results[0]["losses"]) == ["1", "2"]
@@ -70,3 +81,27 @@ def test_two_processes_train_and_checkpoint(tmp_path, compilation_cache):
     "process_0-of-2.json",
     "process_1-of-2.json",
   ]
+
+
+@pytest.mark.multiprocess
+@pytest.mark.slow
+def test_sigterm_to_one_host_stops_both_at_the_same_step(tmp_path, compilation_cache):
+  processes = _start(tmp_path, 10_000, compilation_cache)
+  try:
+    deadline = time.time() + 300
+    while not (tmp_path / "checkpoints" / "2").exists():
+      assert all(p.poll() is None for p in processes), "a process ended before step 2"
+      assert time.time() < deadline, "training did not reach step 2"
+      time.sleep(0.5)
+  except AssertionError:
+    for process in processes:
+      process.kill()
+    raise AssertionError("\n".join(p.communicate()[0][-3000:] for p in processes)) from None
+  processes[1].send_signal(signal.SIGTERM)  # the notice reaches one host only
+  results, outputs = _finish(processes)
+  last = [max(int(step) for step in r["losses"]) for r in results]
+  assert last[0] == last[1] < 10_000
+  assert results[0]["latest_checkpoint"] == last[0]
+  assert all("Stopped by SIGTERM" in output for output in outputs)
+  # The hosts agreed on the stop step without a host collective in the step loop.
+  assert results[0]["allgathers"] == results[1]["allgathers"] == 0

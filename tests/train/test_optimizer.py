@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+import optax
 import pytest
 
 from ki.model import params as params_lib
@@ -53,18 +54,18 @@ def _group(**overrides):
     b2=0.95,
     eps=1e-8,
     weight_decay=0.0,
-    clip_norm=1.0,
     frozen=False,
   )
   settings.update(overrides)
   return settings
 
 
-def _config(vlm=None, expert=None, rules=params_lib.GROUP_RULES["pi05"]):
+def _config(vlm=None, expert=None, rules="pi05", clip_norm=1.0):
   return ml_collections.ConfigDict(
     dict(
       group_rules=rules,
       groups=dict(vlm=vlm or _group(), action_expert=expert or _group()),
+      clip_norm=clip_norm,
     )
   )
 
@@ -137,9 +138,10 @@ def test_each_group_follows_its_own_schedule():
   params = {"PaliGemma": {"w": jnp.zeros(3)}, "action_in_proj": {"kernel": jnp.zeros(3)}}
   rules = (("action_in_proj/.*", "action_expert"), ("PaliGemma/.*", "vlm"))
   config = _config(
-    vlm=_group(peak_lr=1e-1, clip_norm=None),
-    expert=_group(peak_lr=1e-3, clip_norm=None),
+    vlm=_group(peak_lr=1e-1),
+    expert=_group(peak_lr=1e-3),
     rules=rules,
+    clip_norm=0.0,
   )
   tx, _, schedules = optimizer.make_optimizer(config, params)
   # After warmup the schedule is at peak; Adam's first step moves each weight by ~lr.
@@ -150,6 +152,30 @@ def test_each_group_follows_its_own_schedule():
   updates, _ = tx.update(jax.tree.map(jnp.ones_like, params), state, params)
   np.testing.assert_allclose(updates["PaliGemma"]["w"], -1e-1 / 3, rtol=1e-4)
   np.testing.assert_allclose(updates["action_in_proj"]["kernel"], -1e-3 / 3, rtol=1e-4)
+
+
+def test_clipping_is_by_the_global_norm_of_all_groups():
+  # openpi clips the whole gradient by one global norm: a spike in the expert's gradient scales
+  # the VLM's gradient down too (per-group clipping would leave the small VLM gradient alone).
+  params = {"PaliGemma": {"w": jnp.zeros(4)}, "action_in_proj": {"kernel": jnp.zeros(4)}}
+  rules = (("action_in_proj/.*", "action_expert"), ("PaliGemma/.*", "vlm"))
+  tx, labels, _ = optimizer.make_optimizer(_config(rules=rules, clip_norm=1.0), params)
+  grads = {"PaliGemma": {"w": jnp.full(4, 0.05)}, "action_in_proj": {"kernel": jnp.full(4, 50.0)}}
+  global_norm = float(optax.global_norm(grads))
+  _, state = tx.update(grads, tx.init(params), params)
+  # Adam's first moment after one step is (1 - b1) * the gradient it was given.
+  adam = state[1].inner_states["vlm"].inner_state[0]
+  np.testing.assert_allclose(adam.mu["PaliGemma"]["w"], 0.1 * 0.05 / global_norm, rtol=1e-5)
+
+
+def test_group_rules_by_name_or_as_pairs():
+  by_name = optimizer.label_params(_params(), params_lib.group_rules("pi05"))
+  as_pairs = optimizer.label_params(
+    _params(), params_lib.group_rules([list(r) for r in params_lib.GROUP_RULES["pi05"]])
+  )
+  assert by_name == as_pairs
+  with pytest.raises(ValueError, match="Unknown group rules 'pi06'"):
+    params_lib.group_rules("pi06")
 
 
 def test_group_without_settings_is_an_error():

@@ -9,13 +9,13 @@ import ml_collections
 import numpy as np
 import pytest
 
-from ki.model import params as params_lib
 from ki.model import pi05
 from ki.train import optimizer, sharding
+from ki.train import setup as setup_lib
 from ki.train import state as state_lib
 from ki.train import step as step_lib
 from tests.train.fake_data import FakeIterator
-from tests.train.tiny import group_settings, tiny_model_config
+from tests.train.tiny import group_settings, tiny_model_config, tiny_train_config
 
 
 def _quadratic_losses(params, config, observation, actions, rng):
@@ -161,30 +161,13 @@ def test_ema_tracks_params(monkeypatch):
 
 
 def _run_tiny(mesh_config, devices, steps=2):
-  model = tiny_model_config()
-  config = ml_collections.ConfigDict(
-    dict(
-      group_rules=params_lib.GROUP_RULES["pi05"],
-      groups=dict(vlm=group_settings(), action_expert=group_settings()),
-      clip_norm=1.0,
-    )
-  )
-  tx, labels, schedules = optimizer.make_optimizer(config, state_lib.abstract_params(model))
-  mesh = sharding.make_mesh(mesh_config, devices)
-  state, shardings = state_lib.create_train_state(
-    model, tx, mesh, seed=0, use_ema=False, fsdp_min_size_bytes=0
-  )
-  settings = step_lib.StepSettings(model=model)
-  step = jax.jit(
-    functools.partial(step_lib.train_step, settings, tx, labels, schedules),
-    in_shardings=(shardings, sharding.batch_sharding(mesh)),
-    out_shardings=(shardings, sharding.replicated(mesh)),
-    donate_argnums=0,
-  )
-  iterator = FakeIterator(model, batch_size=8)
+  config = tiny_train_config(mesh=mesh_config, batch_size=8)
+  setup = setup_lib.make_setup(config, devices=devices)
+  state = setup.init_state()
+  iterator = FakeIterator(setup.model_config, batch_size=8)
   losses = []
   for _ in range(steps):
-    state, metrics = step(state, sharding.global_batch(next(iterator), mesh))
+    state, metrics = setup.step(state, sharding.global_batch(next(iterator), setup.mesh))
     losses.append({k: float(metrics[k]) for k in ("loss", "flow_mse", "fast_ce")})
   return losses, state
 

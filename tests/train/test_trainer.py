@@ -12,10 +12,10 @@ import ml_collections
 import numpy as np
 import pytest
 
+from ki.train import setup as setup_lib
 from ki.train import sharding
 from ki.train import trainer as trainer_lib
-from ki.train.trainer import Trainer
-from tests.train.tiny import fake_iterator, tiny_train_config
+from tests.train.tiny import fake_iterator, make_trainer, tiny_train_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 # One xdist worker runs these, so the in-process trainers and the SIGTERM subprocess share the
@@ -25,9 +25,7 @@ pytestmark = pytest.mark.xdist_group("tiny_trainer")
 
 def _train(workdir, total_steps, **iterator_overrides):
   config = tiny_train_config(total_steps=total_steps)
-  trainer = Trainer(
-    config, str(workdir), train_iterator=fake_iterator(config, **iterator_overrides)
-  )
+  trainer = make_trainer(config, workdir, fake_iterator(config, **iterator_overrides))
   history = trainer.run()
   trainer.close()
   return trainer, history
@@ -54,7 +52,7 @@ def test_resume_with_other_data_settings_is_refused(tmp_path, compilation_cache)
   first, _ = _train(tmp_path / "run", 2)
   config = tiny_train_config(total_steps=4, seed=1)  # the seed orders the data stream
   with pytest.raises(ValueError, match=r"seed: 0 in the checkpoint, 1 now") as error:
-    Trainer(config, str(tmp_path / "run"), train_iterator=fake_iterator(config))
+    make_trainer(config, tmp_path / "run")
   assert "init.path=" in str(error.value)
   # Nothing was lost: the checkpoint is still there, and the same settings resume from it.
   second, resumed = _train(tmp_path / "run", 4)
@@ -87,7 +85,7 @@ class _PoisonedIterator:
   def __next__(self):
     batch = next(self.inner)
     if self.inner.index - 1 == self.at:
-      batch["actions"][0, 0, 0] = np.nan
+      batch.actions[0, 0, 0] = np.nan
     return batch
 
   def get_state(self):
@@ -102,26 +100,26 @@ class _PoisonedIterator:
 
 def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, compilation_cache):
   config = tiny_train_config(total_steps=6)
-  trainer = Trainer(
-    config, str(tmp_path), train_iterator=_PoisonedIterator(fake_iterator(config), at=2)
-  )
+  trainer = make_trainer(config, tmp_path, _PoisonedIterator(fake_iterator(config), at=2))
   with pytest.raises(trainer_lib.NonFiniteLossError, match=r"flow_mse.* at step 3"):
     trainer.run()
   assert trainer.checkpointer.all_steps() == [2]
   trainer.close()
 
 
-def test_config_errors_are_refused_before_compiling():
-  mesh = sharding.make_mesh((("data", -1), ("fsdp", 1)))
+def test_config_errors_are_refused_before_compiling(monkeypatch):
+  # Nothing may be traced before the config is refused.
+  monkeypatch.setattr(setup_lib.state_lib, "abstract_params", _must_not_run)
   with pytest.raises(ValueError, match="multiple of 8"):
-    trainer_lib.check_config(tiny_train_config(batch_size=12), mesh)
+    setup_lib.make_setup(tiny_train_config(batch_size=12))
   with pytest.raises(ValueError, match="data_action_dim 20 > action_dim 16"):
-    trainer_lib.check_config(tiny_train_config(**{"model.data_action_dim": 20}), mesh)
-  config = tiny_train_config()
-  config.unlock()
-  config.data = {"action_horizon": 3}
-  with pytest.raises(ValueError, match="data.action_horizon=3 but model.action_horizon=4"):
-    trainer_lib.check_config(config, mesh)
+    setup_lib.make_setup(tiny_train_config(**{"model.data_action_dim": 20}))
+  with pytest.raises(ValueError, match="fast_weight is non-zero but model.fast_loss is False"):
+    setup_lib.make_setup(tiny_train_config(**{"model.fast_loss": False}))
+
+
+def _must_not_run(*args, **kwargs):
+  raise AssertionError("traced before the config was checked")
 
 
 def test_tokenizer_vocabulary_must_match_the_model(tmp_path):
@@ -134,8 +132,8 @@ def test_tokenizer_vocabulary_must_match_the_model(tmp_path):
   )
   config = tiny_train_config()
   config.unlock()
-  config.assets = {"prompt_tokenizer": model_path, "fast_tokenizer": ""}
-  model_config = trainer_lib.check_config(config, sharding.make_mesh((("data", -1), ("fsdp", 1))))
+  config.assets.prompt_tokenizer = model_path
+  model_config = setup_lib.check_config(config, sharding.make_mesh((("data", -1), ("fsdp", 1))))
   with pytest.raises(
     ValueError,
     match=r"1452 pieces but model.vocab_size=256; set "
@@ -148,7 +146,7 @@ def test_too_many_overlong_examples_are_refused(tmp_path):
   config = tiny_train_config()
   iterator = fake_iterator(config)
   iterator.drop_counts = {"too_long": 5}
-  trainer = Trainer(config, str(tmp_path), train_iterator=iterator)
+  trainer = make_trainer(config, tmp_path, iterator)
   with pytest.raises(ValueError, match="raise model.max_token_len"):
     trainer.run()
   trainer.close()
@@ -211,7 +209,7 @@ def test_initialises_from_a_checkpoint_of_ours(tmp_path, compilation_cache):
     checkpointer.save(tmp_path / "pretrained" / "checkpoints" / "5" / "params", {"params": tree})
   config.unlock()
   config.init.update(dict(kind="ki", path=str(tmp_path / "pretrained")))
-  trainer = Trainer(config, str(tmp_path / "work"), train_iterator=fake_iterator(config))
+  trainer = make_trainer(config, tmp_path / "work")
   assert trainer.start_step == 0
   for leaf in jax.tree.leaves(trainer.state.params):
     np.testing.assert_array_equal(leaf, 0.5)

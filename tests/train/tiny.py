@@ -32,7 +32,6 @@ def group_settings(**overrides) -> dict:
     b2=0.95,
     eps=1e-8,
     weight_decay=1e-10,
-    clip_norm=1.0,
     frozen=False,
   )
   settings.update(overrides)
@@ -40,17 +39,13 @@ def group_settings(**overrides) -> dict:
 
 
 def tiny_train_config(**overrides):
-  """The smoke experiment shrunk further, fed by FakeIterator instead of the pipeline."""
-  from experiments import droid_ki  # pylint: disable=g-import-not-at-top
+  """The training config shrunk to the tiny model, for trainers fed by FakeIterator."""
+  from ki.train import config as config_lib  # pylint: disable=g-import-not-at-top
 
-  config = droid_ki.get_config("smoke")
-  config.unlock()
+  config = config_lib.default_config()
   model = tiny_model_config()
   config.model.update({k: getattr(model, k) for k in config.model})
-  config.data = None
-  config.assets = None
-  config.synthetic_data.dir = ""
-  config.compilation_cache_dir = ""
+  config.mesh = (("data", -1), ("fsdp", 1))
   config.batch_size = 8
   config.total_steps = 6
   config.fsdp_min_size_bytes = 0
@@ -65,17 +60,36 @@ def tiny_train_config(**overrides):
   return config
 
 
+_SETUPS = {}
+
+
+def setup_for(config):
+  """The TrainSetup of `config`, shared by every trainer of this process with the same config, so
+  that the tiny step is compiled once per process (ki.train.setup caches the compiled step)."""
+  from ki.train import setup as setup_lib  # pylint: disable=g-import-not-at-top
+
+  key = config.to_json_best_effort(sort_keys=True)
+  if key not in _SETUPS:
+    _SETUPS[key] = setup_lib.make_setup(config)
+  return _SETUPS[key]
+
+
+def make_trainer(config, workdir, iterator=None, **kwargs):
+  """A Trainer for `config` in `workdir`, fed by `iterator` (default: fake_iterator(config))."""
+  from ki.train.trainer import Trainer  # pylint: disable=g-import-not-at-top
+
+  iterator = fake_iterator(config) if iterator is None else iterator
+  return Trainer(setup_for(config), str(workdir), iterator, **kwargs)
+
+
 def fake_iterator(config, **overrides):
+  """FakeIterator for this host's share of config.batch_size."""
+  import jax  # pylint: disable=g-import-not-at-top
+
   from tests.train.fake_data import FakeIterator  # pylint: disable=g-import-not-at-top
 
   fields = dict(
-    batch_size=config.batch_size,
-    action_dim=config.model.action_dim,
-    action_horizon=config.model.action_horizon,
-    max_token_len=config.model.max_token_len,
-    vocab_size=config.model.vocab_size,
-    data_action_dim=config.model.data_action_dim,
-    image_size=config.model.image_size,
+    batch_size=config.batch_size // jax.process_count(), process_index=jax.process_index()
   )
   fields.update(overrides)
-  return FakeIterator(**fields)
+  return FakeIterator(pi05.Config(**config.model), **fields)

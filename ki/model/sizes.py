@@ -1,0 +1,72 @@
+"""Model sizes by name: overrides of `pi05.Config`'s defaults (pi0.5 as openpi ships it).
+
+Experiment files name a size (`sizes.fields("medium")`) and change what they need; the
+benchmarks measure the same table. Smallest first.
+"""
+
+from collections.abc import Mapping
+import dataclasses
+from typing import Any
+
+from ki.model import pi05
+from ki.tokenizers import prompt
+
+# The synthetic data's SentencePiece model (ki's synthetic DROID): 1024 text pieces, then
+# PaliGemma's <loc> and <seg> pieces.
+SYNTHETIC_TEXT_PIECES = 1024
+SYNTHETIC_VOCAB_SIZE = SYNTHETIC_TEXT_PIECES + prompt.NUM_LOC_PIECES + prompt.NUM_SEG_PIECES
+
+SIZES: Mapping[str, Mapping[str, Any]] = {
+  # Compiles in seconds on a CPU: benchmarks' quick mode.
+  "tiny": dict(
+    vlm_variant="tiny",
+    expert_variant="tiny",
+    siglip_variant="mu/16",
+    image_size=32,
+    max_token_len=48,
+    max_loss_tokens=16,
+    vocab_size=SYNTHETIC_VOCAB_SIZE,
+    dtype="float32",
+    remat_policy="none",
+  ),
+  # The smoke experiment (`make demo`): a few hundred steps on a 2-core CPU in minutes.
+  "smoke": dict(
+    vlm_variant="dummy",
+    expert_variant="dummy",
+    siglip_variant="mu/16",
+    image_size=64,
+    action_horizon=8,
+    max_token_len=96,
+    max_loss_tokens=40,
+    vocab_size=SYNTHETIC_VOCAB_SIZE,
+    dtype="float32",
+    remat_policy="none",
+  ),
+  # pi0.5's proportions scaled down, ~90M parameters: Gemma "small" 512-wide VLM, a 256-wide
+  # expert, 8 layers each; SigLIP S/16 at 112 px. The size for one GPU.
+  "medium": dict(
+    vlm_variant="small",
+    expert_variant="small_expert",
+    siglip_variant="S/16",
+    image_size=112,
+    max_token_len=128,
+    max_loss_tokens=64,
+    vocab_size=SYNTHETIC_VOCAB_SIZE,
+    dtype="bfloat16",
+    remat_policy="none",
+  ),
+  # Gemma 300M in both streams with the full SigLIP: ~1.3B parameters.
+  "gemma_300m": dict(vlm_variant="gemma_300m"),
+  # pi0.5: Gemma 2B + Gemma 300M expert + SigLIP So400m/14 (pi05.Config's defaults).
+  "full": {},
+}
+
+
+def fields(size: str, **overrides) -> dict[str, Any]:
+  """The model-config fields of a size (every pi05.Config field), with `overrides` applied."""
+  if size not in SIZES:
+    raise ValueError(f"Unknown model size {size!r}; choose from {list(SIZES)}.")
+  result = {f.name: f.default for f in dataclasses.fields(pi05.Config)}
+  result.update(SIZES[size])
+  result.update(overrides)
+  return result

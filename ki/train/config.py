@@ -1,0 +1,72 @@
+"""The training config every experiment starts from: each field `ki.main` reads, with defaults.
+
+Experiment files (experiments/*.py) take `default_config()`, change what they need and lock it.
+The defaults are full-size pi0.5 fine-tuning with openpi's DROID settings (pi05_droid_finetune):
+AdamW b=(0.9, 0.95), weight decay 1e-10, 1k warm-up to 5e-5 then a cosine that barely decays,
+gradients clipped to global norm 1.0 over all parameters, FSDP over every device.
+"""
+
+import ml_collections
+
+from ki.data import pipeline
+from ki.model import sizes
+
+# One optimizer group's settings (see ki/train/optimizer.py).
+OPENPI_GROUP = dict(
+  peak_lr=5e-5,
+  warmup_steps=1_000,
+  decay_steps=1_000_000,
+  end_lr=5e-5,
+  b1=0.9,
+  b2=0.95,
+  eps=1e-8,
+  weight_decay=1e-10,
+  frozen=False,
+)
+
+
+def default_config() -> ml_collections.ConfigDict:
+  """Full-size pi0.5-KI; every field an experiment may set (unlocked: the caller locks it)."""
+  config = ml_collections.ConfigDict()
+  config.seed = 0
+  config.total_steps = 100_000
+  config.batch_size = 256
+  # The batch is split into this many micro-batches whose gradients are averaged.
+  config.grad_accum_steps = 1
+  # ("data", n) replicates parameters; ("fsdp", n) shards them (and the optimizer state).
+  config.mesh = (("data", 1), ("fsdp", -1))
+  config.fsdp_min_size_bytes = 4 * 2**20
+  config.compilation_cache_dir = ""
+
+  config.model = ml_collections.ConfigDict(sizes.fields("full"))
+  # total = flow_weight * flow_mse + fast_weight * fast_ce, each averaged over the examples that
+  # carry it (the KI paper: 1 and 1).
+  config.loss = ml_collections.ConfigDict(dict(flow_weight=1.0, fast_weight=1.0))
+  config.optimizer = ml_collections.ConfigDict(
+    dict(
+      # A name in ki.model.params.GROUP_RULES, or a tuple of (regex, group) pairs.
+      group_rules="pi05",
+      groups=dict(vlm=dict(OPENPI_GROUP), action_expert=dict(OPENPI_GROUP)),
+      # Clip the gradient of all parameters together to this global norm (openpi); 0 = off.
+      clip_norm=1.0,
+      ema_decay=None,
+    )
+  )
+  # kind: scratch | openpi | paligemma | ki (see ki/model/weights.py).
+  config.init = ml_collections.ConfigDict(dict(kind="scratch", path="", cast_dtypes=True))
+  config.data = pipeline.default_config()
+  config.assets = ml_collections.ConfigDict(
+    dict(norm_stats="", fast_tokenizer="", prompt_tokenizer="")
+  )
+  # Synthetic DROID generated on first use into `dir` (the smoke and medium experiments):
+  # dir "" = real data at the paths above.
+  config.synthetic_data = ml_collections.ConfigDict(dict(dir="", episodes=0, vlm_images=0))
+  config.checkpoint = ml_collections.ConfigDict(
+    dict(every=1_000, max_to_keep=3, keep_period=10_000, asynchronous=True)
+  )
+  config.log_every = 50
+  # vlm_heldout: a JSONL manifest of held-out co-training examples ('' = no language eval).
+  config.eval = ml_collections.ConfigDict(
+    dict(every=5_000, batch_size=256, max_batches=8, flow_steps=10, vlm_heldout="")
+  )
+  return config
