@@ -10,6 +10,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 from ki import checkpoint
+from ki.model import params as params_lib
 from ki.train import sharding
 from ki.train.state import TrainState
 from tests.train.fake_data import FakeIterator
@@ -47,9 +48,7 @@ def _bytes_under(path) -> int:
 def _array_names(tree) -> list[str]:
   """The '/'-joined names of the array leaves of an orbax metadata tree."""
   leaves = jax.tree_util.tree_leaves_with_path(tree, is_leaf=lambda x: x is None)
-  return sorted(
-    "/".join(str(getattr(k, "key", k)) for k in path) for path, leaf in leaves if leaf is not None
-  )
+  return sorted(params_lib.path_to_name(path) for path, leaf in leaves if leaf is not None)
 
 
 @pytest.mark.parametrize("ema", [False, True])

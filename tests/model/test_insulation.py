@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from ki.model import params as params_lib
 from ki.model import pi05
 from tests.model.tiny import perturbed, tiny_config
 
@@ -37,8 +38,7 @@ def _grad_norms(config, params, term):
     return jnp.sum(losses[term])
 
   grads = jax.jit(jax.grad(loss))(params)
-  flat = jax.tree_util.tree_flatten_with_path(grads)[0]
-  return {"/".join(k.key for k in path): float(jnp.max(jnp.abs(g))) for path, g in flat}
+  return {name: float(jnp.max(jnp.abs(g))) for name, g in params_lib.named_leaves(grads)}
 
 
 @pytest.fixture(scope="module", params=[True, False], ids=["ki_on", "ki_off"])

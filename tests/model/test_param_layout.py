@@ -6,6 +6,7 @@ import pathlib
 import jax
 import numpy as np
 
+from ki.model import params as params_lib
 from ki.model import pi05
 
 # A copy of shared/reference/openpi_pi05_params.tsv (read off openpi's model definition with
@@ -24,8 +25,7 @@ def _reference_layout():
 
 
 def _layout(tree):
-  flat = jax.tree_util.tree_flatten_with_path(tree)[0]
-  return {"/".join(k.key for k in path): (tuple(x.shape), str(x.dtype)) for path, x in flat}
+  return {name: (tuple(x.shape), str(x.dtype)) for name, x in params_lib.named_leaves(tree)}
 
 
 def test_full_size_tree_matches_openpi_reference():

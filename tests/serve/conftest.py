@@ -40,7 +40,7 @@ def tiny_model_config() -> pi05.Config:
     action_horizon=4,
     max_token_len=96,
     max_loss_tokens=8,
-    vocab_size=TEXT_VOCAB_SIZE + 1152,
+    vocab_size=TEXT_VOCAB_SIZE + prompt_lib.NUM_LOC_PIECES + prompt_lib.NUM_SEG_PIECES,
     dtype="float32",
     remat_policy="none",
   ).validate()
