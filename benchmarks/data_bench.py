@@ -39,27 +39,23 @@ MAX_TOKEN_LEN = 200
 
 def _prepare(directory: str, *, episodes: int) -> dict:
   """Synthetic DROID -> ArrayRecord shards, norm stats and tokenizers, as data_prep makes them."""
-  from data_prep import (
-    compute_norm_stats,
-    droid_to_arrayrecord,
-    fit_fast_tokenizer,
-    make_synthetic_droid,
-  )
-  from ki.tokenizers import prompt
+  from ki.data import prepare, prepared_frames, synthetic_droid
+  from ki.data.norm_stats import compute_norm_stats
+  from ki.tokenizers import fast_fit, prompt
 
   start = time.perf_counter()
-  info = make_synthetic_droid.generate(
+  info = synthetic_droid.generate(
     directory, episodes=episodes, episodes_per_shard=4, vlm_images=10, text_vocab_size=1024
   )
   prepared = os.path.join(directory, "prepared")
-  droid_to_arrayrecord.run(
-    droid_to_arrayrecord.Settings(
+  prepare.run(
+    prepare.Settings(
       rlds_dir=os.path.join(directory, info["dataset_dir"]), out_dir=prepared, action_horizon=H
     )
   )
-  norm_stats = compute_norm_stats.compute_norm_stats(prepared)
-  chunks = fit_fast_tokenizer.normalized_chunks(prepared, norm_stats, max_chunks=None)
-  fast_tokenizer, _ = fit_fast_tokenizer.fit(chunks, vocab_size=512, scale=10.0)
+  norm_stats = compute_norm_stats(prepared)
+  chunks = prepared_frames.normalized_chunks(prepared, norm_stats, max_chunks=None)
+  fast_tokenizer, _ = fast_fit.fit(chunks, vocab_size=512, scale=10.0)
   prompt_tokenizer = prompt.PromptTokenizer(os.path.join(directory, info["sentencepiece_model"]))
   return {
     "prepared": prepared,

@@ -12,37 +12,24 @@ postfix), batch 1 as a robot queries it:
   fast  sample_fast: the same prefix, then greedy autoregressive decoding of `--fast_tokens` tokens
         (a typical DROID chunk is ~30 FAST tokens, plus "|" and EOS: 32 by default).
 Each is jitted and compiled first; the reported time is the median (and 90th percentile) of
-`--repeats` calls, each ending when the result is on the host. The KI paper reports ~100 ms
-(flow) against ~750 ms (pi0-FAST) per chunk on an RTX 4090, a ratio of ~7.5.
+`--repeats` calls, each ending when the result is on the host (ki.serve.latency.measure). The KI
+paper reports ~100 ms (flow) against ~750 ms (pi0-FAST) per chunk on an RTX 4090, a ratio of ~7.5.
 
 Writes benchmarks/results/latency_<size>.json (latency_tiny_quick.json with --quick) and prints a
 markdown table.
 """
 
 import argparse
-import time
 from typing import Any
 
 import jax
-import numpy as np
 
 from benchmarks import fake_model, results_writer, train_bench
-from ki.model import pi05
+from ki.serve import latency
 
-TYPICAL_DROID_FAST_TOKENS = 32
+TYPICAL_DROID_FAST_TOKENS = latency.TYPICAL_DROID_FAST_TOKENS
 # Inference at batch 1 is cheap enough on a CPU up to the ~90M-parameter medium model.
 CPU_SIZES = train_bench.CPU_SIZES + ("medium",)
-
-
-def _time_calls(function, repeats: int) -> dict[str, float]:
-  """Median and 90th percentile milliseconds of `function()` with its result on the host."""
-  jax.device_get(function())  # compile and warm up
-  times = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    jax.device_get(function())
-    times.append(1000 * (time.perf_counter() - start))
-  return {"median_ms": float(np.median(times)), "p90_ms": float(np.percentile(times, 90))}
 
 
 def run(size: str, *, num_flow_steps: int, fast_tokens: int, repeats: int) -> dict[str, Any]:
@@ -50,29 +37,10 @@ def run(size: str, *, num_flow_steps: int, fast_tokens: int, repeats: int) -> di
   params = fake_model.random_params(
     config, shardings=jax.sharding.SingleDeviceSharding(jax.devices()[0])
   )
-  observation = pi05.fake_observation(config, 1, with_fast=False)
-  rng = jax.random.key(0)
-  # The KV cache is returned, so no part of the prefix pass is dead code.
-  prefix = jax.jit(lambda p, o: pi05.encode_prefix(p, config, o)[1])
-  flow = jax.jit(lambda p, o, r: pi05.sample_actions(p, config, o, r, num_steps=num_flow_steps))
-  fast = jax.jit(lambda p, o: pi05.sample_fast(p, config, o, max_tokens=fast_tokens))
-  prefix_times = _time_calls(lambda: prefix(params, observation), repeats)
-  flow_times = _time_calls(lambda: flow(params, observation, rng), repeats)
-  fast_times = _time_calls(lambda: fast(params, observation), repeats)
-  return {
-    "size": size,
-    "dtype": config.dtype,
-    "prompt_tokens": int(np.sum(observation.tokenized_prompt_mask)),
-    "image_tokens": config.num_image_tokens,
-    "action_horizon": config.action_horizon,
-    "num_flow_steps": num_flow_steps,
-    "fast_tokens": fast_tokens,
-    "repeats": repeats,
-    "prefix": prefix_times,
-    "flow": flow_times,
-    "fast": fast_times,
-    "fast_over_flow": fast_times["median_ms"] / flow_times["median_ms"],
-  }
+  timings = latency.measure(
+    config, params, num_flow_steps=num_flow_steps, fast_tokens=fast_tokens, repeats=repeats
+  )
+  return {"size": size, **timings}
 
 
 def markdown(results: dict[str, Any]) -> str:

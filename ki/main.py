@@ -142,9 +142,9 @@ def main(argv):
     jax.devices()[0].device_kind,
   )
   if config.synthetic_data.dir:
-    from ki.train import demo_data  # pylint: disable=g-import-not-at-top
+    from ki.data import synthetic_cache  # pylint: disable=g-import-not-at-top
 
-    demo_data.ensure(config)
+    synthetic_cache.ensure(config)
 
   from ki.train.trainer import Trainer  # pylint: disable=g-import-not-at-top
 

@@ -2,19 +2,19 @@
 
 import pytest
 
-from data_prep import make_synthetic_droid
+from ki.data.synthetic_droid import generate
 
 # 12 episodes over 3 shards: index 5 is a failure, index 3 has no instruction, and about half
-# idle at the start and/or end (make_synthetic_droid.plan_episode).
+# idle at the start and/or end (ki.data.synthetic_droid.plan_episode).
 NUM_EPISODES = 12
 EPISODES_PER_SHARD = 4
 
 
 @pytest.fixture(scope="session")
-def synthetic_droid(tmp_path_factory):
+def synthetic_dataset(tmp_path_factory):
   """(output folder, synthetic_info dict) of a freshly generated synthetic DROID."""
   out_dir = tmp_path_factory.mktemp("synthetic_droid")
-  info = make_synthetic_droid.generate(
+  info = generate(
     str(out_dir),
     episodes=NUM_EPISODES,
     episodes_per_shard=EPISODES_PER_SHARD,
@@ -25,13 +25,11 @@ def synthetic_droid(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def prepared_droid(synthetic_droid, tmp_path_factory):
-  """(output folder, manifest) of droid_to_arrayrecord run in-process on the synthetic DROID."""
-  from data_prep import droid_to_arrayrecord
+def prepared_droid(synthetic_dataset, tmp_path_factory):
+  """(output folder, manifest) of ki.data.prepare.run in-process on the synthetic DROID."""
+  from ki.data import prepare
 
-  out_dir, info = synthetic_droid
+  out_dir, info = synthetic_dataset
   prepared = tmp_path_factory.mktemp("prepared_droid")
-  settings = droid_to_arrayrecord.Settings(
-    rlds_dir=str(out_dir / info["dataset_dir"]), out_dir=str(prepared)
-  )
-  return prepared, droid_to_arrayrecord.run(settings, num_workers=1)
+  settings = prepare.Settings(rlds_dir=str(out_dir / info["dataset_dir"]), out_dir=str(prepared))
+  return prepared, prepare.run(settings, num_workers=1)

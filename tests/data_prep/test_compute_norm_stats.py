@@ -1,9 +1,10 @@
-"""compute_norm_stats against numpy on the prepared synthetic DROID; the delta rule."""
+"""ki.data.norm_stats.compute_norm_stats against numpy on the prepared synthetic DROID; the delta
+rule."""
 
 import numpy as np
 
-from data_prep import compute_norm_stats, prepared_frames
-from ki.data import droid, normalize, records
+from ki.data import droid, normalize, prepared_frames, records
+from ki.data.norm_stats import compute_norm_stats
 
 
 def _arrays(data_dir):
@@ -24,7 +25,7 @@ def _check(stats: normalize.NormStats, values: np.ndarray):
 def test_stats_match_numpy_with_delta_actions(prepared_droid, tmp_path):
   prepared, _ = prepared_droid
   # A small read batch, so the statistics really are accumulated across batches.
-  stats = compute_norm_stats.compute_norm_stats(str(prepared), batch_size=64)
+  stats = compute_norm_stats(str(prepared), batch_size=64)
   state, actions = _arrays(prepared)
   _check(stats["state"], state)
   delta = actions.copy()
@@ -38,10 +39,10 @@ def test_stats_match_numpy_with_delta_actions(prepared_droid, tmp_path):
 
 def test_absolute_actions_and_sampling(prepared_droid):
   prepared, manifest = prepared_droid
-  absolute = compute_norm_stats.compute_norm_stats(str(prepared), delta_action_mask=None)
+  absolute = compute_norm_stats(str(prepared), delta_action_mask=None)
   _, actions = _arrays(prepared)
   _check(absolute["actions"], actions.reshape(-1, 8))
-  sampled = compute_norm_stats.compute_norm_stats(str(prepared), max_frames=100, seed=1)
+  sampled = compute_norm_stats(str(prepared), max_frames=100, seed=1)
   assert manifest["num_records"] > 100
   # A sample of the same data: close, not identical.
   np.testing.assert_allclose(sampled["state"].mean, absolute["state"].mean, atol=0.1)

@@ -1,4 +1,5 @@
-"""droid_to_arrayrecord: filter counts, records, parallel equality, bad input and its counts."""
+"""ki.data.prepare, the conversion of data_prep.droid_to_arrayrecord: filter counts, records,
+parallel equality, bad input and its counts."""
 
 import io
 import json
@@ -11,8 +12,7 @@ import pytest
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
-from data_prep import droid_to_arrayrecord, make_synthetic_droid, prepared_frames, rlds_writer
-from ki.data import droid, records
+from ki.data import droid, prepare, prepared_frames, records, rlds_writer, synthetic_droid
 
 
 def _all_frames(data_dir):
@@ -27,7 +27,7 @@ def _expected_kept_frames(num_episodes):
   """Kept frames per episode id, from the generator's plans and openpi's idle rule."""
   expected = {}
   for index in range(num_episodes):
-    plan = make_synthetic_droid.plan_episode(0, index)
+    plan = synthetic_droid.plan_episode(0, index)
     if plan.failure or not any(plan.instructions):
       continue
     velocity = np.diff(plan.joints, axis=0, append=plan.joints[-1:]) * droid.CONTROL_HZ
@@ -36,9 +36,9 @@ def _expected_kept_frames(num_episodes):
   return expected
 
 
-def test_manifest_counts_every_filter(prepared_droid, synthetic_droid):
+def test_manifest_counts_every_filter(prepared_droid, synthetic_dataset):
   prepared, manifest = prepared_droid
-  _, info = synthetic_droid
+  _, info = synthetic_dataset
   counts = manifest["counts"]
   assert counts["episodes_seen"] == info["episodes"] == 12
   assert counts["episodes_dropped_failure"] == 1 and counts["episodes_dropped_no_instruction"] == 1
@@ -60,9 +60,9 @@ def test_manifest_counts_every_filter(prepared_droid, synthetic_droid):
   assert per_episode == expected
 
 
-def test_records_hold_stored_jpegs_state_and_chunks(prepared_droid, synthetic_droid):
+def test_records_hold_stored_jpegs_state_and_chunks(prepared_droid, synthetic_dataset):
   prepared, _ = prepared_droid
-  out_dir, info = synthetic_droid
+  out_dir, info = synthetic_dataset
   frame = _all_frames(prepared)[20]
   builder = tfds.builder_from_directory(str(out_dir / info["dataset_dir"]))
   skip = tfds.decode.SkipDecoding()
@@ -86,27 +86,25 @@ def test_records_hold_stored_jpegs_state_and_chunks(prepared_droid, synthetic_dr
   assert frame["instructions"] == [step[k].decode() for k in droid.INSTRUCTION_KEYS]
 
 
-def test_parallel_workers_write_the_same_shards(prepared_droid, synthetic_droid, tmp_path):
+def test_parallel_workers_write_the_same_shards(prepared_droid, synthetic_dataset, tmp_path):
   prepared, manifest = prepared_droid
-  out_dir, info = synthetic_droid
-  settings = droid_to_arrayrecord.Settings(
-    rlds_dir=str(out_dir / info["dataset_dir"]), out_dir=str(tmp_path)
-  )
-  parallel = droid_to_arrayrecord.run(settings, num_workers=2)
+  out_dir, info = synthetic_dataset
+  settings = prepare.Settings(rlds_dir=str(out_dir / info["dataset_dir"]), out_dir=str(tmp_path))
+  parallel = prepare.run(settings, num_workers=2)
   assert parallel["counts"] == manifest["counts"]
   for shard in manifest["shards"]:
     assert (tmp_path / shard["path"]).read_bytes() == (prepared / shard["path"]).read_bytes()
 
 
-def test_keep_ranges_json_replaces_the_idle_rule(synthetic_droid, tmp_path):
-  out_dir, info = synthetic_droid
+def test_keep_ranges_json_replaces_the_idle_rule(synthetic_dataset, tmp_path):
+  out_dir, info = synthetic_dataset
   rlds_dir = str(out_dir / info["dataset_dir"])
-  first = make_synthetic_droid.make_episode(0, 0)["episode_metadata"]
+  first = synthetic_droid.make_episode(0, 0)["episode_metadata"]
   key = droid.episode_key(first["recording_folderpath"], first["file_path"])
   ranges_path = str(tmp_path / "keep_ranges.json")
   droid.save_keep_ranges({key: [(0, 5), (10, 12)]}, ranges_path)
-  manifest = droid_to_arrayrecord.run(
-    droid_to_arrayrecord.Settings(
+  manifest = prepare.run(
+    prepare.Settings(
       rlds_dir=rlds_dir,
       out_dir=str(tmp_path / "out"),
       keep_ranges_json=ranges_path,
@@ -127,7 +125,7 @@ def test_keep_ranges_json_replaces_the_idle_rule(synthetic_droid, tmp_path):
 
 def _bad_episode(index):
   """Episodes 0-4 of the synthetic generator, with bad input planted in 1-3."""
-  episode = make_synthetic_droid.make_episode(0, index)
+  episode = synthetic_droid.make_episode(0, index)
   steps = episode["steps"]
   if index == 1:
     steps[20]["observation"]["joint_position"] = np.full(7, np.nan)  # Drops frame 20.
@@ -162,9 +160,7 @@ def bad_rlds(tmp_path_factory):
 
 
 def test_bad_input_is_skipped_and_counted(bad_rlds, tmp_path):
-  manifest = droid_to_arrayrecord.run(
-    droid_to_arrayrecord.Settings(rlds_dir=bad_rlds, out_dir=str(tmp_path))
-  )
+  manifest = prepare.run(prepare.Settings(rlds_dir=bad_rlds, out_dir=str(tmp_path)))
   counts = manifest["counts"]
   assert counts["episodes_seen"] == 7
   assert counts["episodes_dropped_unreadable"] == 2  # Garbage record + 6-value joint_position.
@@ -173,7 +169,7 @@ def test_bad_input_is_skipped_and_counted(bad_rlds, tmp_path):
   frames = _all_frames(tmp_path)
   nan_episode = [f["step"] for f in frames if "episode_00001" in f["episode_id"]]
   assert 20 not in nan_episode and not set(range(25, 41)) & set(nan_episode)
-  plan = make_synthetic_droid.plan_episode(0, 1)
+  plan = synthetic_droid.plan_episode(0, 1)
   velocity = np.diff(plan.joints, axis=0, append=plan.joints[-1:]) * droid.CONTROL_HZ
   kept = set(np.flatnonzero(droid.ranges_to_mask(droid.keep_ranges(velocity), len(plan.joints))))
   expected_bad = len(kept & ({20} | set(range(25, 41))))
@@ -187,7 +183,7 @@ def test_bad_input_is_skipped_and_counted(bad_rlds, tmp_path):
 def test_episode_with_wrong_shapes_raises_bad_episode():
   import collections
 
-  steps = droid.stack_steps(make_synthetic_droid.make_episode(0, 0)["steps"])
+  steps = droid.stack_steps(synthetic_droid.make_episode(0, 0)["steps"])
   length = len(steps["is_first"])
   counts = collections.Counter()
   metadata = {"file_path": "x/success/t.h5", "recording_folderpath": "x/MP4"}
@@ -203,12 +199,10 @@ def test_episode_with_wrong_shapes_raises_bad_episode():
   assert counts["episodes_dropped_bad"] == 2 and counts["episodes_kept"] == 1
 
 
-def test_missing_or_unreadable_input_names_it(synthetic_droid, tmp_path):
-  out_dir, info = synthetic_droid
+def test_missing_or_unreadable_input_names_it(synthetic_dataset, tmp_path):
+  out_dir, info = synthetic_dataset
   with pytest.raises(FileNotFoundError, match="nowhere.*dataset_info.json"):
-    droid_to_arrayrecord.run(
-      droid_to_arrayrecord.Settings(rlds_dir=str(tmp_path / "nowhere"), out_dir=str(tmp_path))
-    )
+    prepare.run(prepare.Settings(rlds_dir=str(tmp_path / "nowhere"), out_dir=str(tmp_path)))
   copy = tmp_path / "copy"
   shutil.copytree(out_dir / info["dataset_dir"], copy)
   features = json.loads((copy / "features.json").read_text())
@@ -216,17 +210,13 @@ def test_missing_or_unreadable_input_names_it(synthetic_droid, tmp_path):
   del steps["features"]["action_dict"]["featuresDict"]["features"]["joint_velocity"]
   (copy / "features.json").write_text(json.dumps(features))
   with pytest.raises(ValueError, match="steps/action_dict/joint_velocity is missing"):
-    droid_to_arrayrecord.open_rlds(str(copy))
+    prepare.open_rlds(str(copy))
   shutil.rmtree(copy)
   shutil.copytree(out_dir / info["dataset_dir"], copy)
   shard = copy / "droid-train.tfrecord-00001-of-00003"
   shard.write_bytes(shard.read_bytes()[:5000])  # Truncated mid-record.
   with pytest.raises(OSError, match="cannot read shard .*tfrecord-00001-of-00003"):
-    droid_to_arrayrecord.run(
-      droid_to_arrayrecord.Settings(rlds_dir=str(copy), out_dir=str(tmp_path / "a"))
-    )
+    prepare.run(prepare.Settings(rlds_dir=str(copy), out_dir=str(tmp_path / "a")))
   shard.unlink()
   with pytest.raises(FileNotFoundError, match="missing.*tfrecord-00001-of-00003"):
-    droid_to_arrayrecord.run(
-      droid_to_arrayrecord.Settings(rlds_dir=str(copy), out_dir=str(tmp_path / "b"))
-    )
+    prepare.run(prepare.Settings(rlds_dir=str(copy), out_dir=str(tmp_path / "b")))

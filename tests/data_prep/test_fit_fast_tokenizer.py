@@ -1,18 +1,21 @@
-"""fit_fast_tokenizer: normalised delta chunks from the prepared data, a tokenizer that reloads."""
+"""FAST fitting (ki.data.prepared_frames.normalized_chunks, ki.tokenizers.fast_fit): normalised
+delta chunks from the prepared data, a tokenizer that reloads."""
 
 import numpy as np
 
-from data_prep import compute_norm_stats, fit_fast_tokenizer
+from ki.data import prepared_frames
+from ki.data.norm_stats import compute_norm_stats
+from ki.tokenizers import fast_fit
 
 
 def test_fits_a_tokenizer_that_roundtrips(prepared_droid, tmp_path):
   prepared, manifest = prepared_droid
-  stats = compute_norm_stats.compute_norm_stats(str(prepared))
-  chunks = fit_fast_tokenizer.normalized_chunks(str(prepared), stats, max_chunks=200)
+  stats = compute_norm_stats(str(prepared))
+  chunks = prepared_frames.normalized_chunks(str(prepared), stats, max_chunks=200)
   assert chunks.shape == (200, 16, 8) and chunks.dtype == np.float32
   # Quantile-normalised: about 98% of values inside [-1, 1] (up to the histogram resolution).
   assert np.mean(np.abs(chunks) <= 1.01) > 0.95
-  tokenizer, report = fit_fast_tokenizer.fit(chunks, vocab_size=512, scale=10.0)
+  tokenizer, report = fast_fit.fit(chunks, vocab_size=512, scale=10.0)
   assert report["decoded_valid_fraction"] == 1.0
   # Rounding bound of FAST: L2 error per dimension <= 0.5 * sqrt(H) / scale = 0.2.
   assert report["roundtrip_max_abs_error"] <= 0.2

@@ -5,8 +5,7 @@ import json
 import numpy as np
 import tensorflow_datasets as tfds
 
-from data_prep import make_synthetic_droid, synthetic_scene
-from ki.data import droid
+from ki.data import droid, synthetic_droid, synthetic_scene
 
 # DROID's spec, from shared/reference/droid_rlds.md: path -> (kind, dtype, shape, encoding).
 _VECTOR = lambda n: ("Tensor", "float64", [n], None)  # noqa: E731
@@ -62,14 +61,14 @@ def _flatten_features_json(node, prefix=""):
   return {path: (kind, tensor["dtype"], shape, None)}
 
 
-def test_features_json_is_droids_spec(synthetic_droid):
-  out_dir, info = synthetic_droid
+def test_features_json_is_droids_spec(synthetic_dataset):
+  out_dir, info = synthetic_dataset
   with open(out_dir / info["dataset_dir"] / "features.json") as f:
     assert _flatten_features_json(json.load(f)) == EXPECTED_SPEC
 
 
-def test_tfds_reads_it_back_with_droids_types(synthetic_droid):
-  out_dir, info = synthetic_droid
+def test_tfds_reads_it_back_with_droids_types(synthetic_dataset):
+  out_dir, info = synthetic_dataset
   version_dir = out_dir / "droid" / "1.0.1"
   assert info["dataset_dir"] == "droid/1.0.1"
   shards = sorted(p.name for p in version_dir.glob("droid-train.tfrecord-*"))
@@ -89,7 +88,7 @@ def test_tfds_reads_it_back_with_droids_types(synthetic_droid):
 
 
 def test_actions_are_consistent_with_observations():
-  episode = make_synthetic_droid.make_episode(0, 2)
+  episode = synthetic_droid.make_episode(0, 2)
   steps = droid.stack_steps(episode["steps"])
   observed, commanded = steps["observation"], steps["action_dict"]
   # The action at t commands the joint state at t + 1; the velocity is that step at 15 Hz.
@@ -104,7 +103,7 @@ def test_actions_are_consistent_with_observations():
 
 def test_final_joints_are_determined_by_the_target():
   """The same target position gives the same final joints, whatever the episode: learnable."""
-  plans = [make_synthetic_droid.plan_episode(0, i) for i in range(40)]
+  plans = [synthetic_droid.plan_episode(0, i) for i in range(40)]
   for plan in plans:
     if plan.failure:
       continue
@@ -117,11 +116,11 @@ def test_final_joints_are_determined_by_the_target():
     assert all(plan.target.name in text for text in named)
 
 
-def test_filters_have_work(synthetic_droid):
-  _, info = synthetic_droid
+def test_filters_have_work(synthetic_dataset):
+  _, info = synthetic_dataset
   assert info["failure_episodes"] == 1 and info["no_instruction_episodes"] == 1
   assert info["idle_start_episodes"] >= 2 and info["idle_end_episodes"] >= 2
-  plans = [make_synthetic_droid.plan_episode(0, i) for i in range(info["episodes"])]
+  plans = [synthetic_droid.plan_episode(0, i) for i in range(info["episodes"])]
   for plan in plans:
     velocity = np.diff(plan.joints, axis=0, append=plan.joints[-1:]) * droid.CONTROL_HZ
     ranges = droid.keep_ranges(velocity)
@@ -135,8 +134,8 @@ def test_filters_have_work(synthetic_droid):
     assert end == motion_end - droid.DROP_LAST_FRAMES
 
 
-def test_vlm_set_and_text_corpus(synthetic_droid):
-  out_dir, info = synthetic_droid
+def test_vlm_set_and_text_corpus(synthetic_dataset):
+  out_dir, info = synthetic_dataset
   lines = {
     split: [json.loads(line) for line in open(out_dir / "vlm" / f"{split}.jsonl")]
     for split in ("train", "heldout")
@@ -159,7 +158,7 @@ def test_vlm_set_and_text_corpus(synthetic_droid):
 def test_same_arguments_give_identical_bytes(tmp_path):
   paths = []
   for name in ("a", "b"):
-    make_synthetic_droid.generate(
+    synthetic_droid.generate(
       str(tmp_path / name), episodes=2, episodes_per_shard=1, vlm_images=2, text_vocab_size=400
     )
     paths.append(tmp_path / name)

@@ -1,10 +1,12 @@
 """Synthetic DROID for the smoke and medium experiments, generated on first use into a cache folder.
 
-The same offline jobs a real run uses, in order, on a small synthetic dataset:
-  data_prep.make_synthetic_droid   RLDS episodes + VLM question/answer set + SentencePiece model
-  data_prep.droid_to_arrayrecord   prepared frames (ArrayRecord shards)
-  data_prep.compute_norm_stats     norm_stats.json
-  data_prep.fit_fast_tokenizer     the FAST tokenizer folder
+What the offline jobs of a real run do (data_prep/), in order, on a small synthetic dataset:
+  ki.data.synthetic_droid.generate       RLDS episodes + VLM question/answer set +
+                                            SentencePiece model (data_prep.make_synthetic_droid)
+  ki.data.prepare.run                       prepared frames, ArrayRecord shards
+                                            (data_prep.droid_to_arrayrecord)
+  ki.data.norm_stats.compute_norm_stats     norm_stats.json (data_prep.compute_norm_stats)
+  ki.tokenizers.fast_fit.fit                the FAST tokenizer folder (data_prep.fit_fast_tokenizer)
 The last ArrayRecord shard is moved to arrayrecord/eval as the held-out split. A READY file marks
 a complete cache; a half-written one (interrupted) is rebuilt from scratch. How much data:
 config.synthetic_data.{episodes, vlm_images} (experiments/droid_ki.py: SYNTHETIC_DATA).
@@ -34,17 +36,14 @@ def ensure(config: ml_collections.ConfigDict) -> str:
       f"Synthetic data is missing in {cache}; generate it with one process "
       "(python -m ki.main ... on one host) before a multi-host run."
     )
-  from data_prep import (
-    compute_norm_stats,  # pylint: disable=g-import-not-at-top
-    droid_to_arrayrecord,  # pylint: disable=g-import-not-at-top
-    fit_fast_tokenizer,  # pylint: disable=g-import-not-at-top
-    make_synthetic_droid,  # pylint: disable=g-import-not-at-top
-  )
-  from ki.data import normalize  # pylint: disable=g-import-not-at-top
+  # pylint: disable=g-import-not-at-top
+  from ki.data import norm_stats, normalize, prepare, prepared_frames, synthetic_droid
+  from ki.tokenizers import fast_fit
+  # pylint: enable=g-import-not-at-top
 
   logging.info("Generating synthetic DROID into %s (first use only).", cache)
   shutil.rmtree(cache, ignore_errors=True)
-  info = make_synthetic_droid.generate(
+  info = synthetic_droid.generate(
     cache,
     episodes=config.synthetic_data.episodes,
     seed=0,
@@ -53,8 +52,8 @@ def ensure(config: ml_collections.ConfigDict) -> str:
     text_vocab_size=TEXT_VOCAB_SIZE,
   )
   train_dir = config.data.arrayrecord_dir
-  droid_to_arrayrecord.run(
-    droid_to_arrayrecord.Settings(
+  prepare.run(
+    prepare.Settings(
       rlds_dir=os.path.join(cache, info["dataset_dir"]),
       out_dir=train_dir,
       action_space=config.data.action_space,
@@ -62,12 +61,12 @@ def ensure(config: ml_collections.ConfigDict) -> str:
     )
   )
   mask = tuple(config.data.delta_action_mask) or None
-  stats = compute_norm_stats.compute_norm_stats(train_dir, delta_action_mask=mask)
+  stats = norm_stats.compute_norm_stats(train_dir, delta_action_mask=mask)
   normalize.save_norm_stats(stats, config.assets.norm_stats)
-  chunks = fit_fast_tokenizer.normalized_chunks(
+  chunks = prepared_frames.normalized_chunks(
     train_dir, stats, max_chunks=20_000, delta_action_mask=mask
   )
-  tokenizer, report = fit_fast_tokenizer.fit(chunks, vocab_size=FAST_VOCAB_SIZE, scale=FAST_SCALE)
+  tokenizer, report = fast_fit.fit(chunks, vocab_size=FAST_VOCAB_SIZE, scale=FAST_SCALE)
   tokenizer.save(config.assets.fast_tokenizer)
   logging.info("FAST tokenizer: %s", report)
   shutil.copy(os.path.join(cache, info["sentencepiece_model"]), config.assets.prompt_tokenizer)

@@ -1,11 +1,12 @@
-"""Reading a prepared dataset's frames (ArrayRecord shards of ki.data.records) in offline jobs."""
+"""Reading a prepared dataset's frames (ArrayRecord shards of ki.data.records) in offline jobs:
+norm statistics (ki.data.norm_stats), FAST fitting (`normalized_chunks`), the synthetic cache."""
 
 from collections.abc import Iterator, Sequence
 
 from array_record.python import array_record_data_source
 import numpy as np
 
-from ki.data import droid, records
+from ki.data import droid, normalize, records
 
 
 def open_frames(data_dir: str) -> array_record_data_source.ArrayRecordDataSource:
@@ -49,3 +50,31 @@ def parse_delta_mask(text: str) -> tuple[bool, ...] | None:
 
 
 DEFAULT_DELTA_MASK_TEXT = ",".join("1" if m else "0" for m in droid.DEFAULT_DELTA_ACTION_MASK)
+
+
+def normalized_chunks(
+  data_dir: str,
+  norm_stats: dict[str, normalize.NormStats],
+  *,
+  max_chunks: int | None,
+  delta_action_mask=droid.DEFAULT_DELTA_ACTION_MASK,
+  seed: int = 0,
+) -> np.ndarray:
+  """float32 [N, H, 8]: sampled action chunks, as deltas where masked, quantile-normalised.
+
+  Each chunk goes through exactly the training pipeline's action path: delta actions
+  (ki.data.droid.to_delta_actions, same mask as the norm statistics), then quantile normalisation
+  with the dataset's norm stats (ki.data.normalize). What the FAST tokenizer is fitted on.
+  """
+  if "actions" not in norm_stats:
+    raise ValueError(f"norm stats have no 'actions' entry (keys: {sorted(norm_stats)})")
+  source = open_frames(data_dir)
+  indices = sample_indices(len(source), max_chunks, seed)
+  if len(indices) == 0:
+    raise ValueError(f"{data_dir} holds no frames to fit a tokenizer on")
+  chunks = []
+  for state, actions in iter_batches(source, indices):
+    if delta_action_mask is not None:
+      actions = droid.to_delta_actions(actions, state, delta_action_mask)
+    chunks.append(normalize.quantile_normalize(actions, norm_stats["actions"]))
+  return np.concatenate(chunks)
