@@ -72,9 +72,6 @@ def _config(prepared: str, *, num_workers: int):
 
   config = pipeline.default_config()
   config.arrayrecord_dir = prepared
-  config.action_dim = ACTION_DIM
-  config.action_horizon = H
-  config.image_size = IMAGE_SIZE
   config.num_workers = num_workers
   config.read_threads = 0  # Everything on the calling thread: the per-process rate.
   return config
@@ -83,9 +80,14 @@ def _config(prepared: str, *, num_workers: int):
 def _pipeline_rate(setup: dict, *, num_workers: int, batch_size: int, batches: int) -> float:
   """Samples/s of make_iterator's batches after the first (warm-up, worker start-up) batch."""
   from ki.data import pipeline
+  from ki.model import pi05
 
+  model = pi05.Config(
+    action_dim=ACTION_DIM, action_horizon=H, image_size=IMAGE_SIZE, max_token_len=MAX_TOKEN_LEN
+  )
   iterator = pipeline.make_iterator(
     _config(setup["prepared"], num_workers=num_workers),
+    model,
     tokenizer=setup["tokenizer"],
     norm_stats=setup["norm_stats"],
     split="train",

@@ -148,7 +148,7 @@ def main(argv):
 
   from ki.train.trainer import Trainer  # pylint: disable=g-import-not-at-top
 
-  trainer = Trainer(config, _WORKDIR.value)
+  trainer = Trainer.from_config(config, _WORKDIR.value)
   trainer.run()
   trainer.close()
 
