@@ -4,8 +4,8 @@ Variants:
   full   pi0.5 sizes (Gemma 2B + Gemma 300M expert + SigLIP So400m/14) on prepared DROID, with
          openpi's DROID fine-tune settings as the starting point: 8-dim joint-position actions
          padded to 32, horizon 16, batch 256, AdamW b=(0.9, 0.95), gradients clipped to global
-         norm 1.0 over all parameters, 1k warmup, lr 5e-5, FSDP over every device. Initialised from an openpi pi0.5 checkpoint (or a PaliGemma
-         .npz with init.kind=paligemma).
+         norm 1.0 over all parameters, 1k warmup, lr 5e-5, FSDP over every device. Initialised
+         from an openpi pi0.5 checkpoint (or a PaliGemma .npz with init.kind=paligemma).
            python -m ki.main --config=experiments/droid_ki.py:full --workdir=/ckpt/ki_droid \
              --config.data.arrayrecord_dir=/data/droid_ar/train \
              --config.assets.norm_stats=/data/droid_ar/norm_stats.json \
@@ -19,7 +19,7 @@ Variants:
          256-wide expert, 8 layers each; SigLIP S/16 at 112 px) on a larger synthetic DROID
          (480 episodes, 3,600 scene questions; generated on first use into
          $KI_CACHE/medium), batch 64, bf16: the size for one GPU, where the tiny model says too
-         little (the KI ablation's GPU mode, experiments/ki_ablation.py --size=medium):
+         little (the KI ablation's GPU mode, python -m ki.ablation --size=medium):
            python -m ki.main --config=experiments/droid_ki.py:medium --workdir=/tmp/ki_medium
   smoke  a tiny model on synthetic DROID, generated on first use into $KI_CACHE/smoke ($KI_CACHE
          defaults to ~/.cache/ki): a few hundred steps on a 2-core CPU in about five minutes,
