@@ -87,9 +87,9 @@ def build_train_step(
   (openpi's optimizer, FSDP over the first `num_devices` devices, default all)."""
   devices = jax.devices()[:num_devices] if num_devices else jax.devices()
   config = config_lib.default_config()
-  config.model.update(dataclasses.asdict(model))
+  config.model.update({k: v for k, v in dataclasses.asdict(model).items() if k in config.model})
   config.batch_size = per_device_batch * len(devices)
-  config.loss.fast_weight = 1.0 if model.fast_loss else 0.0
+  config.loss.token_weight = 1.0 if model.fast_loss else 0.0
   config.init.kind = "scratch"
   config.lock()
   return setup_lib.make_setup(config, devices=devices)

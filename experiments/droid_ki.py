@@ -13,7 +13,7 @@ Variants:
              --config.assets.prompt_tokenizer=/data/paligemma_tokenizer.model \
              --config.init.path=/ckpt/openpi/pi05_base
          Expect ~11 TFLOP per example (MFU is logged); openpi's fine-tune runs ~18.5 examples/s
-         per H100. fast_ce falls quickly (FAST tokens are easy to predict early), flow_mse more
+         per H100. token_ce falls quickly (FAST tokens are easy to predict early), flow_mse more
          slowly; the language-retention eval (eval/vlm/text_ce) should stay flat.
   medium pi0.5's proportions scaled down (~90M parameters: Gemma "small" 512-wide VLM, a
          256-wide expert, 8 layers each; SigLIP S/16 at 112 px) on a larger synthetic DROID

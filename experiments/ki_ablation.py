@@ -10,8 +10,8 @@ the ~90M-parameter model of the medium variant (pi0.5's proportions scaled down;
   stage 1  the pretrained VLM (experiments/vlm_pretrain.py: the VLM alone, next-token loss on the
            synthetic scene questions) stands in for PaliGemma;
   stage 2  from that checkpoint, the arms below train with identical data, seeds, steps and
-           optimizer; they differ ONLY in model.knowledge_insulation, model.fast_loss /
-           loss.fast_weight and data.vlm_sources (tests/experiments/test_ki_ablation.py checks it);
+           optimizer; they differ ONLY in model.knowledge_insulation, loss.token_weight
+           and data.vlm_sources (tests/experiments/test_ki_ablation.py checks it);
   stage 3  held-out evaluation along training (ki.train.evaluation): action error in raw units
            from sample_actions (10 Euler steps), FAST token accuracy, the VLM's held-out question
            loss (text_ce) and exact-match accuracy; steps to reach an action-error threshold; the
@@ -50,32 +50,31 @@ from experiments import droid_ki, vlm_pretrain
 ARMS = {
   "ki_cotrain": dict(
     knowledge_insulation=True,
-    fast_loss=True,
+    token_loss=True,
     cotrain=True,
     label="KI (stop-grad + FAST + flow), co-training",
   ),
-  "ki": dict(knowledge_insulation=True, fast_loss=True, cotrain=False, label="KI, no co-training"),
+  "ki": dict(knowledge_insulation=True, token_loss=True, cotrain=False, label="KI, no co-training"),
   "joint_cotrain": dict(
     knowledge_insulation=False,
-    fast_loss=True,
+    token_loss=True,
     cotrain=True,
     label="joint, no stop-grad, co-training",
   ),
   "joint": dict(
     knowledge_insulation=False,
-    fast_loss=True,
+    token_loss=True,
     cotrain=False,
     label="joint, no stop-grad, no co-training",
   ),
   "flow_only": dict(
-    knowledge_insulation=False, fast_loss=False, cotrain=False, label="flow-only pi0.5"
+    knowledge_insulation=False, token_loss=False, cotrain=False, label="flow-only pi0.5"
   ),
 }
 # The only config fields the arms may differ in.
 ARM_FIELDS = (
   "model.knowledge_insulation",
-  "model.fast_loss",
-  "loss.fast_weight",
+  "loss.token_weight",
   "data.vlm_sources",
 )
 QUICK_ARMS = ("ki_cotrain", "joint_cotrain")
@@ -143,8 +142,7 @@ def arm_config(
   vlm_sources = tuple(dict(entry, weight=COTRAIN_WEIGHT) for entry in config.data.vlm_sources)
   config.data.vlm_sources = vlm_sources if switches["cotrain"] else ()
   config.model.knowledge_insulation = switches["knowledge_insulation"]
-  config.model.fast_loss = switches["fast_loss"]
-  config.loss.fast_weight = 1.0 if switches["fast_loss"] else 0.0
+  config.loss.token_weight = 1.0 if switches["token_loss"] else 0.0
   config.lock()
   return config
 

@@ -23,7 +23,6 @@ def get_config(variant: str = "full") -> ml_collections.ConfigDict:
   config = droid_ki.get_config(variant)
   config.unlock()
   config.optimizer.groups.vlm.frozen = True
-  config.model.fast_loss = False
-  config.loss.fast_weight = 0.0
+  config.loss.token_weight = 0.0
   config.lock()
   return config

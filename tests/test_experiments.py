@@ -13,6 +13,7 @@ from experiments import droid_ki
 from ki.model import params as params_lib
 from ki.model import pi05
 from ki.train import optimizer, state
+from ki.train import setup as setup_lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EXPERIMENTS = sorted(glob.glob(os.path.join(REPO, "experiments", "*.py")))
@@ -44,15 +45,16 @@ def test_experiment_loads_and_validates(path, variant):
   config = _load(path, variant)
   assert isinstance(config, ml_collections.ConfigDict)
   assert config.is_locked
-  model_config = pi05.Config(**config.model).validate()
+  model_config = setup_lib.training_model(config)
   # The launch command and expectations are documented in the file.
   module_doc = open(path).read().split('"""')[1]
   assert "python -m ki.main --config=experiments/" in module_doc
   # The data config holds no copy of the model's shapes: the pipeline reads them from the model.
   for field in ("action_dim", "action_horizon", "data_action_dim", "image_size"):
     assert field not in config.data, field
-  if config.loss.fast_weight:
-    assert model_config.fast_loss
+  # One knob for the token loss: the model computes it iff it has a weight.
+  assert "fast_loss" not in config.model
+  assert model_config.fast_loss == (config.loss.token_weight > 0)
   params = (
     jax.eval_shape(lambda: pi05.init_params(model_config, jax.random.PRNGKey(0)))
     if variant != "full"
@@ -85,11 +87,11 @@ def test_full_variant_settings_follow_openpi_droid_finetune():
 def test_variants_differ_as_documented():
   experiments = os.path.join(REPO, "experiments")
   flow_only = _load(os.path.join(experiments, "pi05_flow_only.py"), "full")
-  assert not flow_only.model.fast_loss and flow_only.loss.fast_weight == 0
+  assert flow_only.loss.token_weight == 0
   no_stopgrad = _load(os.path.join(experiments, "joint_no_stopgrad.py"), "full")
-  assert not no_stopgrad.model.knowledge_insulation and no_stopgrad.model.fast_loss
+  assert not no_stopgrad.model.knowledge_insulation and no_stopgrad.loss.token_weight == 1.0
   ki = _load(os.path.join(experiments, "droid_ki.py"), "full")
-  assert ki.model.knowledge_insulation and ki.loss.fast_weight == ki.loss.flow_weight == 1.0
+  assert ki.model.knowledge_insulation and ki.loss.token_weight == ki.loss.flow_weight == 1.0
 
 
 def test_unknown_variant_is_an_error():

@@ -92,7 +92,7 @@ def _describe_model(setup: dict) -> str:
 
 
 def markdown(results: dict, summary: dict, arm_switches: dict) -> str:
-  """ablation.md; arm_switches: the experiment's ARMS ({arm: {knowledge_insulation, fast_loss,
+  """ablation.md; arm_switches: the experiment's ARMS ({arm: {knowledge_insulation, token_loss,
   cotrain, ...}})."""
   setup = results["setup"]
   lines = [
@@ -116,7 +116,7 @@ def markdown(results: dict, summary: dict, arm_switches: dict) -> str:
     reached = int(np.sum(np.isfinite(row["steps_to_threshold"])))
     lines.append(
       f"| {arm} | {'yes' if switches['knowledge_insulation'] else 'no'} | "
-      f"{'yes' if switches['fast_loss'] else 'no'} | {'yes' if switches['cotrain'] else 'no'} | "
+      f"{'yes' if switches['token_loss'] else 'no'} | {'yes' if switches['cotrain'] else 'no'} | "
       f"{_mean_spread(row['eval/robot/action_mae']['final'])} | "
       f"{_mean_spread(row['steps_to_threshold'])} ({reached}/{len(row['steps_to_threshold'])}) | "
       f"{_mean_spread(row['eval/robot/fast_accuracy']['final'])} | "

@@ -10,7 +10,7 @@ the latency of both decoders (ki.serve.latency), then the table and plots (ki.ab
 
 What the arms are and how each is configured is the experiment file's business; this runner loads
 it by path (--experiment, as ki.main loads --config), never by import, and reads from it:
-  ARMS               {arm: {"knowledge_insulation", "fast_loss", "cotrain", "label"}}, in order
+  ARMS               {arm: {"knowledge_insulation", "token_loss", "cotrain", "label"}}, in order
   QUICK_ARMS         the arms of --quick
   SIZE_DEFAULTS      {size: {"steps", "eval_every"}}: the sizes it can run and their defaults
   PRETRAIN_STEPS     {size: VLM pretraining steps}
@@ -112,7 +112,7 @@ def run_arm(config: ml_collections.ConfigDict, workdir: str) -> dict:
   result = {
     "eval": {str(k): v for k, v in sorted(trainer.eval_history.items())},
     "train": {
-      str(k): {n: v[n] for n in ("loss", "flow_mse", "fast_ce") if n in v}
+      str(k): {n: v[n] for n in ("loss", "flow_mse", "token_ce") if n in v}
       for k, v in sorted(train_metrics.items())
     },
     "seconds": time.perf_counter() - start,

@@ -545,7 +545,7 @@ def make_streams(
   Args:
     config: the experiment config (ki.train.config.default_config's fields).
     model_config: the validated pi05.Config; the batches' shapes come from it.
-    tokenizer: ki.tokenizers.prompt.Pi05Tokenizer (with a FAST tokenizer iff model.fast_loss).
+    tokenizer: ki.tokenizers.prompt.Pi05Tokenizer (with a FAST tokenizer iff the model's fast_loss).
     norm_stats: {"state": NormStats, "actions": NormStats}.
     process_index, process_count: this host and the number of hosts.
   """

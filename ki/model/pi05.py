@@ -45,7 +45,10 @@ class Config:
   max_loss_tokens: int = 64
   vocab_size: int = PALIGEMMA_VOCAB_SIZE
   knowledge_insulation: bool = True  # stop-gradient where the expert reads the VLM
-  fast_loss: bool = True  # False: plain pi0.5 flow-only training
+  # Whether the VLM computes the next-token loss (FAST postfix, co-training answers) and robot
+  # prompts carry a FAST postfix. Training derives it from loss.token_weight > 0
+  # (ki.train.setup.model_config); False is plain pi0.5 flow-only training.
+  fast_loss: bool = True
   dtype: str = "bfloat16"
   remat_policy: str = "nothing_saveable"  # a jax.checkpoint_policies name, or "none"
   # "einsum" (openpi's arithmetic) or "dot_product_attention" (jax.nn's fused kernels: cuDNN flash
@@ -305,9 +308,10 @@ def compute_losses(
     noise, time: replace the random draws ([B, H, A] and [B]) when given.
 
   Returns:
-    {"fast_ce": [B] next-token cross-entropy over the loss-masked text (0 where none or when
-     config.fast_loss is off), "flow_mse": [B] flow-matching error over the horizon and the real
-     action dims (0 where has_actions is False), "fast_accuracy": [B], "loss_tokens_truncated": [B]
+    {"token_ce": [B] next-token cross-entropy over the loss-masked text — the FAST postfix of
+     robot examples, the answer of co-training examples (0 where none or when config.fast_loss
+     is off), "flow_mse": [B] flow-matching error over the horizon and the real action dims (0
+     where has_actions is False), "token_accuracy": [B], "loss_tokens_truncated": [B]
      count of target tokens beyond max_loss_tokens (should stay 0)}.
   """
   batch = actions.shape[0]
@@ -331,15 +335,15 @@ def compute_losses(
     log_probs = jax.nn.log_softmax(logits, axis=-1)
     nll = -jnp.take_along_axis(log_probs, targets[..., None], axis=-1)[..., 0]
     denominator = jnp.maximum(jnp.sum(valid, axis=1), 1)
-    fast_ce = jnp.sum(nll * valid, axis=1) / denominator
+    token_ce = jnp.sum(nll * valid, axis=1) / denominator
     correct = (jnp.argmax(logits, axis=-1) == targets) & valid
-    fast_accuracy = jnp.sum(correct, axis=1) / denominator
+    token_accuracy = jnp.sum(correct, axis=1) / denominator
   else:
-    fast_ce = fast_accuracy = jnp.zeros((batch,), jnp.float32)
+    token_ce = token_accuracy = jnp.zeros((batch,), jnp.float32)
   return {
-    "fast_ce": fast_ce,
+    "token_ce": token_ce,
     "flow_mse": flow_mse,
-    "fast_accuracy": fast_accuracy,
+    "token_accuracy": token_accuracy,
     "loss_tokens_truncated": jnp.maximum(count - config.max_loss_tokens, 0),
   }
 

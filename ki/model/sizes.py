@@ -63,10 +63,12 @@ SIZES: Mapping[str, Mapping[str, Any]] = {
 
 
 def fields(size: str, **overrides) -> dict[str, Any]:
-  """The model-config fields of a size (every pi05.Config field), with `overrides` applied."""
+  """The model-config fields of a size, with `overrides` applied: every pi05.Config field except
+  fast_loss, which is not a size but a training decision (ki.train.setup derives it from
+  loss.token_weight, so a config has one knob for it)."""
   if size not in SIZES:
     raise ValueError(f"Unknown model size {size!r}; choose from {list(SIZES)}.")
-  result = {f.name: f.default for f in dataclasses.fields(pi05.Config)}
+  result = {f.name: f.default for f in dataclasses.fields(pi05.Config) if f.name != "fast_loss"}
   result.update(SIZES[size])
   result.update(overrides)
   return result

@@ -39,9 +39,11 @@ def default_config() -> ml_collections.ConfigDict:
   config.compilation_cache_dir = ""
 
   config.model = ml_collections.ConfigDict(sizes.fields("full"))
-  # total = flow_weight * flow_mse + fast_weight * fast_ce, each averaged over the examples that
-  # carry it (the KI paper: 1 and 1).
-  config.loss = ml_collections.ConfigDict(dict(flow_weight=1.0, fast_weight=1.0))
+  # total = flow_weight * flow_mse + token_weight * token_ce, each averaged over the examples that
+  # carry it (the KI paper: 1 and 1). token_ce is the VLM's next-token loss: the FAST postfix of
+  # robot examples and the answers of co-training examples. token_weight=0 turns it off (plain
+  # pi0.5: no logits computed, robot prompts without FAST postfix).
+  config.loss = ml_collections.ConfigDict(dict(flow_weight=1.0, token_weight=1.0))
   config.optimizer = ml_collections.ConfigDict(
     dict(
       # A name in ki.model.params.GROUP_RULES, or a tuple of (regex, group) pairs.

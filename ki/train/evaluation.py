@@ -35,8 +35,8 @@ def eval_batch(model_config: pi05.Config, num_flow_steps: int, params, batch: Ba
     params, model_config, observation, sample_rng, num_steps=num_flow_steps
   )
   return {
-    "fast_ce": losses["fast_ce"],
-    "fast_accuracy": losses["fast_accuracy"],
+    "token_ce": losses["token_ce"],
+    "token_accuracy": losses["token_accuracy"],
     "flow_mse": losses["flow_mse"],
     "has_tokens": jnp.any(observation.token_loss_mask, axis=-1),
     "has_actions": observation.has_actions,
@@ -108,10 +108,10 @@ class Evaluator:
       metrics["action_mae"] = float(error[robot].mean())
       metrics["flow_mse"] = _mean(r["flow_mse"], robot)
     if robot_tokens.any():
-      metrics["fast_ce"] = _mean(r["fast_ce"], robot_tokens)
-      metrics["fast_accuracy"] = _mean(r["fast_accuracy"], robot_tokens)
+      metrics["fast_ce"] = _mean(r["token_ce"], robot_tokens)
+      metrics["fast_accuracy"] = _mean(r["token_accuracy"], robot_tokens)
     if text_tokens.any():
-      metrics["text_ce"] = _mean(r["fast_ce"], text_tokens)
-      metrics["text_accuracy"] = _mean(r["fast_accuracy"], text_tokens)
-      metrics["text_exact_match"] = _mean(r["fast_accuracy"] == 1.0, text_tokens)
+      metrics["text_ce"] = _mean(r["token_ce"], text_tokens)
+      metrics["text_accuracy"] = _mean(r["token_accuracy"], text_tokens)
+      metrics["text_exact_match"] = _mean(r["token_accuracy"] == 1.0, text_tokens)
     return metrics

@@ -123,12 +123,12 @@ class MetricsLogger:
     self.writer.write_scalars(step, scalars)
     remaining = (self.total_steps - step) / steps_per_second if steps_per_second else 0.0
     logging.info(
-      "step %d/%d | loss %.4f fast_ce %.4f flow_mse %.4f | %.2f steps/s, %.1f examples/s%s | "
+      "step %d/%d | loss %.4f token_ce %.4f flow_mse %.4f | %.2f steps/s, %.1f examples/s%s | "
       "data wait %.0f%% | ETA %s",
       step,
       self.total_steps,
       scalars.get("loss", np.nan),
-      scalars.get("fast_ce", np.nan),
+      scalars.get("token_ce", np.nan),
       scalars.get("flow_mse", np.nan),
       steps_per_second,
       scalars["perf/examples_per_second"],

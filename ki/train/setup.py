@@ -24,15 +24,21 @@ from ki.train import state as state_lib
 from ki.train import step as step_lib
 
 
+def training_model(config: ml_collections.ConfigDict) -> pi05.Config:
+  """The model an experiment config trains: config.model, with fast_loss on iff the token loss
+  has a weight (one knob: loss.token_weight)."""
+  return pi05.Config(**config.model, fast_loss=config.loss.token_weight > 0).validate()
+
+
 def check_config(config: ml_collections.ConfigDict, mesh) -> pi05.Config:
   """Everything about the run that can be refused before compiling; returns the model config."""
-  model_config = pi05.Config(**config.model).validate()
+  model = training_model(config)
   sharding_lib.check_batch_size(config.batch_size, mesh, config.grad_accum_steps)
-  if config.loss.fast_weight and not model_config.fast_loss:
-    raise ValueError("loss.fast_weight is non-zero but model.fast_loss is False; set one of them.")
+  if config.loss.token_weight < 0 or config.loss.flow_weight < 0:
+    raise ValueError(f"Loss weights must be >= 0, got {dict(config.loss)}.")
   if config.total_steps <= 0:
     raise ValueError(f"total_steps must be positive, got {config.total_steps}")
-  return model_config
+  return model
 
 
 @dataclasses.dataclass(frozen=True)
@@ -123,7 +129,7 @@ def make_setup(config: ml_collections.ConfigDict, *, devices=None) -> TrainSetup
   settings = step_lib.StepSettings(
     model=model_config,
     flow_weight=config.loss.flow_weight,
-    fast_weight=config.loss.fast_weight,
+    token_weight=config.loss.token_weight,
     grad_accum_steps=config.grad_accum_steps,
     ema_decay=config.optimizer.ema_decay,
   )

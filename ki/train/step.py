@@ -24,11 +24,11 @@ class StepSettings:
   """What the step needs from the experiment config (hashable, so it can be static)."""
 
   model: pi05.Config
-  # total = flow_weight * mean flow_mse (over robot examples) + fast_weight * mean fast_ce (over
+  # total = flow_weight * mean flow_mse (over robot examples) + token_weight * mean token_ce (over
   # examples with loss tokens); see loss_and_metrics. The KI paper uses 1 and 1 (alpha = 1 once
   # the stop-gradient insulates the VLM).
   flow_weight: float = 1.0
-  fast_weight: float = 1.0
+  token_weight: float = 1.0
   # The batch is split into this many micro-batches whose gradients are averaged.
   grad_accum_steps: int = 1
   ema_decay: float | None = None
@@ -45,20 +45,20 @@ def loss_and_metrics(params, settings: StepSettings, batch: Batch, rng):
 
   Each loss is averaged over the examples that carry it, then weighted:
     loss = flow_weight * mean(flow_mse over examples with actions)
-         + fast_weight * mean(fast_ce over examples with any loss token)
+         + token_weight * mean(token_ce over examples with any loss token)
   so co-training (VLM) examples do not dilute the flow term, nor robot examples without a FAST
   postfix the token term. A batch without any such example contributes 0 for that term. The
-  logged fast_ce / fast_accuracy / flow_mse are the same means.
+  logged token_ce / token_accuracy / flow_mse are the same means.
   """
   losses = pi05.compute_losses(params, settings.model, batch.observation, batch.actions, rng)
   has_tokens = jnp.any(batch.observation.token_loss_mask, axis=-1)
   metrics = {
     "flow_mse": _masked_mean(losses["flow_mse"], batch.observation.has_actions),
-    "fast_ce": _masked_mean(losses["fast_ce"], has_tokens),
-    "fast_accuracy": _masked_mean(losses["fast_accuracy"], has_tokens),
+    "token_ce": _masked_mean(losses["token_ce"], has_tokens),
+    "token_accuracy": _masked_mean(losses["token_accuracy"], has_tokens),
   }
   metrics["loss"] = settings.flow_weight * metrics["flow_mse"] + (
-    settings.fast_weight * metrics["fast_ce"]
+    settings.token_weight * metrics["token_ce"]
   )
   return metrics["loss"], metrics
 

@@ -55,7 +55,7 @@ def build_tokenizer(config: ml_collections.ConfigDict, model_config: pi05.Config
   if model_config.fast_loss:
     if not config.assets.fast_tokenizer:
       raise ValueError(
-        "model.fast_loss is on but config.assets.fast_tokenizer is empty; set it to "
+        "loss.token_weight is on but config.assets.fast_tokenizer is empty; set it to "
         "a FAST tokenizer folder (data_prep.fit_fast_tokenizer)."
       )
     fast_tokenizer = fast_lib.FastTokenizer.load(config.assets.fast_tokenizer)
@@ -282,7 +282,7 @@ class Trainer:
     metrics = {k: float(v) for k, v in jax.device_get(device_metrics).items()}
     bad = [
       name
-      for name in ("loss", "fast_ce", "flow_mse", "grad_norm")
+      for name in ("loss", "token_ce", "flow_mse", "grad_norm")
       if name in metrics and not np.isfinite(metrics[name])
     ]
     if bad:
@@ -310,7 +310,7 @@ class Trainer:
   def evaluate(self, step: int) -> dict[str, float]:
     start = time.perf_counter()
     results = {}
-    for name, make_batches in (self.eval_sets or {}).items():
+    for name, make_batches in self.eval_sets.items():
       scalars = self.evaluator.evaluate(
         self.state.params,
         make_batches(),

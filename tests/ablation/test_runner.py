@@ -21,7 +21,7 @@ def test_loads_the_experiment_file_by_path():
   assert set(experiment.QUICK_ARMS) <= set(experiment.ARMS)
   assert set(experiment.SIZE_DEFAULTS) <= set(experiment.PRETRAIN_STEPS)
   config = experiment.arm_config("smoke", "flow_only", init_path="/ckpt/vlm")
-  assert not config.model.fast_loss and config.init.path == "/ckpt/vlm"
+  assert config.loss.token_weight == 0.0 and config.init.path == "/ckpt/vlm"
   # Loaded from its path, not imported as experiments.ki_ablation by the runner.
   assert experiment.__name__ == "ki_ablation" and experiment.__file__ == EXPERIMENT
   with pytest.raises(FileNotFoundError, match="no_such_experiment.py"):

@@ -36,8 +36,7 @@ def test_arms_differ_only_in_the_insulation_switches(size):
     assert differing <= set(ki_ablation.ARM_FIELDS), (arm, differing)
     switches = ki_ablation.ARMS[arm]
     assert config["model.knowledge_insulation"] == switches["knowledge_insulation"]
-    assert config["model.fast_loss"] == switches["fast_loss"]
-    assert config["loss.fast_weight"] == (1.0 if switches["fast_loss"] else 0.0)
+    assert config["loss.token_weight"] == (1.0 if switches["token_loss"] else 0.0)
     assert bool(config["data.vlm_sources"]) == (switches["cotrain"] and size != "full")
     # Every arm starts from the same pretrained VLM, with the same seed and budget.
     assert (config["init.kind"], config["init.path"]) == ("ki", "/ckpt/vlm")
@@ -80,7 +79,7 @@ def test_overrides_apply_to_every_arm_alike():
 
 def test_variant_names_an_arm():
   config = ki_ablation.get_config("smoke,flow_only")
-  assert not config.model.fast_loss and config.loss.fast_weight == 0.0
+  assert config.loss.token_weight == 0.0
   assert ki_ablation.get_config("smoke").model.knowledge_insulation
   with pytest.raises(ValueError, match="arm"):
     ki_ablation.get_config("smoke,no_such_arm")

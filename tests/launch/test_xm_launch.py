@@ -17,7 +17,7 @@ OVERRIDES = [
   "data.arrayrecord_dir=gs://bucket/droid_ar/train",
   "init.path=gs://bucket/vlm",
   "total_steps=7",
-  "model.fast_loss=false",
+  "model.knowledge_insulation=false",
 ]
 # What every Vertex job runs: ki.main's flags, the overrides after --config.
 VERTEX_ARGV = [
@@ -26,7 +26,7 @@ VERTEX_ARGV = [
   "--config.data.arrayrecord_dir=gs://bucket/droid_ar/train",
   "--config.init.path=gs://bucket/vlm",
   "--config.total_steps=7",
-  "--config.model.fast_loss=false",
+  "--config.model.knowledge_insulation=false",
 ]
 
 
@@ -82,7 +82,7 @@ ki_main._initialize_distributed()
 print(json.dumps({
   "rest": argv[1:], "workdir": ki_main._WORKDIR.value, "distributed": calls,
   "arrayrecord_dir": config.data.arrayrecord_dir, "init_path": config.init.path,
-  "total_steps": config.total_steps, "fast_loss": config.model.fast_loss,
+  "total_steps": config.total_steps, "knowledge_insulation": config.model.knowledge_insulation,
   "locked": config.is_locked}))
 """
 
@@ -194,7 +194,7 @@ def test_ki_main_accepts_the_single_node_argv():
     "arrayrecord_dir": "gs://bucket/droid_ar/train",
     "init_path": "gs://bucket/vlm",
     "total_steps": 7,
-    "fast_loss": False,
+    "knowledge_insulation": False,
     "locked": True,
   }
 
@@ -216,7 +216,7 @@ def test_ki_main_finds_its_process_in_a_16_node_vertex_job(pool, index, process_
       "process_id": process_id,
     }
   ]
-  assert seen["total_steps"] == 7 and seen["fast_loss"] is False
+  assert seen["total_steps"] == 7 and seen["knowledge_insulation"] is False
 
 
 @needs_ki

@@ -64,7 +64,7 @@ def test_flow_loss_gradient_into_the_vlm(setup):
 
 def test_fast_loss_never_reaches_the_expert(setup):
   config, params = setup
-  norms = _grad_norms(config, params, "fast_ce")
+  norms = _grad_norms(config, params, "token_ce")
   assert {p: n for p, n in norms.items() if _is_expert(p) and n != 0.0} == {}
   # ... and it does train the whole VLM, SigLIP included.
   assert all(n > 0 for p, n in norms.items() if not _is_expert(p))
@@ -79,5 +79,5 @@ def test_insulation_changes_gradients_not_values():
     pi05.compute_losses, observation=obs, actions=actions, rng=jax.random.key(5)
   )
   losses_on, losses_off = run(params, on), run(params, off)
-  for term in ("fast_ce", "flow_mse"):
+  for term in ("token_ce", "flow_mse"):
     np.testing.assert_array_equal(losses_on[term], losses_off[term])

@@ -119,7 +119,7 @@ def test_fused_attention_kernel_computes_the_same(config, params):
     time=jnp.array([0.3, 0.7]),
   )
   reference, ours = run(config=config), run(config=fused)
-  for term in ("fast_ce", "flow_mse"):
+  for term in ("token_ce", "flow_mse"):
     np.testing.assert_allclose(ours[term], reference[term], rtol=1e-4)
   sample = functools.partial(pi05.sample_actions, params, observation=obs, rng=None, noise=noise)
   np.testing.assert_allclose(sample(config=fused), sample(config=config), rtol=1e-4, atol=1e-5)

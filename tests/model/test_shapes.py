@@ -19,12 +19,12 @@ def test_jitted_losses_and_sampling_in_bfloat16():
   losses = jax.jit(functools.partial(pi05.compute_losses, config=config))(
     params, observation=obs, actions=actions, rng=jax.random.key(1)
   )
-  assert set(losses) == {"fast_ce", "flow_mse", "fast_accuracy", "loss_tokens_truncated"}
-  for name in ("fast_ce", "flow_mse", "fast_accuracy"):
+  assert set(losses) == {"token_ce", "flow_mse", "token_accuracy", "loss_tokens_truncated"}
+  for name in ("token_ce", "flow_mse", "token_accuracy"):
     assert losses[name].shape == (3,) and losses[name].dtype == jnp.float32
     assert np.isfinite(losses[name]).all()
   # A fresh model predicts text at chance: CE near log(vocab).
-  np.testing.assert_allclose(losses["fast_ce"], np.log(config.vocab_size), rtol=0.2)
+  np.testing.assert_allclose(losses["token_ce"], np.log(config.vocab_size), rtol=0.2)
   sample = jax.jit(functools.partial(pi05.sample_actions, config=config, num_steps=4))
   actions_out = sample(params, observation=obs, rng=jax.random.key(2))
   assert actions_out.shape == (3, config.action_horizon, config.action_dim)
@@ -36,7 +36,7 @@ def test_vlm_only_examples_have_no_flow_loss(config, params):
   obs = obs.replace(has_actions=jnp.array([True, False]))
   losses = pi05.compute_losses(params, config, obs, pi05.fake_actions(config, 2), jax.random.key(0))
   assert losses["flow_mse"][0] > 0 and losses["flow_mse"][1] == 0
-  assert losses["fast_ce"][1] > 0
+  assert losses["token_ce"][1] > 0
 
 
 def test_flow_loss_ignores_padded_action_dims(config, params):
@@ -67,7 +67,7 @@ def test_fast_loss_switch():
     pi05.fake_actions(config, 1),
     jax.random.key(0),
   )
-  assert losses["fast_ce"][0] == 0 and losses["flow_mse"][0] > 0
+  assert losses["token_ce"][0] == 0 and losses["flow_mse"][0] > 0
 
 
 def test_greedy_fast_decoding_agrees_with_the_training_pass(config, params):
@@ -87,7 +87,7 @@ def test_greedy_fast_decoding_agrees_with_the_training_pass(config, params):
   losses = pi05.compute_losses(
     params, config, teacher, pi05.fake_actions(config, 2), jax.random.key(0)
   )
-  np.testing.assert_array_equal(losses["fast_accuracy"], [1.0, 1.0])
+  np.testing.assert_array_equal(losses["token_accuracy"], [1.0, 1.0])
 
 
 def test_uint8_images_from_the_data_are_what_the_model_sees_in_minus_one_to_one(config, params):

@@ -33,12 +33,12 @@ def test_interval_means_throughput_and_eta(tmp_path, caplog):
     log_every=2,
     start_step=0,
   )
-  logger.add_step({"loss": 2.0, "fast_ce": 1.0, "flow_mse": 1.0}, data_wait_seconds=0.0)
-  logger.add_step({"loss": 4.0, "fast_ce": 3.0, "flow_mse": 1.0}, data_wait_seconds=0.0)
+  logger.add_step({"loss": 2.0, "token_ce": 1.0, "flow_mse": 1.0}, data_wait_seconds=0.0)
+  logger.add_step({"loss": 4.0, "token_ce": 3.0, "flow_mse": 1.0}, data_wait_seconds=0.0)
   with caplog.at_level(logging.INFO):
     written = logger.write(2, {"data/dropped/too_long": 3.0})
   logger.close()
-  assert written["loss"] == 3.0 and written["fast_ce"] == 2.0
+  assert written["loss"] == 3.0 and written["token_ce"] == 2.0
   assert written["perf/examples_per_second"] == pytest.approx(4 * written["perf/steps_per_second"])
   assert written["data/dropped/too_long"] == 3.0
   assert "step 2/10 | loss 3.0000" in caplog.text and "ETA" in caplog.text

@@ -10,7 +10,7 @@ import sys
 import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-_PROGRESS = re.compile(r"step (\d+)/\d+ \| loss [\d.]+ fast_ce ([\d.]+) flow_mse ([\d.]+)")
+_PROGRESS = re.compile(r"step (\d+)/\d+ \| loss [\d.]+ token_ce ([\d.]+) flow_mse ([\d.]+)")
 
 
 @pytest.mark.slow

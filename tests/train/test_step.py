@@ -28,8 +28,8 @@ def _quadratic_losses(params, config, observation, actions, rng):
   fast = jnp.sum(jnp.square((x + 1.0) * params["PaliGemma"]["w"]), axis=-1)
   return {
     "flow_mse": flow * observation.has_actions,
-    "fast_ce": fast * has_tokens,
-    "fast_accuracy": jnp.zeros_like(fast),
+    "token_ce": fast * has_tokens,
+    "token_accuracy": jnp.zeros_like(fast),
   }
 
 
@@ -108,7 +108,7 @@ def test_each_loss_is_averaged_over_the_examples_that_carry_it(monkeypatch):
   them with the token loss off), nor robot examples without loss tokens the token term."""
   monkeypatch.setattr(pi05, "compute_losses", _quadratic_losses)
   params = _toy_params()
-  flow_only = step_lib.StepSettings(model=tiny_model_config(), flow_weight=1.0, fast_weight=0.0)
+  flow_only = step_lib.StepSettings(model=tiny_model_config(), flow_weight=1.0, token_weight=0.0)
   batch = _toy_batch()
   robot = np.asarray(batch.observation.has_actions)
 
@@ -125,21 +125,21 @@ def test_each_loss_is_averaged_over_the_examples_that_carry_it(monkeypatch):
   batch = _toy_batch(fast_loss=False)
   has_tokens = np.asarray(batch.observation.token_loss_mask).any(axis=-1)
   np.testing.assert_array_equal(has_tokens, ~batch.observation.has_actions)
-  settings = step_lib.StepSettings(model=tiny_model_config(), flow_weight=0.5, fast_weight=2.0)
+  settings = step_lib.StepSettings(model=tiny_model_config(), flow_weight=0.5, token_weight=2.0)
   _, metrics = step_lib._grads_and_metrics(params, settings, batch, None)
   losses = _quadratic_losses(params, None, batch.observation, batch.actions, None)
   flow = np.mean(losses["flow_mse"][np.asarray(batch.observation.has_actions)])
-  fast = np.mean(losses["fast_ce"][has_tokens])
+  fast = np.mean(losses["token_ce"][has_tokens])
   np.testing.assert_allclose(metrics["flow_mse"], flow, rtol=1e-6)
-  np.testing.assert_allclose(metrics["fast_ce"], fast, rtol=1e-6)
+  np.testing.assert_allclose(metrics["token_ce"], fast, rtol=1e-6)
   np.testing.assert_allclose(metrics["loss"], 0.5 * flow + 2.0 * fast, rtol=1e-6)
 
 
 def test_loss_weights_and_logged_terms(monkeypatch):
-  step, state, batch = _toy_setup(monkeypatch, flow_weight=0.0, fast_weight=2.0)
+  step, state, batch = _toy_setup(monkeypatch, flow_weight=0.0, token_weight=2.0)
   _, metrics = step(state, batch)
   losses = _quadratic_losses(state.params, None, batch.observation, batch.actions, None)
-  np.testing.assert_allclose(metrics["loss"], 2.0 * np.mean(losses["fast_ce"]), rtol=1e-5)
+  np.testing.assert_allclose(metrics["loss"], 2.0 * np.mean(losses["token_ce"]), rtol=1e-5)
   # flow_mse is logged as the mean over robot examples only.
   has_actions = batch.observation.has_actions
   np.testing.assert_allclose(
@@ -168,7 +168,7 @@ def _run_tiny(mesh_config, devices, steps=2):
   losses = []
   for _ in range(steps):
     state, metrics = setup.step(state, sharding.global_batch(next(iterator), setup.mesh))
-    losses.append({k: float(metrics[k]) for k in ("loss", "flow_mse", "fast_ce")})
+    losses.append({k: float(metrics[k]) for k in ("loss", "flow_mse", "token_ce")})
   return losses, state
 
 

@@ -39,7 +39,7 @@ def test_resume_is_exact(tmp_path, compilation_cache):
   assert second.start_step == 2
   assert sorted(resumed) == [3, 4]
   for step in (3, 4):
-    for key in ("loss", "fast_ce", "flow_mse", "grad_norm"):
+    for key in ("loss", "token_ce", "flow_mse", "grad_norm"):
       np.testing.assert_allclose(
         resumed[step][key], straight[step][key], rtol=1e-5, err_msg=f"{key} at step {step}"
       )
@@ -114,8 +114,8 @@ def test_config_errors_are_refused_before_compiling(monkeypatch):
     setup_lib.make_setup(tiny_train_config(batch_size=12))
   with pytest.raises(ValueError, match="data_action_dim 20 > action_dim 16"):
     setup_lib.make_setup(tiny_train_config(**{"model.data_action_dim": 20}))
-  with pytest.raises(ValueError, match="fast_weight is non-zero but model.fast_loss is False"):
-    setup_lib.make_setup(tiny_train_config(**{"model.fast_loss": False}))
+  with pytest.raises(ValueError, match="Loss weights must be >= 0"):
+    setup_lib.make_setup(tiny_train_config(**{"loss.token_weight": -1.0}))
 
 
 def _must_not_run(*args, **kwargs):

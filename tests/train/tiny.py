@@ -86,10 +86,11 @@ def fake_iterator(config, **overrides):
   """FakeIterator for this host's share of config.batch_size."""
   import jax  # pylint: disable=g-import-not-at-top
 
+  from ki.train import setup as setup_lib  # pylint: disable=g-import-not-at-top
   from tests.train.fake_data import FakeIterator  # pylint: disable=g-import-not-at-top
 
   fields = dict(
     batch_size=config.batch_size // jax.process_count(), process_index=jax.process_index()
   )
   fields.update(overrides)
-  return FakeIterator(pi05.Config(**config.model), **fields)
+  return FakeIterator(setup_lib.training_model(config), **fields)
