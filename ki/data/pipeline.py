@@ -38,10 +38,10 @@ import ml_collections
 import numpy as np
 
 from ki.batch import Batch
-from ki.data import droid, sources, transforms
+from ki.data import droid, lerobot, robot_spec, sources, transforms
 from ki.data.transforms import DROP_REASONS, Dropped
 
-SOURCE_KINDS = ("arrayrecord", "rlds")
+SOURCE_KINDS = ("arrayrecord", "rlds", "lerobot")
 VLM_KINDS = ("jsonl", "tfds")
 SPLITS = ("train", "eval")
 _SEED_MODULUS = 2**32
@@ -58,6 +58,9 @@ def default_config() -> ml_collections.ConfigDict:
     rlds_dir: the TFDS version folder (local or gs://); rlds_split / rlds_eval_split: its splits.
     keep_ranges_path: openpi's keep-ranges JSON for the RLDS stream ('' = compute the idle rule).
     action_space: "joint_position" or "joint_velocity" (RLDS stream; prepared data fixed it).
+    lerobot_dir: a local LeRobot dataset folder (v2.1 or v3.0, source="lerobot");
+      lerobot_eval_episodes: its last N episodes are the eval split (0 = none); robot: the robot
+      spec mapping its keys to the model (ki/data/robot_spec.py).
     shuffle_window: RLDS stream window-shuffle size in frames (memory: ~45 KB per frame).
   Examples (their shapes come from the model config):
     delta_action_mask: per real dim (model.data_action_dim of them), joints relative to the
@@ -83,6 +86,9 @@ def default_config() -> ml_collections.ConfigDict:
   config.rlds_eval_split = "train"
   config.keep_ranges_path = ""
   config.action_space = "joint_position"
+  config.lerobot_dir = ""
+  config.lerobot_eval_episodes = 0
+  config.robot = robot_spec.default_config()
   config.shuffle_window = 4096
   config.delta_action_mask = droid.DEFAULT_DELTA_ACTION_MASK
   config.augment = True
@@ -162,6 +168,20 @@ def validate_config(
     if not config[field]:
       raise ValueError(f"data.{field} is empty: the {split} split needs prepared shards")
     sources.find_arrayrecord_files(config[field])
+  elif config.source == "lerobot":
+    if not config.lerobot_dir:
+      raise ValueError("data.lerobot_dir is empty: source='lerobot' needs a dataset folder")
+    dataset = lerobot.open_dataset(config.lerobot_dir)
+    robot_spec.validate(
+      config.robot, dataset, model_config, delta_action_mask=config.delta_action_mask
+    )
+    lerobot.split_episodes(
+      len(dataset.episodes),
+      split=split,
+      eval_episodes=config.lerobot_eval_episodes,
+      process_index=process_index,
+      process_count=process_count,
+    )
   else:
     sources.open_tfds_builder(config.rlds_dir, what="data.rlds_dir")
   if config.keep_ranges_path:
@@ -312,6 +332,33 @@ def _robot_dataset(
       shuffle=train,
       read_options=read_options,
     )
+  if config.source == "lerobot":
+    dataset = lerobot.open_dataset(config.lerobot_dir)
+    frames = lerobot.LeRobotFrames(
+      dataset,
+      cameras=tuple(key for key, _ in config.robot.cameras),
+      state_key=config.robot.state_key,
+      action_key=config.robot.action_key,
+      action_horizon=model_config.action_horizon,
+      # Whole episodes per host: each host decodes only its own videos.
+      episodes=lerobot.split_episodes(
+        len(dataset.episodes),
+        split=split,
+        eval_episodes=config.lerobot_eval_episodes,
+        process_index=process_index,
+        process_count=process_count,
+      ),
+    )
+    return _map_pipeline(
+      grain.MapDataset.source(frames),
+      transform,
+      seed=seed,
+      process_index=0,  # already this host's episodes
+      process_count=1,
+      num_epochs=num_epochs,
+      shuffle=train,
+      read_options=read_options,
+    )
   frames = sources.rlds_frames(
     config.rlds_dir,
     action_horizon=model_config.action_horizon,
@@ -388,6 +435,22 @@ def _robot_transform(model_config, tokenizer, norm_stats, delta_action_mask, aug
   )
 
 
+def _lerobot_transform(config, model_config, tokenizer, norm_stats, augment: bool):
+  return robot_spec.LeRobotTransform(
+    tokenizer=tokenizer,
+    norm_stats=dict(norm_stats),
+    cameras=tuple((key, slot) for key, slot in config.robot.cameras),
+    action_dim=model_config.action_dim,
+    action_horizon=model_config.action_horizon,
+    data_action_dim=model_config.data_action_dim,
+    image_keys=tuple(model_config.image_keys),
+    delta_action_mask=tuple(config.delta_action_mask) or None,
+    augment=augment,
+    include_actions_in_prompt=tokenizer.fast_tokenizer is not None,
+    image_size=model_config.image_size,
+  )
+
+
 def _vlm_transform(model_config, tokenizer, augment: bool):
   return transforms.VlmTransform(
     tokenizer=tokenizer,
@@ -447,10 +510,16 @@ def make_iterator(
     num_threads=config.read_threads, prefetch_buffer_size=config.read_buffer_size
   )
   augment = bool(config.augment and train)
+  if config.source == "lerobot":
+    transform = _lerobot_transform(config, model_config, tokenizer, norm_stats, augment)
+  else:
+    transform = _robot_transform(
+      model_config, tokenizer, norm_stats, config.delta_action_mask, augment
+    )
   robot = _robot_dataset(
     config,
     model_config,
-    _robot_transform(model_config, tokenizer, norm_stats, config.delta_action_mask, augment),
+    transform,
     split=split,
     seed=seed,
     process_index=process_index,
@@ -572,7 +641,12 @@ def make_streams(
   )
   eval_sets = {}
   eval_batch_size = config.eval.batch_size // process_count
-  if config.eval.every and config.data.eval_arrayrecord_dir:
+  robot_eval = (
+    config.data.lerobot_eval_episodes
+    if config.data.source == "lerobot"
+    else config.data.eval_arrayrecord_dir
+  )
+  if config.eval.every and robot_eval:
     eval_sets["robot"] = lambda: make_iterator(
       config.data,
       model_config,

@@ -39,6 +39,10 @@ DROP_REASONS = (
   "bad_shape",  # state/actions of the wrong shape, or a malformed record
   "no_instruction",  # all instructions empty (or an empty VLM prompt/answer)
   "too_long",  # the tokenizer returned None: prompt + FAST tokens exceed max_token_len
+  # LeRobot datasets (ki/data/lerobot.py):
+  "corrupt_video",  # an mp4 that does not open or decode (truncated, not a video)
+  "missing_frame",  # no video frame at the row's timestamp, or a row missing from the episode
+  "short_episode",  # an episode shorter than the action horizon
 )
 
 EXTERIOR_CAMERAS = ("exterior_image_1_left", "exterior_image_2_left")

@@ -36,6 +36,9 @@ def bad_records() -> tuple[list[bytes], dict[str, int]]:
     "corrupt_image": 2,
     "no_instruction": 1,
     "too_long": 0,
+    "corrupt_video": 0,
+    "missing_frame": 0,
+    "short_episode": 0,
   }
   return records, expected
 
