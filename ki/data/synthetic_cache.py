@@ -28,6 +28,10 @@ FAST_SCALE = 10.0
 
 def ensure(config: ml_collections.ConfigDict) -> str:
   """Builds the data in config.synthetic_data.dir unless it is already there."""
+  if config.data.source == "lerobot":  # a synthetic LeRobot dataset (the LIBERO experiment)
+    from ki.data import synthetic_lerobot_cache  # pylint: disable=g-import-not-at-top
+
+    return synthetic_lerobot_cache.ensure(config)
   cache = config.synthetic_data.dir
   if os.path.exists(os.path.join(cache, READY)):
     return cache

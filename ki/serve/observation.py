@@ -8,6 +8,13 @@ A request is openpi's DROID observation dict (the keys openpi's DROID evaluation
   "prompt":                            str, the language instruction
 Extra keys are ignored (openpi's client may send more cameras than the model reads).
 
+A request with "observation/image" is openpi's LIBERO observation instead (its LIBERO client):
+  "observation/image":       uint8 [H, W, 3], the agent-view camera (base slot)
+  "observation/wrist_image": uint8 [H, W, 3], the wrist camera (left wrist slot)
+  "observation/state":       real [S], S = the state dims the policy was trained with (LIBERO: 8)
+  "prompt":                  str
+`parse_any` picks the format from the keys.
+
 Every check raises `InvalidObservationError` naming the key and what is wrong with it, so a robot
 operator reading the error on the client side knows what to fix.
 """
@@ -32,6 +39,14 @@ REQUIRED_KEYS = (EXTERIOR_IMAGE, WRIST_IMAGE, JOINT_POSITION, GRIPPER_POSITION, 
 # Which model camera slot (ki.batch.CAMERA_SLOTS) each client camera fills, as the data
 # transforms fill them from a DROID frame.
 IMAGE_SLOTS = {batch_lib.BASE_SLOT: EXTERIOR_IMAGE, batch_lib.LEFT_WRIST_SLOT: WRIST_IMAGE}
+LIBERO_IMAGE = "observation/image"
+LIBERO_WRIST_IMAGE = "observation/wrist_image"
+LIBERO_STATE = "observation/state"
+LIBERO_REQUIRED_KEYS = (LIBERO_IMAGE, LIBERO_WRIST_IMAGE, LIBERO_STATE, PROMPT)
+LIBERO_IMAGE_SLOTS = {
+  batch_lib.BASE_SLOT: LIBERO_IMAGE,
+  batch_lib.LEFT_WRIST_SLOT: LIBERO_WRIST_IMAGE,
+}
 # Far above any robot camera; refuses a malformed header before PIL allocates for it.
 MAX_IMAGE_SIDE = 8192
 
@@ -98,6 +113,47 @@ def parse(obs: Any) -> tuple[dict[str, np.ndarray], np.ndarray, str]:
   if not prompt.strip():
     raise InvalidObservationError(f"{PROMPT} is empty: the policy needs an instruction")
   return images, state, prompt
+
+
+def _prompt(obs: Mapping[str, Any]) -> str:
+  prompt = obs[PROMPT]
+  if not isinstance(prompt, str):
+    raise InvalidObservationError(f"{PROMPT} must be a string, got {type(prompt).__name__}")
+  if not prompt.strip():
+    raise InvalidObservationError(f"{PROMPT} is empty: the policy needs an instruction")
+  return prompt
+
+
+def parse_libero(obs: Any, state_dim: int) -> tuple[dict[str, np.ndarray], np.ndarray, str]:
+  """A checked LIBERO request -> (raw images by slot, raw state float32 [state_dim], prompt)."""
+  if not isinstance(obs, Mapping):
+    raise InvalidObservationError(f"the observation must be a dict, got {type(obs).__name__}")
+  missing = [key for key in LIBERO_REQUIRED_KEYS if key not in obs]
+  if missing:
+    raise InvalidObservationError(f"the observation lacks {missing} (it has {sorted(obs)})")
+  images = {slot: _image(obs, key) for slot, key in LIBERO_IMAGE_SLOTS.items()}
+  state = _real_vector(obs, LIBERO_STATE, state_dim, allow_scalar=False)
+  return images, state, _prompt(obs)
+
+
+def parse_any(obs: Any, *, state_dim: int) -> tuple[dict[str, np.ndarray], np.ndarray, str]:
+  """A LIBERO request (it has observation/image) or else a DROID one, checked and parsed."""
+  if isinstance(obs, Mapping) and LIBERO_IMAGE in obs:
+    return parse_libero(obs, state_dim)
+  return parse(obs)
+
+
+def fake_libero_observation(
+  *, size: int = 256, state_dim: int = 8, prompt: str = "pick up the red block"
+) -> dict[str, Any]:
+  """A well-formed LIBERO request (256x256 cameras, as LIBERO renders them)."""
+  image = fake_droid_observation(height=size, width=size)[EXTERIOR_IMAGE]
+  return {
+    LIBERO_IMAGE: image,
+    LIBERO_WRIST_IMAGE: image[::-1].copy(),
+    LIBERO_STATE: np.linspace(-0.5, 0.5, state_dim).astype(np.float32),
+    PROMPT: prompt,
+  }
 
 
 def resize_image(image: np.ndarray, size: int) -> np.ndarray:

@@ -91,19 +91,25 @@ class Policy:
       seed: base of the per-request noise (request k uses fold_in(seed, k)).
       metadata: sent to clients on connect (extended with the model's shapes).
     """
-    if model_config.data_action_dim != droid.ACTION_DIM:
-      raise ValueError(
-        f"this policy serves DROID (8 action dims) but the model has "
-        f"data_action_dim={model_config.data_action_dim}"
-      )
     for key in ("state", "actions"):
       if key not in norm_stats:
         raise ValueError(f"norm stats lack {key!r} (they have {sorted(norm_stats)})")
-      # Dims past the stats would pass through unnormalised: the model would see raw units.
-      if norm_stats[key].q01.shape[-1] < droid.ACTION_DIM:
-        raise ValueError(
-          f"norm stats {key!r} cover {norm_stats[key].q01.shape[-1]} dims, need {droid.ACTION_DIM}"
-        )
+    # The real dims: actions as the model was trained (DROID 8, LIBERO 7), the state as the norm
+    # stats describe it (requests must send that many; DROID requests make 8).
+    self.action_dims = model_config.data_action_dim
+    self.state_dim = int(norm_stats["state"].q01.shape[-1])
+    # Dims past the stats would pass through unnormalised: the model would see raw units.
+    if norm_stats["actions"].q01.shape[-1] < self.action_dims:
+      raise ValueError(
+        f"norm stats 'actions' cover {norm_stats['actions'].q01.shape[-1]} dims, need "
+        f"{self.action_dims}"
+      )
+    if self.state_dim > model_config.action_dim:
+      raise ValueError(f"norm stats 'state' cover {self.state_dim} dims > model.action_dim")
+    # DROID requests fit models of DROID's dims; anything else is served LIBERO-style.
+    self.request_format = (
+      "droid" if self.action_dims == self.state_dim == droid.ACTION_DIM else "libero"
+    )
     unknown = [k for k in model_config.image_keys if k not in observation_lib.IMAGE_SLOTS]
     if unknown:
       raise ValueError(
@@ -122,10 +128,14 @@ class Policy:
     self.metadata = dict(metadata or {})
     self.metadata.update(
       action_horizon=model_config.action_horizon,
-      action_dim=droid.ACTION_DIM,
+      action_dim=self.action_dims,
       image_size=model_config.image_size,
       num_flow_steps=num_flow_steps,
-      observation_keys=list(observation_lib.REQUIRED_KEYS),
+      observation_keys=list(
+        observation_lib.REQUIRED_KEYS
+        if self.request_format == "droid"
+        else observation_lib.LIBERO_REQUIRED_KEYS
+      ),
     )
 
     def sample(params, observation: Observation, rng):
@@ -187,7 +197,7 @@ class Policy:
         f"max_token_len={config.max_token_len} tokens"
       )
     padded_state = np.zeros((config.action_dim,), np.float32)
-    padded_state[: droid.ACTION_DIM] = normalized_state
+    padded_state[: len(normalized_state)] = normalized_state
     observation = Observation(
       images={
         k: observation_lib.resize_image(images[k], config.image_size) for k in config.image_keys
@@ -211,11 +221,16 @@ class Policy:
     """One DROID request -> {"actions": float32 [H, 8] (absolute joints + gripper, raw units),
     "policy_timing": {"infer_ms": float}}. Raises InvalidObservationError for a bad request."""
     start = time.monotonic()
-    images, state, prompt = observation_lib.parse(obs)
+    images, state, prompt = observation_lib.parse_any(obs, state_dim=self.state_dim)
+    if len(state) != self.state_dim:
+      raise observation_lib.InvalidObservationError(
+        f"this policy was trained on a {self.state_dim}-D state; a DROID request gives "
+        f"{len(state)}-D (send {observation_lib.LIBERO_STATE} with {self.state_dim} values)"
+      )
     observation = self._model_inputs(images, state, prompt)
     normalized = np.asarray(self._sample(self.params, observation, self._next_rng()))[0]
     actions = normalize.quantile_unnormalize(
-      normalized[:, : droid.ACTION_DIM], self.norm_stats["actions"]
+      normalized[:, : self.action_dims], self.norm_stats["actions"]
     )
     if self.delta_action_mask:
       actions = droid.to_absolute_actions(actions, state, self.delta_action_mask)
@@ -227,5 +242,8 @@ class Policy:
   def warmup(self) -> float:
     """Compiles sample_actions with a fake request; returns the seconds it took."""
     start = time.monotonic()
-    self.infer(observation_lib.fake_droid_observation())
+    if self.request_format == "droid":
+      self.infer(observation_lib.fake_droid_observation())
+    else:
+      self.infer(observation_lib.fake_libero_observation(state_dim=self.state_dim))
     return time.monotonic() - start
