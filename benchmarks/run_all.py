@@ -28,6 +28,7 @@ BENCHMARKS = (
   ("memory_bench", True, ["--quick"]),
   ("latency_bench", True, ["--quick"]),
   ("data_bench", False, ["--quick"]),
+  ("lerobot_bench", False, ["--quick"]),
   ("tokenizer_bench", False, ["--quick"]),
 )
 

@@ -238,7 +238,8 @@ class VideoDecoder:
       self._containers.move_to_end(path)
       return self._containers[path]
     container = av.open(path)
-    container.streams.video[0].thread_type = "AUTO"
+    # One decode thread: Grain runs a worker process per core, so threads would only compete.
+    container.streams.video[0].codec_context.thread_count = 1
     self._containers[path] = container
     if len(self._containers) > self._max_open:
       old_path, old = self._containers.popitem(last=False)

@@ -44,8 +44,17 @@ V30_VIDEO_PATH = "videos/{video_key}/chunk-{chunk_index:03d}/file-{file_index:03
 V30_EPISODES_PATH = "meta/episodes/chunk-{chunk_index:03d}/file-{file_index:03d}.parquet"
 
 
-def make_episode(seed: int, index: int, image_size: int) -> dict:
-  """One episode: {"task": str, "state": [T, 8], "actions": [T, 7], "<camera>": uint8 [T, S, S, 3]}.
+def _shape(image_size: int | tuple[int, int]) -> tuple[int, int]:
+  """(height, width) from a side length or a (height, width) pair."""
+  if isinstance(image_size, int):
+    return image_size, image_size
+  height, width = image_size
+  return int(height), int(width)
+
+
+def make_episode(seed: int, index: int, image_size: int | tuple[int, int]) -> dict:
+  """One episode: {"task": str, "state": [T, 8], "actions": [T, 7], "<camera>": uint8 [T, H, W, 3]}
+  (`image_size`: a side length, or (height, width) such as DROID's (180, 320)).
 
   The action at step t moves the end effector to its position at t + 1 (the last step holds);
   the gripper command is +1 (close) from the step the gripper starts closing, else -1 (open).
@@ -75,8 +84,10 @@ def make_episode(seed: int, index: int, image_size: int) -> dict:
     axis=1,
   )
 
+  height, width = _shape(image_size)
+
   def square(image: np.ndarray) -> np.ndarray:
-    resized = Image.fromarray(image).resize((image_size, image_size), Image.BILINEAR)
+    resized = Image.fromarray(image).resize((width, height), Image.BILINEAR)
     return np.asarray(resized, np.uint8)
 
   front = [
@@ -122,16 +133,17 @@ def _png(array: np.ndarray) -> bytes:
   return buffer.getvalue()
 
 
-def _features(image_size: int, image_storage: str) -> dict:
+def _features(image_size: int | tuple[int, int], image_storage: str) -> dict:
+  height, width = _shape(image_size)
   camera = {
     "dtype": image_storage,
-    "shape": [image_size, image_size, 3],
+    "shape": [height, width, 3],
     "names": ["height", "width", "channel"],
   }
   if image_storage == "video":
     camera["info"] = {
-      "video.height": image_size,
-      "video.width": image_size,
+      "video.height": height,
+      "video.width": width,
       "video.codec": "h264",
       "video.pix_fmt": "yuv420p",
       "video.is_depth_map": False,
@@ -226,7 +238,7 @@ def generate(
   version: str = "v3.0",
   episodes: int = 8,
   seed: int = 0,
-  image_size: int = 64,
+  image_size: int | tuple[int, int] = 64,
   image_storage: str = "video",
   episodes_per_file: int = 4,
 ) -> dict:
