@@ -1,23 +1,21 @@
 """experiments/libero_ki.py: openpi's pi05_libero settings + KI on a LeRobot dataset; the smoke
-variant trains end to end on its synthetic LIBERO-spec dataset and serves LIBERO-keyed requests."""
+variant trains end to end on its synthetic LIBERO-spec dataset and serves LIBERO-keyed requests
+(the policy tests in tests/serve cover DROID-keyed serving)."""
 
 import os
 import re
 import subprocess
 import sys
 
-import jax
 import numpy as np
 import pytest
 
 from experiments import libero_ki
 from ki.batch import BASE_SLOT, LEFT_WRIST_SLOT
-from ki.data import lerobot, normalize, robot_spec
+from ki.data import lerobot, robot_spec
 from ki.data import synthetic_lerobot as synthetic
-from ki.model import pi05
 from ki.serve import observation as observation_lib
 from ki.serve import policy as policy_lib
-from ki.tokenizers import prompt as prompt_lib
 from ki.train import setup as setup_lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -49,48 +47,6 @@ def test_smoke_spec_fits_the_synthetic_dataset(tmp_path):
   robot_spec.validate(
     config.data.robot, dataset, model, delta_action_mask=config.data.delta_action_mask
   )
-
-
-def _libero_policy(model_config, tmp_path):
-  texts = [prompt_lib.robot_prompt_text("pick up the red block", np.zeros(8))] * 20
-  sp = prompt_lib.build_sentencepiece_model(texts, str(tmp_path / "sp.model"), text_vocab_size=300)
-  tokenizer = prompt_lib.Pi05Tokenizer(
-    prompt_lib.PromptTokenizer(sp), None, max_token_len=model_config.max_token_len
-  )
-  stats = {
-    "state": normalize.NormStats(np.zeros(8), np.ones(8), -np.ones(8), np.ones(8)),
-    "actions": normalize.NormStats(np.zeros(7), np.ones(7), -2 * np.ones(7), 2 * np.ones(7)),
-  }
-  params = pi05.init_params(model_config, jax.random.PRNGKey(0))
-  return policy_lib.Policy(params, model_config, tokenizer, stats, delta_action_mask=None)
-
-
-@pytest.mark.slow  # compiling sample_actions: ~40 s on 2 cores
-def test_policy_answers_libero_keys_with_7d_actions(tmp_path):
-  model_config = pi05.Config(
-    vlm_variant="tiny",
-    expert_variant="tiny",
-    siglip_variant="mu/16",
-    image_size=32,
-    action_dim=16,
-    data_action_dim=7,
-    action_horizon=4,
-    max_token_len=96,
-    max_loss_tokens=8,
-    vocab_size=300 + prompt_lib.NUM_LOC_PIECES + prompt_lib.NUM_SEG_PIECES,
-    dtype="float32",
-  ).validate()
-  policy = _libero_policy(model_config, tmp_path)
-  assert policy.metadata["observation_keys"] == list(observation_lib.LIBERO_REQUIRED_KEYS)
-  assert policy.metadata["action_dim"] == 7
-  result = policy.infer(observation_lib.fake_libero_observation(size=48))
-  assert result["actions"].shape == (4, 7) and np.all(np.isfinite(result["actions"]))
-  with pytest.raises(observation_lib.InvalidObservationError, match="observation/state"):
-    bad = observation_lib.fake_libero_observation(size=48, state_dim=5)
-    policy.infer(bad)
-  # A DROID request gives an 8-D state too: accepted shape-wise, answered with 7-D actions.
-  droid_request = observation_lib.fake_droid_observation(prompt="pick up the red block")
-  assert policy.infer(droid_request)["actions"].shape == (4, 7)
 
 
 @pytest.fixture
@@ -125,7 +81,15 @@ def test_smoke_trains_and_serves_a_libero_request(tmp_path, compilation_cache):
   (_, first_ce, first_mse), (_, last_ce, last_mse) = progress
   assert last_ce < first_ce and last_mse < first_mse, progress
   assert "data/dropped/corrupt_video=0" in output and "data/dropped/too_long=0" in output
+  # Served from the checkpoint: openpi's LIBERO keys in, 7-D actions out.
   policy = policy_lib.Policy.from_checkpoint(str(tmp_path / "work"))
-  request = observation_lib.fake_libero_observation(size=64, prompt="pick up the red block")
+  assert policy.metadata["observation_keys"] == list(observation_lib.LIBERO_REQUIRED_KEYS)
+  assert policy.metadata["action_dim"] == 7
+  request = observation_lib.fake_libero_observation(size=256, prompt="pick up the red block")
   actions = policy.infer(request)["actions"]
   assert actions.shape == (10, 7) and np.all(np.isfinite(actions))
+  with pytest.raises(observation_lib.InvalidObservationError, match="observation/state"):
+    policy.infer(observation_lib.fake_libero_observation(state_dim=5))
+  # A DROID-keyed request still parses (its 8-D state has the LIBERO state's width).
+  droid_request = observation_lib.fake_droid_observation(prompt="pick up the red block")
+  assert policy.infer(droid_request)["actions"].shape == (10, 7)
