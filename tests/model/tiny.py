@@ -12,6 +12,8 @@ def tiny_config(**overrides) -> pi05.Config:
     expert_variant="tiny",
     siglip_variant="mu/16",
     image_keys=batch_lib.DROID_SLOTS,
+    # 4 patches of 16 px per camera: small enough that the eager (un-jitted) tests run in seconds.
+    image_size=32,
     action_dim=16,
     data_action_dim=6,
     action_horizon=5,

@@ -10,6 +10,7 @@ from ki.model import pi05
 from ki.serve import policy as policy_lib
 from ki.tokenizers import prompt as prompt_lib
 from ki.train.state import TrainState
+from tests.train import tiny
 
 TEXT_VOCAB_SIZE = 300
 STEP = 7
@@ -30,20 +31,12 @@ STATE_STATS = normalize.NormStats(
 
 
 def tiny_model_config() -> pi05.Config:
-  return pi05.Config(
-    vlm_variant="tiny",
-    expert_variant="tiny",
-    siglip_variant="mu/16",
-    image_size=32,
-    action_dim=16,
-    data_action_dim=8,
-    action_horizon=4,
+  """The trainer tests' tiny model with the test tokenizer's vocabulary and room for prompts."""
+  return tiny.tiny_model_config(
     max_token_len=96,
     max_loss_tokens=8,
     vocab_size=TEXT_VOCAB_SIZE + prompt_lib.NUM_LOC_PIECES + prompt_lib.NUM_SEG_PIECES,
-    dtype="float32",
-    remat_policy="none",
-  ).validate()
+  )
 
 
 def _experiment_config_json(model_config: pi05.Config) -> bytes:

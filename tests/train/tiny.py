@@ -1,25 +1,22 @@
 """Tiny model and optimizer settings shared by the trainer tests: compile in seconds on a CPU."""
 
 from ki.model import pi05
+from tests.model.tiny import tiny_config
 
 
 def tiny_model_config(**overrides) -> pi05.Config:
+  """tests/model/tiny.py's model with DROID's 8 action dims, shaped for the trainer tests."""
   fields = dict(
-    vlm_variant="tiny",
-    expert_variant="tiny",
-    siglip_variant="mu/16",
     image_size=32,
-    action_dim=16,
     data_action_dim=8,
     action_horizon=4,
     max_token_len=24,
     max_loss_tokens=12,
     vocab_size=256,
-    dtype="float32",
     remat_policy="none",
   )
   fields.update(overrides)
-  return pi05.Config(**fields).validate()
+  return tiny_config(**fields)
 
 
 def group_settings(**overrides) -> dict:
