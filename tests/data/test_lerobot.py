@@ -508,3 +508,19 @@ def test_streams_hold_out_eval_episodes(data):
   # Episode 2 alone, in order, once: its frames in batches of 2 (an odd last one dropped).
   assert len(eval_batches) == len(data["episodes"][2]["state"]) // 2
   next(streams.train)
+
+
+def test_lookahead_serves_neighbouring_frames_from_one_decode(data):
+  plain, ahead = frames(data["v3.0"]), frames(data["v3.0"], lookahead=HORIZON)
+  for index in range(30):
+    for key in ("image", "wrist_image"):
+      np.testing.assert_array_equal(plain[index]["images"][key], ahead[index]["images"][key])
+  # After reading frame 10 the next frames come from the kept stretch: no new seek or decode.
+  decoder = ahead._decoder  # pylint: disable=protected-access
+  path, start = ahead.episodes[0].videos["image"]
+  ahead[10]
+  stretch = decoder._decoded[path]  # pylint: disable=protected-access
+  assert len(stretch) >= HORIZON
+  for t in range(11, 10 + HORIZON):
+    ahead[t]
+    assert decoder._decoded[path] is stretch  # pylint: disable=protected-access
