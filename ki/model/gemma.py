@@ -62,6 +62,41 @@ VARIANTS = {
 }
 
 
+@dataclasses.dataclass(frozen=True)
+class LoRA:
+  """Low-rank adapters on one stream's attention and MLP weights (openpi's LoRAConfig).
+
+  Each adapted weight W gets lora_a, lora_b (initialised N(0, 0.01) as openpi does), and the layer
+  computes x W + (x lora_a) lora_b, scaled by alpha / rank in attention (openpi scales only there).
+  openpi's gemma_2b_lora: rank 16, alpha 16; gemma_300m_lora: rank 32, alpha 32.
+  """
+
+  rank: int
+  alpha: float
+
+  @property
+  def scale(self) -> float:
+    return self.alpha / self.rank
+
+
+LORA_INIT = nn.initializers.normal(stddev=0.01)
+
+
+def lora_equations(equation: str) -> tuple[str, str]:
+  """The two einsums of an adapter on an Einsum weight, whose last two axes are (in, out).
+
+  "BTD,NDH->BTNH" -> ("BTD,NDL->BTNL", "BTNL,NLH->BTNH"): lora_a replaces the output axis by the
+  rank L, lora_b the input axis (openpi's construction, so its adapter shapes are ours).
+  """
+  inputs, out = equation.split("->")
+  lhs, rhs = inputs.split(",")
+  if "L" in equation:
+    raise ValueError(f"The LoRA label L is already used in {equation!r}.")
+  in_label, out_label = rhs[-2], rhs[-1]
+  a_rhs, a_out = rhs.replace(out_label, "L"), out.replace(out_label, "L")
+  return f"{lhs},{a_rhs}->{a_out}", f"{a_out},{rhs.replace(in_label, 'L')}->{out}"
+
+
 def get_variant(name: str) -> Variant:
   if name not in VARIANTS:
     raise ValueError(f"Unknown Gemma variant {name!r}; known: {sorted(VARIANTS)}.")
@@ -103,11 +138,20 @@ class Einsum(nn.Module):
 
   shape: tuple[int, ...]
   init_fn: nn.initializers.Initializer
+  lora: LoRA | None = None
 
   @nn.compact
   def __call__(self, equation, x):
     w = self.param("w", self.init_fn, self.shape)
-    return jnp.einsum(equation, x, w.astype(x.dtype))
+    y = jnp.einsum(equation, x, w.astype(x.dtype))
+    if self.lora is None:
+      return y
+    rank = self.lora.rank
+    a = self.param("lora_a", LORA_INIT, (*self.shape[:-1], rank))
+    b = self.param("lora_b", LORA_INIT, (*self.shape[:-2], rank, self.shape[-1]))
+    eqn_a, eqn_b = lora_equations(equation)
+    low_rank = jnp.einsum(eqn_b, jnp.einsum(eqn_a, x, a.astype(x.dtype)), b.astype(x.dtype))
+    return y + low_rank * jnp.asarray(self.lora.scale, x.dtype)
 
 
 class FeedForward(nn.Module):
@@ -115,6 +159,7 @@ class FeedForward(nn.Module):
 
   width: int
   mlp_dim: int
+  lora: LoRA | None = None
 
   @nn.compact
   def __call__(self, x):  # [B, T, D] -> [B, T, D]
@@ -127,8 +172,23 @@ class FeedForward(nn.Module):
     linear = self.param(
       "linear", nn.initializers.lecun_normal(in_axis=-2, out_axis=-1), (self.mlp_dim, self.width)
     ).astype(dtype)
-    hidden = nn.gelu(jnp.dot(x, gating[0])) * jnp.dot(x, gating[1])
-    return jnp.dot(hidden, linear)
+    if self.lora is None:
+      hidden = nn.gelu(jnp.dot(x, gating[0])) * jnp.dot(x, gating[1])
+      return jnp.dot(hidden, linear)
+    # openpi's FFN adapters: unscaled, gate and up projections each with their own pair.
+    rank = self.lora.rank
+    gating_a = self.param("gating_einsum_lora_a", LORA_INIT, (2, self.width, rank)).astype(dtype)
+    gating_b = self.param("gating_einsum_lora_b", LORA_INIT, (2, rank, self.mlp_dim)).astype(dtype)
+    linear_a = self.param("linear_lora_a", LORA_INIT, (self.mlp_dim, rank)).astype(dtype)
+    linear_b = self.param("linear_lora_b", LORA_INIT, (rank, self.width)).astype(dtype)
+
+    def dot(x, w, a, b):
+      return jnp.dot(x, w) + jnp.dot(jnp.dot(x, a), b)
+
+    hidden = nn.gelu(dot(x, gating[0], gating_a[0], gating_b[0])) * dot(
+      x, gating[1], gating_a[1], gating_b[1]
+    )
+    return dot(hidden, linear, linear_a, linear_b)
 
 
 def apply_rope(x, positions, max_wavelength=10_000):
@@ -176,6 +236,7 @@ class Attention(nn.Module):
   variants: tuple[Variant, Variant]
   knowledge_insulation: bool
   attention_impl: str = "einsum"
+  loras: tuple[LoRA | None, LoRA | None] = (None, None)
 
   @nn.compact
   def __call__(self, xs, positions, masks, context_kv):
@@ -198,11 +259,13 @@ class Attention(nn.Module):
         (variant.num_heads, variant.width, variant.head_dim),
         nn.initializers.lecun_normal(in_axis=-2, out_axis=-1, batch_axis=(0,)),
         name=_suffixed("q_einsum", stream),
+        lora=self.loras[stream],
       )("BTD,NDH->BTNH", x)
       k, v = Einsum(
         (2, variant.num_kv_heads, variant.width, variant.head_dim),
         nn.initializers.lecun_normal(in_axis=-2, out_axis=-1, batch_axis=(0, 1)),
         name=_suffixed("kv_einsum", stream),
+        lora=self.loras[stream],
       )("BSD,2KDH->2BSKH", x)
       q = apply_rope(q, positions[stream]) * jnp.asarray(variant.head_dim**-0.5, q.dtype)
       k = apply_rope(k, positions[stream])
@@ -229,6 +292,7 @@ class Attention(nn.Module):
         (variant.num_heads, variant.head_dim, variant.width),
         nn.initializers.lecun_normal(in_axis=(-3, -2), out_axis=-1),
         name=_suffixed("attn_vec_einsum", stream),
+        lora=self.loras[stream],
       )("BTNH,NHD->BTD", encoded)
     fresh_vlm_kv = qkv[_VLM][1:] if qkv[_VLM] is not None else None
     return outputs, fresh_vlm_kv
@@ -240,6 +304,7 @@ class Block(nn.Module):
   variants: tuple[Variant, Variant]
   knowledge_insulation: bool
   attention_impl: str = "einsum"
+  loras: tuple[LoRA | None, LoRA | None] = (None, None)
 
   @nn.compact
   def __call__(self, xs, context_kv, positions, masks, cond):
@@ -253,7 +318,7 @@ class Block(nn.Module):
           x, conds[s]
         )
     attended, fresh_kv = Attention(
-      self.variants, self.knowledge_insulation, self.attention_impl, name="attn"
+      self.variants, self.knowledge_insulation, self.attention_impl, self.loras, name="attn"
     )(normed, positions, masks, context_kv)
     xs = [_gated_residual(x, y, g) for x, y, g in zip(xs, attended, gates)]
 
@@ -261,9 +326,9 @@ class Block(nn.Module):
     for s, x in enumerate(xs):
       if x is not None:
         y, gates[s] = RMSNorm(adaptive[s], name=_suffixed("pre_ffw_norm", s))(x, conds[s])
-        y = FeedForward(self.variants[s].width, self.variants[s].mlp_dim, name=_suffixed("mlp", s))(
-          y
-        )
+        y = FeedForward(
+          self.variants[s].width, self.variants[s].mlp_dim, self.loras[s], name=_suffixed("mlp", s)
+        )(y)
         out[s] = _gated_residual(x, y, gates[s])
     return tuple(out), fresh_kv
 
@@ -304,6 +369,7 @@ class Gemma(nn.Module):
   knowledge_insulation: bool = True
   remat_policy: str = "nothing_saveable"
   attention_impl: str = "einsum"
+  loras: tuple[LoRA | None, LoRA | None] = (None, None)  # per stream; None = no adapters
 
   def setup(self):
     variants = (get_variant(self.vlm_variant), get_variant(self.expert_variant))
@@ -323,6 +389,7 @@ class Gemma(nn.Module):
       variants=variants,
       knowledge_insulation=self.knowledge_insulation,
       attention_impl=self.attention_impl,
+      loras=self.loras,
     )
     self.final_norm = RMSNorm(adaptive=False)
     self.final_norm_1 = RMSNorm(adaptive=True)

@@ -20,10 +20,25 @@ EXPERT_REGEX = (
 )
 EXPERT_PATTERN = re.compile(EXPERT_REGEX)
 
+# LoRA adapters (ki.model.gemma.LoRA): `<einsum>/lora_a|b` in attention, `<weight>_lora_a|b` in the
+# MLPs; the expert's sit under a "_1" component like the rest of its weights.
+LORA_REGEX = r"PaliGemma/llm/.*lora_[ab]"
+EXPERT_LORA_REGEX = r"PaliGemma/llm/(.*/)?[^/]*_1/([^/]*_)?lora_[ab]"
+
 # Ordered (regex, group) rules by name; `config.optimizer.group_rules` names one of these (or
 # spells its own list of pairs). First full match wins.
 GROUP_RULES: Mapping[str, tuple[tuple[str, str], ...]] = {
   "pi05": ((EXPERT_REGEX, "action_expert"), (r"PaliGemma/.*", "vlm")),
+  # LoRA fine-tuning as openpi freezes it: the language model's base weights (both streams) in
+  # "frozen" (give it frozen=True), the adapters in their own groups; SigLIP, the action
+  # projections and the time MLP still train (openpi's freeze filter leaves them out too).
+  "pi05_lora": (
+    (EXPERT_LORA_REGEX, "action_expert_lora"),
+    (LORA_REGEX, "vlm_lora"),
+    (r"PaliGemma/llm/.*", "frozen"),
+    (EXPERT_REGEX, "action_expert"),
+    (r"PaliGemma/.*", "vlm"),
+  ),
 }
 
 
@@ -60,6 +75,18 @@ def named_leaves(tree) -> list[tuple[str, Any]]:
 def flatten(tree) -> dict[str, Any]:
   """{name: leaf}."""
   return dict(named_leaves(tree))
+
+
+def unflatten(flat: dict[str, Any]) -> dict:
+  """{name: leaf} -> the nested dict `flatten` came from (parameter trees are plain dicts)."""
+  tree: dict = {}
+  for name, leaf in flat.items():
+    node = tree
+    *parents, last = name.split("/")
+    for part in parents:
+      node = node.setdefault(part, {})
+    node[last] = leaf
+  return tree
 
 
 def map_with_names(fn, tree):

@@ -54,6 +54,24 @@ class Config:
   # "einsum" (openpi's arithmetic) or "dot_product_attention" (jax.nn's fused kernels: cuDNN flash
   # attention on GPUs where it fits). Same function; see benchmarks/train_bench.py.
   attention_impl: str = "einsum"
+  # LoRA adapters on each stream's attention and MLP (rank 0 = none; alpha / rank scales the
+  # attention adapters). openpi's gemma_2b_lora and gemma_300m_lora: 16/16 and 32/32. Train them
+  # with the "pi05_lora" group rules (ki.model.params), which freeze the language model's base.
+  vlm_lora_rank: int = 0
+  vlm_lora_alpha: float = 16.0
+  expert_lora_rank: int = 0
+  expert_lora_alpha: float = 32.0
+
+  @property
+  def loras(self) -> tuple[gemma.LoRA | None, gemma.LoRA | None]:
+    """Per stream (VLM, expert): its adapters, or None."""
+    return tuple(
+      gemma.LoRA(rank, alpha) if rank > 0 else None
+      for rank, alpha in (
+        (self.vlm_lora_rank, self.vlm_lora_alpha),
+        (self.expert_lora_rank, self.expert_lora_alpha),
+      )
+    )
 
   def __post_init__(self):
     # ConfigDicts hand over lists; the config must stay hashable (it is a static jit argument).
@@ -100,6 +118,10 @@ class Config:
       errors.append(f"dtype {self.dtype!r} is not one of {_DTYPES}")
     if self.remat_policy != "none" and not hasattr(jax.checkpoint_policies, self.remat_policy):
       errors.append(f"remat_policy {self.remat_policy!r} is not in jax.checkpoint_policies")
+    for stream in ("vlm", "expert"):
+      rank, alpha = getattr(self, f"{stream}_lora_rank"), getattr(self, f"{stream}_lora_alpha")
+      if rank < 0 or (rank > 0 and alpha <= 0):
+        errors.append(f"{stream}_lora_rank must be >= 0 and its alpha > 0, got {rank}, {alpha}")
     if self.attention_impl not in gemma.ATTENTION_IMPLS:
       errors.append(f"attention_impl {self.attention_impl!r} is not one of {gemma.ATTENTION_IMPLS}")
     if errors:
@@ -147,6 +169,7 @@ class PaliGemma(nn.Module):
       knowledge_insulation=c.knowledge_insulation,
       remat_policy=c.remat_policy,
       attention_impl=c.attention_impl,
+      loras=c.loras,
     )
 
 

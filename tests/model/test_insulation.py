@@ -81,3 +81,20 @@ def test_insulation_changes_gradients_not_values():
   losses_on, losses_off = run(params, on), run(params, off)
   for term in ("token_ce", "flow_mse"):
     np.testing.assert_array_equal(losses_on[term], losses_off[term])
+
+
+@pytest.mark.slow
+def test_lora_adapters_are_insulated_too():
+  """With adapters on both streams (ki.model.gemma.LoRA), KI holds for them: the VLM's adapters
+  learn from the token loss only, the expert's from the flow loss only."""
+  config = tiny_config(vlm_lora_rank=2, expert_lora_rank=3, expert_lora_alpha=3.0)
+  params = perturbed(pi05.init_params(config, jax.random.key(0)), jax.random.key(1))
+  flow, token = _grad_norms(config, params, "flow_mse"), _grad_norms(config, params, "token_ce")
+  adapters = [name for name in flow if name.endswith(("lora_a", "lora_b"))]
+  expert = [name for name in adapters if _is_expert(name)]
+  vlm = [name for name in adapters if not _is_expert(name)]
+  assert len(expert) == len(vlm) == 10
+  assert {name: flow[name] for name in vlm if flow[name] != 0.0} == {}
+  assert {name: token[name] for name in expert if token[name] != 0.0} == {}
+  assert all(flow[name] > 0 for name in expert)
+  assert all(token[name] > 0 for name in vlm)
