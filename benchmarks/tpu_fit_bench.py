@@ -49,17 +49,20 @@ def train_config(size: str, *, horizon: int, remat: str, token_weight: float):
   if horizon:
     config.model.action_horizon = horizon
   config.loss.token_weight = token_weight
+  # Token loss off = plain pi0.5 (experiments/pi05_flow_only.py): the flow loss trains the VLM
+  # too. With the stop-gradient kept, nothing would train the VLM and its backward pass would
+  # vanish from the step.
+  config.model.knowledge_insulation = token_weight > 0
   config.init.kind = "scratch"
   config.lock()
   return config
 
 
 def cell_key(cell: dict[str, Any]) -> str:
+  ki = int(cell.get("knowledge_insulation", True))
   return (
-    "{topology}/H{action_horizon}/tw{token_weight:g}/{remat_policy}/b{per_device_batch}".format(
-      **cell
-    )
-  )
+    "{topology}/H{action_horizon}/tw{token_weight:g}/ki{ki}/{remat_policy}/b{per_device_batch}"
+  ).format(ki=ki, **cell)
 
 
 def measure(size, topology, horizon, token_weight, remat, batch) -> dict[str, Any]:
@@ -77,7 +80,7 @@ def largest_fitting(cells: list[dict[str, Any]]) -> dict[str, Any]:
   for cell in cells:
     if "memory_per_device" not in cell:
       continue
-    key = (cell["topology"], cell["action_horizon"], cell["token_weight"], cell["remat_policy"])
+    key = (cell["topology"], cell["action_horizon"], _loss(cell), cell["remat_policy"])
     row = rows.setdefault(key, {"largest_fitting": None, "smallest_not_fitting": None})
     batch = cell["per_device_batch"]
     if cell["fits"]:
@@ -139,9 +142,8 @@ def markdown(results: dict[str, Any]) -> str:
     rows,
   )
   fits = [
-    [topology, horizon, _loss({"token_weight": tw}), remat, r["largest_fitting"]]
-    + [r["smallest_not_fitting"]]
-    for (topology, horizon, tw, remat), r in sorted(largest_fitting(cells).items())
+    [topology, horizon, loss, remat, r["largest_fitting"], r["smallest_not_fitting"]]
+    for (topology, horizon, loss, remat), r in sorted(largest_fitting(cells).items())
   ]
   return (
     table
@@ -155,7 +157,11 @@ def markdown(results: dict[str, Any]) -> str:
 
 
 def _loss(cell) -> str:
-  return "KI" if cell["token_weight"] > 0 else "flow only"
+  if cell["token_weight"] > 0:
+    return "KI" if cell.get("knowledge_insulation", True) else "joint, no stop-gradient"
+  if cell.get("knowledge_insulation", True):
+    return "flow, VLM insulated (no VLM gradient)"
+  return "flow only"
 
 
 def _order(cell):
@@ -163,6 +169,7 @@ def _order(cell):
     cell["topology"],
     cell["action_horizon"],
     -cell["token_weight"],
+    not cell.get("knowledge_insulation", True),
     cell["remat_policy"],
     cell["per_device_batch"],
   )
@@ -202,7 +209,8 @@ def main(argv=None):
   cells = {}
   if os.path.exists(path):
     with open(path) as f:
-      cells = json.load(f).get("cells", {})
+      # Keyed again: earlier files keyed cells without the insulation switch.
+      cells = {cell_key(c): c for c in json.load(f).get("cells", {}).values()}
   results = {"size": size, "cells": cells}
 
   command = " ".join(
@@ -224,6 +232,7 @@ def main(argv=None):
                 topology=topology,
                 action_horizon=horizon,
                 token_weight=token_weight,
+                knowledge_insulation=token_weight > 0,
                 remat_policy=remat,
                 per_device_batch=batch,
                 skipped=f"not compiled: batch {over} already exceeds HBM",
