@@ -89,6 +89,9 @@ def compilation_cache(request):
   return str(request.config.cache.mkdir("ki_jax_compilation_cache"))
 
 
+# Never beside the other multi-process test: four JAX processes with gloo on two cores can miss
+# gloo's 30 s rendezvous deadline.
+@pytest.mark.xdist_group("multiprocess")
 @pytest.mark.multiprocess
 @pytest.mark.slow
 def test_sbatch_script_trains_two_processes_under_fake_slurm(

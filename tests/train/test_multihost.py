@@ -67,6 +67,9 @@ def _finish(processes, timeout=300):
   return results, outputs
 
 
+# Never beside the other multi-process test: four JAX processes with gloo on two cores can miss
+# gloo's 30 s rendezvous deadline.
+@pytest.mark.xdist_group("multiprocess")
 @pytest.mark.multiprocess
 @pytest.mark.slow
 def test_two_processes_train_checkpoint_and_stop_together_on_sigterm(tmp_path, compilation_cache):
