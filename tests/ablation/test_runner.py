@@ -54,6 +54,11 @@ def test_quick_ablation_writes_its_table_and_plots(tmp_path, request):
     "ki.ablation",
     f"--out={out}",
     "--quick",
+    # tests/train/tiny.py's widths and 32 px images for every stage: the test is about the
+    # runner's plumbing, and the smaller programs compile in a fraction of the time.
+    "--override=model.vlm_variant=tiny",
+    "--override=model.expert_variant=tiny",
+    "--override=model.image_size=32",
     f"--cache={tmp_path / 'cache'}",
     f"--compilation_cache={compilation_cache}",
   ]

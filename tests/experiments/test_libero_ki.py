@@ -65,6 +65,11 @@ def test_smoke_trains_and_serves_a_libero_request(tmp_path, compilation_cache):
     "ki.main",
     "--config=experiments/libero_ki.py:smoke",
     f"--workdir={tmp_path / 'work'}",
+    # The smoke model with tests/train/tiny.py's widths and 32 px images: the test is about the
+    # data, training and serving path, and the smaller program compiles in a fraction of the time.
+    "--config.model.vlm_variant=tiny",
+    "--config.model.expert_variant=tiny",
+    "--config.model.image_size=32",
     "--config.synthetic_data.episodes=10",
     "--config.synthetic_data.vlm_images=20",
     "--config.total_steps=40",

@@ -1,10 +1,8 @@
 """Fixtures shared by the model tests."""
 
-import jax
 import pytest
 
-from ki.model import pi05
-from tests.model.tiny import perturbed, tiny_config
+from tests.model.tiny import tiny_config, tiny_params
 
 
 @pytest.fixture(scope="module")
@@ -14,4 +12,4 @@ def config():
 
 @pytest.fixture(scope="module")
 def params(config):
-  return perturbed(pi05.init_params(config, jax.random.key(0)), jax.random.key(1))
+  return tiny_params(config)

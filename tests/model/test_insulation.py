@@ -10,7 +10,7 @@ import pytest
 
 from ki.model import params as params_lib
 from ki.model import pi05
-from tests.model.tiny import perturbed, tiny_config
+from tests.model.tiny import tiny_config, tiny_params
 
 EXPERT_ROOTS = ("action_in_proj", "action_out_proj", "time_mlp_in", "time_mlp_out")
 # The VLM's final norm only feeds the language-model head, so no flow gradient can reach it in
@@ -44,7 +44,7 @@ def _grad_norms(config, params, term):
 @pytest.fixture(scope="module", params=[True, False], ids=["ki_on", "ki_off"])
 def setup(request):
   config = tiny_config(knowledge_insulation=request.param)
-  params = perturbed(pi05.init_params(config, jax.random.key(0)), jax.random.key(1))
+  params = tiny_params(config)
   return config, params
 
 
@@ -73,7 +73,7 @@ def test_fast_loss_never_reaches_the_expert(setup):
 def test_insulation_changes_gradients_not_values():
   """The switch is a stop-gradient only: both modes compute identical losses."""
   on, off = tiny_config(knowledge_insulation=True), tiny_config(knowledge_insulation=False)
-  params = perturbed(pi05.init_params(on, jax.random.key(0)), jax.random.key(1))
+  params = tiny_params(on)
   obs, actions = pi05.fake_observation(on, 2), pi05.fake_actions(on, 2)
   run = functools.partial(
     pi05.compute_losses, observation=obs, actions=actions, rng=jax.random.key(5)
@@ -88,7 +88,7 @@ def test_lora_adapters_are_insulated_too():
   """With adapters on both streams (ki.model.gemma.LoRA), KI holds for them: the VLM's adapters
   learn from the token loss only, the expert's from the flow loss only."""
   config = tiny_config(vlm_lora_rank=2, expert_lora_rank=3, expert_lora_alpha=3.0)
-  params = perturbed(pi05.init_params(config, jax.random.key(0)), jax.random.key(1))
+  params = tiny_params(config)
   flow, token = _grad_norms(config, params, "flow_mse"), _grad_norms(config, params, "token_ce")
   adapters = [name for name in flow if name.endswith(("lora_a", "lora_b"))]
   expert = [name for name in adapters if _is_expert(name)]

@@ -26,6 +26,13 @@ def tiny_config(**overrides) -> pi05.Config:
   return pi05.Config(**fields).validate()
 
 
+def tiny_params(config: pi05.Config, seed: int = 0):
+  """perturbed(init_params(config)), with the initialiser compiled once rather than run op by op
+  (the eager init of even the tiny model takes tens of seconds on a 2-core CPU)."""
+  init = jax.jit(pi05.init_params, static_argnums=0)
+  return perturbed(init(config, jax.random.key(seed)), jax.random.key(seed + 1))
+
+
 def perturbed(params, rng, scale=0.05):
   """Fresh params with every leaf nudged, like a trained model's.
 
