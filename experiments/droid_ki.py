@@ -59,27 +59,25 @@ def base_config() -> ml_collections.ConfigDict:
   return config
 
 
-def _synthetic_config(variant: str) -> ml_collections.ConfigDict:
-  """The parts every synthetic-data variant shares: data, assets and evaluation in its cache."""
-  config = base_config()
-  cache = cache_dir(variant)
+def synthetic_run(config: ml_collections.ConfigDict, variant: str, cache: str, **model) -> None:
+  """What every synthetic-data variant (here and experiments/libero_ki.py) shares: one device
+  axis, the model size `variant` (with `model` overrides), training from scratch, the generated
+  assets, co-training and language eval in `cache`, and the size's steps, batch and schedule."""
   config.mesh = (("data", -1), ("fsdp", 1))
   config.fsdp_min_size_bytes = 2**20
   config.compilation_cache_dir = os.path.join(cache, "jax_cache")
   config.init.kind = "scratch"
-  config.model = ml_collections.ConfigDict(sizes.fields(variant))
-  config.synthetic_data.update(dict(dir=cache, **SYNTHETIC_DATA[variant]))
+  config.model = ml_collections.ConfigDict(sizes.fields(variant, **model))
   config.assets.norm_stats = os.path.join(cache, "norm_stats.json")
   config.assets.fast_tokenizer = os.path.join(cache, "fast_tokenizer")
   config.assets.prompt_tokenizer = os.path.join(cache, "tokenizer.model")
   config.eval.vlm_heldout = os.path.join(cache, "vlm", "heldout.jsonl")
-  config.data.arrayrecord_dir = os.path.join(cache, "arrayrecord", "train")
-  config.data.eval_arrayrecord_dir = os.path.join(cache, "arrayrecord", "eval")
   config.data.augment = False
   config.data.vlm_sources = (
     {"kind": "jsonl", "path": os.path.join(cache, "vlm", "train.jsonl"), "weight": 0.2},
   )
-  return config
+  config.update_from_flattened_dict(_RUNS[variant])
+  config.optimizer.groups = _groups(**_SCHEDULES[variant])
 
 
 def _groups(**settings) -> dict:
@@ -87,36 +85,55 @@ def _groups(**settings) -> dict:
   return dict(vlm=dict(group), action_expert=dict(group))
 
 
-def smoke_config() -> ml_collections.ConfigDict:
-  config = _synthetic_config("smoke")
-  config.total_steps = 400
-  config.batch_size = 16
-  config.optimizer.groups = _groups(
-    peak_lr=1e-3, warmup_steps=20, decay_steps=400, end_lr=1e-4, weight_decay=1e-4
-  )
-  config.data.num_workers = 0
-  config.data.read_threads = 1
-  config.checkpoint.update(dict(every=100, max_to_keep=2, keep_period=0))
-  config.log_every = 20
-  config.eval.update(dict(every=200, batch_size=16, max_batches=4))
+# Steps, batch, data workers, checkpoints, logging and evaluation of the synthetic sizes.
+_RUNS = {
+  "smoke": {
+    "total_steps": 400,
+    "batch_size": 16,
+    "data.num_workers": 0,
+    "data.read_threads": 1,
+    "checkpoint.every": 100,
+    "checkpoint.max_to_keep": 2,
+    "checkpoint.keep_period": 0,
+    "log_every": 20,
+    "eval.every": 200,
+    "eval.batch_size": 16,
+    "eval.max_batches": 4,
+  },
+  "medium": {
+    "total_steps": 3_000,
+    "batch_size": 64,
+    "data.num_workers": 8,  # ~200 examples/s per worker; a GPU step takes tens of ms
+    "checkpoint.every": 1_000,
+    "checkpoint.max_to_keep": 2,
+    "checkpoint.keep_period": 0,
+    "log_every": 50,
+    "eval.every": 500,
+    "eval.batch_size": 64,
+    "eval.max_batches": 4,
+  },
+}
+_SCHEDULES = {
+  "smoke": dict(peak_lr=1e-3, warmup_steps=20, decay_steps=400, end_lr=1e-4, weight_decay=1e-4),
+  "medium": dict(peak_lr=3e-4, warmup_steps=100, decay_steps=3_000, end_lr=3e-5, weight_decay=1e-4),
+}
+
+
+def _synthetic_config(variant: str) -> ml_collections.ConfigDict:
+  config = base_config()
+  cache = cache_dir(variant)
+  synthetic_run(config, variant, cache)
+  config.synthetic_data.update(dict(dir=cache, **SYNTHETIC_DATA[variant]))
+  config.data.arrayrecord_dir = os.path.join(cache, "arrayrecord", "train")
+  config.data.eval_arrayrecord_dir = os.path.join(cache, "arrayrecord", "eval")
   return config
 
 
-def medium_config() -> ml_collections.ConfigDict:
-  config = _synthetic_config("medium")
-  config.total_steps = 3_000
-  config.batch_size = 64
-  config.optimizer.groups = _groups(
-    peak_lr=3e-4, warmup_steps=100, decay_steps=3_000, end_lr=3e-5, weight_decay=1e-4
-  )
-  config.data.num_workers = 8  # ~200 examples/s per worker; a GPU step takes tens of ms
-  config.checkpoint.update(dict(every=1_000, max_to_keep=2, keep_period=0))
-  config.log_every = 50
-  config.eval.update(dict(every=500, batch_size=64, max_batches=4))
-  return config
-
-
-VARIANTS = {"full": base_config, "medium": medium_config, "smoke": smoke_config}
+VARIANTS = {
+  "full": base_config,
+  "medium": lambda: _synthetic_config("medium"),
+  "smoke": lambda: _synthetic_config("smoke"),
+}
 
 
 def get_config(variant: str = "full") -> ml_collections.ConfigDict:

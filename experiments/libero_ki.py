@@ -44,7 +44,6 @@ import ml_collections
 
 from experiments import droid_ki
 from ki import batch as batch_lib
-from ki.model import sizes
 from ki.train import config as config_lib
 
 ACTION_HORIZON = 10
@@ -94,63 +93,21 @@ def base_config() -> ml_collections.ConfigDict:
 def _synthetic_config(variant: str) -> ml_collections.ConfigDict:
   config = base_config()
   cache = droid_ki.cache_dir(f"libero_{variant}")
-  config.mesh = (("data", -1), ("fsdp", 1))
-  config.fsdp_min_size_bytes = 2**20
-  config.compilation_cache_dir = os.path.join(cache, "jax_cache")
-  config.init.kind = "scratch"
-  config.model = ml_collections.ConfigDict(
-    sizes.fields(variant, action_horizon=ACTION_HORIZON, data_action_dim=ACTION_DIMS)
+  droid_ki.synthetic_run(
+    config, variant, cache, action_horizon=ACTION_HORIZON, data_action_dim=ACTION_DIMS
   )
   config.optimizer.ema_decay = None
   config.synthetic_data.update(dict(dir=cache, **SYNTHETIC_DATA[variant]))
-  config.assets.norm_stats = os.path.join(cache, "norm_stats.json")
-  config.assets.fast_tokenizer = os.path.join(cache, "fast_tokenizer")
-  config.assets.prompt_tokenizer = os.path.join(cache, "tokenizer.model")
-  config.eval.vlm_heldout = os.path.join(cache, "vlm", "heldout.jsonl")
   config.data.lerobot_dir = os.path.join(cache, "lerobot")
   config.data.lerobot_eval_episodes = EVAL_EPISODES[variant]
-  config.data.augment = False
-  config.data.vlm_sources = (
-    {"kind": "jsonl", "path": os.path.join(cache, "vlm", "train.jsonl"), "weight": 0.2},
-  )
   return config
 
 
-def _groups(**settings) -> dict:
-  group = dict(config_lib.OPENPI_GROUP, **settings)
-  return dict(vlm=dict(group), action_expert=dict(group))
-
-
-def smoke_config() -> ml_collections.ConfigDict:
-  config = _synthetic_config("smoke")
-  config.total_steps = 400
-  config.batch_size = 16
-  config.optimizer.groups = _groups(
-    peak_lr=1e-3, warmup_steps=20, decay_steps=400, end_lr=1e-4, weight_decay=1e-4
-  )
-  config.data.num_workers = 0
-  config.data.read_threads = 1
-  config.checkpoint.update(dict(every=100, max_to_keep=2, keep_period=0))
-  config.log_every = 20
-  config.eval.update(dict(every=200, batch_size=16, max_batches=4))
-  return config
-
-
-def medium_config() -> ml_collections.ConfigDict:
-  config = _synthetic_config("medium")
-  config.total_steps = 3_000
-  config.batch_size = 64
-  config.optimizer.groups = _groups(
-    peak_lr=3e-4, warmup_steps=100, decay_steps=3_000, end_lr=3e-5, weight_decay=1e-4
-  )
-  config.data.num_workers = 8
-  config.checkpoint.update(dict(every=1_000, max_to_keep=2, keep_period=0))
-  config.log_every = 50
-  config.eval.update(dict(every=500, batch_size=64, max_batches=4))
-  return config
-
-
-VARIANTS = {"full": base_config, "medium": medium_config, "smoke": smoke_config}
+VARIANTS = {
+  "full": base_config,
+  "medium": lambda: _synthetic_config("medium"),
+  "smoke": lambda: _synthetic_config("smoke"),
+}
 
 
 def get_config(variant: str = "full") -> ml_collections.ConfigDict:
