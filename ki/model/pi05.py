@@ -19,7 +19,7 @@ import jax.numpy as jnp
 from ki import batch as batch_lib
 from ki.batch import Observation
 from ki.model import flops as flops_lib
-from ki.model import gemma, siglip
+from ki.model import gemma, rtc, siglip
 from ki.model import masks as masks_lib
 
 PALIGEMMA_VOCAB_SIZE = 257_152
@@ -382,11 +382,22 @@ def encode_prefix(params, config: Config, observation: Observation):
 
 
 def sample_actions(
-  params, config: Config, observation: Observation, rng, *, num_steps=10, noise=None
+  params,
+  config: Config,
+  observation: Observation,
+  rng,
+  *,
+  num_steps=10,
+  noise=None,
+  previous_chunk: rtc.PreviousChunk | None = None,
 ):
   """Flow decoding: prefix once into a KV cache, then `num_steps` Euler steps from t=1 to 0.
 
   A FAST postfix in the observation, if any, is ignored (the expert never reads it).
+  With `previous_chunk` (real-time chunking, ki/model/rtc.py) each Euler step adds the paper's
+  guidance toward the previous chunk (one extra VJP through the expert per step) and the first
+  `previous_chunk.delay` rows of the result are the previous chunk's exactly. Without it the
+  program is the plain one.
   Returns normalised actions [B, H, action_dim].
   """
   batch = observation.tokenized_prompt.shape[0]
@@ -394,6 +405,8 @@ def sample_actions(
     noise = jax.random.normal(rng, (batch, config.action_horizon, config.action_dim))
   _, kv, visible = encode_prefix(params, config, observation)
   dt = -1.0 / num_steps
+  if previous_chunk is not None:
+    return _sample_guided(params, config, kv, visible, noise, num_steps, previous_chunk)
 
   def euler_step(i, x_t):
     time = jnp.full((batch,), 1.0 + i * dt, jnp.float32)
@@ -401,6 +414,35 @@ def sample_actions(
     return x_t + dt * velocity
 
   return jax.lax.fori_loop(0, num_steps, euler_step, noise.astype(jnp.float32))
+
+
+def _sample_guided(params, config: Config, kv, visible, noise, num_steps, chunk: rtc.PreviousChunk):
+  """sample_actions' Euler loop with RTC guidance (ki/model/rtc.py); same fixed trip count."""
+  batch, horizon, action_dim = noise.shape
+  if chunk.actions.shape != noise.shape:
+    raise ValueError(
+      f"previous_chunk.actions has shape {chunk.actions.shape}; the chunk is {noise.shape}"
+    )
+  # Only the real action dims carry a target; the padding past data_action_dim is left free.
+  real_dims = (jnp.arange(action_dim) < config.data_action_dim).astype(jnp.float32)
+  weights = rtc.prefix_weights(chunk.delay, chunk.prefix_length, horizon, chunk.schedule)
+  weights = weights[:, :, None] * real_dims
+  dt = -1.0 / num_steps
+
+  def euler_step(i, x_t):
+    time = jnp.full((batch,), 1.0 + i * dt, jnp.float32)
+    velocity = rtc.guided_velocity(
+      lambda x: _apply(params, config, Pi05.velocity, kv, visible, x, time),
+      x_t,
+      time,
+      chunk.actions,
+      weights,
+      chunk.max_guidance_weight,
+    )
+    return x_t + dt * velocity
+
+  actions = jax.lax.fori_loop(0, num_steps, euler_step, noise.astype(jnp.float32))
+  return rtc.freeze_prefix(actions, chunk)
 
 
 def sample_fast(params, config: Config, observation: Observation, *, max_tokens):
