@@ -9,12 +9,20 @@ rest. Drive it with openpi's client:
   from openpi_client import websocket_client_policy
   client = websocket_client_policy.WebsocketClientPolicy(host="127.0.0.1", port=8000)
   actions = client.infer(observation)["actions"]  # [H, 8]: absolute joints (7) + gripper (1)
+
+Real-time chunking: from the second request on, add how many actions of the last chunk had run
+when the observation was taken and how many will run before the reply arrives; the reply's first
+d actions are the last chunk's, and the robot switches to the new chunk at index d:
+
+  observation["rtc/executed_steps"] = s
+  observation["rtc/inference_delay"] = d  # ceil(inference latency * control rate), see README
 """
 
 import logging
 
 from absl import app, flags
 
+from ki.model import rtc
 from ki.serve import policy as policy_lib
 from ki.serve import server as server_lib
 
@@ -24,6 +32,14 @@ _HOST = flags.DEFINE_string(
 )
 _PORT = flags.DEFINE_integer("port", server_lib.DEFAULT_PORT, "TCP port.")
 _FLOW_STEPS = flags.DEFINE_integer("num_flow_steps", 10, "Euler steps of flow decoding.")
+_RTC_BETA = flags.DEFINE_float(
+  "rtc_max_guidance_weight",
+  rtc.DEFAULT_MAX_GUIDANCE_WEIGHT,
+  "Real-time chunking: the cap on the guidance weight (the paper's beta; 0 = frozen prefix only).",
+)
+_RTC_SCHEDULE = flags.DEFINE_enum(
+  "rtc_schedule", "exp", list(rtc.SCHEDULES), "Real-time chunking: soft mask over the overlap."
+)
 _MAX_MESSAGE_MB = flags.DEFINE_float(
   "max_message_mb",
   server_lib.DEFAULT_MAX_MESSAGE_BYTES / 2**20,
@@ -34,8 +50,17 @@ _MAX_MESSAGE_MB = flags.DEFINE_float(
 def main(argv):
   del argv
   logging.getLogger().setLevel(logging.INFO)
-  policy = policy_lib.Policy.from_checkpoint(_CHECKPOINT.value, num_flow_steps=_FLOW_STEPS.value)
-  logging.info("Compiled sample_actions in %.1f s.", policy.warmup())
+  policy = policy_lib.Policy.from_checkpoint(
+    _CHECKPOINT.value,
+    num_flow_steps=_FLOW_STEPS.value,
+    rtc_max_guidance_weight=_RTC_BETA.value,
+    rtc_schedule=_RTC_SCHEDULE.value,
+  )
+  # Both programs before the port opens, so neither the first plain nor the first RTC request
+  # waits for a compile.
+  logging.info(
+    "Compiled sample_actions, plain and with RTC, in %.1f s.", policy.warmup(rtc_too=True)
+  )
   server = server_lib.PolicyServer(
     policy, host=_HOST.value, port=_PORT.value, max_message_bytes=int(_MAX_MESSAGE_MB.value * 2**20)
   )

@@ -15,6 +15,17 @@ A request with "observation/image" is openpi's LIBERO observation instead (its L
   "prompt":                  str
 `parse_any` picks the format from the keys.
 
+Either format may add real-time chunking (RTC, ki/model/rtc.py) keys; openpi's clients send none
+and get plain chunks:
+  "rtc/previous_actions": real [K, A], 1 <= K <= H: the chunk the robot is executing, in the raw
+                          units the server sent it (absolute joints + gripper for DROID)
+  "rtc/executed_steps":   int s, 0 <= s <= K: how many of its actions had been executed when this
+                          observation was taken (default 0); without rtc/previous_actions the
+                          server uses the chunk it last sent on this connection
+  "rtc/inference_delay":  int d, 0 <= d <= K - s: how many more actions of it will execute before
+                          the reply arrives (default 0)
+`parse_rtc` checks them and returns the previous chunk's remaining actions and d.
+
 Every check raises `InvalidObservationError` naming the key and what is wrong with it, so a robot
 operator reading the error on the client side knows what to fix.
 """
@@ -47,6 +58,10 @@ LIBERO_IMAGE_SLOTS = {
   batch_lib.BASE_SLOT: LIBERO_IMAGE,
   batch_lib.LEFT_WRIST_SLOT: LIBERO_WRIST_IMAGE,
 }
+RTC_PREVIOUS_ACTIONS = "rtc/previous_actions"
+RTC_EXECUTED_STEPS = "rtc/executed_steps"
+RTC_INFERENCE_DELAY = "rtc/inference_delay"
+RTC_KEYS = (RTC_PREVIOUS_ACTIONS, RTC_EXECUTED_STEPS, RTC_INFERENCE_DELAY)
 # Far above any robot camera; refuses a malformed header before PIL allocates for it.
 MAX_IMAGE_SIDE = 8192
 
@@ -141,6 +156,56 @@ def parse_any(obs: Any, *, state_dim: int) -> tuple[dict[str, np.ndarray], np.nd
   if isinstance(obs, Mapping) and LIBERO_IMAGE in obs:
     return parse_libero(obs, state_dim)
   return parse(obs)
+
+
+def _count(obs: Mapping[str, Any], key: str, low: int, high: int) -> int:
+  """A non-negative step count in [low, high]; integers only (a float delay is a client bug)."""
+  if key not in obs:
+    return 0
+  value = obs[key]
+  if isinstance(value, np.ndarray) and value.shape == ():
+    value = value[()]
+  if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
+    raise InvalidObservationError(f"{key} must be an integer, got {value!r}")
+  if not low <= value <= high:
+    raise InvalidObservationError(f"{key} must be in [{low}, {high}], got {value}")
+  return int(value)
+
+
+def parse_rtc(
+  obs: Mapping[str, Any], *, horizon: int, action_dim: int
+) -> tuple[np.ndarray, int] | None:
+  """The RTC keys of a checked request -> (remaining float32 [P, action_dim], delay d), or None
+  when the request has none (a plain request).
+
+  remaining = rtc/previous_actions[s:]: the previous chunk's actions for this observation's time
+  step onward (P = K - s, possibly 0), which the new chunk's first P positions should continue;
+  the first d of them execute while the new chunk is computed.
+  """
+  if not any(key in obs for key in RTC_KEYS):
+    return None
+  if RTC_PREVIOUS_ACTIONS not in obs:
+    raise InvalidObservationError(
+      f"{RTC_INFERENCE_DELAY} / {RTC_EXECUTED_STEPS} need a previous chunk: send "
+      f"{RTC_PREVIOUS_ACTIONS} (or {RTC_EXECUTED_STEPS} after a reply on the same connection)"
+    )
+  previous = obs[RTC_PREVIOUS_ACTIONS]
+  if not isinstance(previous, np.ndarray) or previous.dtype.kind not in "fiu":
+    raise InvalidObservationError(
+      f"{RTC_PREVIOUS_ACTIONS} must be a real numpy array [K, {action_dim}] (the chunk the "
+      f"server sent), got {getattr(previous, 'dtype', type(previous).__name__)}"
+    )
+  if previous.ndim != 2 or previous.shape[1] != action_dim or not 1 <= len(previous) <= horizon:
+    raise InvalidObservationError(
+      f"{RTC_PREVIOUS_ACTIONS} must have shape [K, {action_dim}] with 1 <= K <= {horizon} (the "
+      f"horizon), got {previous.shape}"
+    )
+  if not np.all(np.isfinite(previous)):
+    raise InvalidObservationError(f"{RTC_PREVIOUS_ACTIONS} has non-finite values")
+  executed = _count(obs, RTC_EXECUTED_STEPS, 0, len(previous))
+  remaining = previous[executed:].astype(np.float32)
+  delay = _count(obs, RTC_INFERENCE_DELAY, 0, len(remaining))
+  return remaining, delay
 
 
 def fake_libero_observation(

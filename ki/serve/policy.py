@@ -7,6 +7,17 @@
   actions sample_actions (prefix + KV cache + Euler steps), cut to the 8 real dims,
           unnormalised, then delta joints turned back into absolute ones with the current state.
 
+Real-time chunking (RTC, ki/model/rtc.py; request keys in ki/serve/observation.py). The client
+sends the chunk it is executing (raw units, as this server sent it), how many of its actions had
+run when the observation was taken (s) and how many more will run before the reply arrives (d).
+The server takes remaining = previous[s:] (P rows: the previous chunk's actions for this
+observation's time steps onward), maps it into the model's space exactly as training maps a chunk
+(joints made relative to *this* observation's state with the delta mask, then the action norm
+stats), and samples the new chunk guided toward it over its first P positions (soft mask: 1 for
+the first d, exponentially decaying after, 0 from P on). Its first d rows are then set to
+remaining[:d] in raw units, bit for bit: those are the actions the robot executes anyway while the
+reply is in flight, and the robot switches to the new chunk at row d.
+
 `Policy.from_checkpoint` reads what the trainer wrote (layout in ki/checkpoint.py): the `params`
 item (restored by orbax onto the local device, shapes and dtypes checked against the model config)
 and the `assets` files (config.json, norm_stats.json, tokenizer.model).
@@ -26,7 +37,7 @@ import orbax.checkpoint as ocp
 from ki import checkpoint as checkpoint_lib
 from ki.batch import Observation
 from ki.data import droid, normalize
-from ki.model import pi05
+from ki.model import pi05, rtc
 from ki.serve import observation as observation_lib
 from ki.tokenizers import prompt as prompt_lib
 
@@ -77,6 +88,8 @@ class Policy:
     num_flow_steps: int = 10,
     seed: int = 0,
     metadata: dict | None = None,
+    rtc_max_guidance_weight: float = rtc.DEFAULT_MAX_GUIDANCE_WEIGHT,
+    rtc_schedule: str = "exp",
   ):
     """
     Args:
@@ -90,6 +103,9 @@ class Policy:
       num_flow_steps: Euler steps of sample_actions (pi0.5: 10).
       seed: base of the per-request noise (request k uses fold_in(seed, k)).
       metadata: sent to clients on connect (extended with the model's shapes).
+      rtc_max_guidance_weight: beta of real-time chunking (the paper's 5); 0 keeps only the
+        frozen first d actions.
+      rtc_schedule: the soft mask over the guided overlap (rtc.SCHEDULES).
     """
     for key in ("state", "actions"):
       if key not in norm_stats:
@@ -122,6 +138,12 @@ class Policy:
     self.norm_stats = norm_stats
     self.delta_action_mask = tuple(delta_action_mask) if delta_action_mask else None
     self.num_flow_steps = num_flow_steps
+    if rtc_schedule not in rtc.SCHEDULES:
+      raise ValueError(f"unknown RTC schedule {rtc_schedule!r}; known: {rtc.SCHEDULES}")
+    if not rtc_max_guidance_weight >= 0:
+      raise ValueError(f"rtc_max_guidance_weight must be >= 0, got {rtc_max_guidance_weight}")
+    self.rtc_max_guidance_weight = float(rtc_max_guidance_weight)
+    self.rtc_schedule = rtc_schedule
     self._base_rng = jax.random.key(seed)
     self._count = 0
     self._lock = threading.Lock()
@@ -136,15 +158,36 @@ class Policy:
         if self.request_format == "droid"
         else observation_lib.LIBERO_REQUIRED_KEYS
       ),
+      rtc={
+        "keys": list(observation_lib.RTC_KEYS),
+        "max_guidance_weight": self.rtc_max_guidance_weight,
+        "schedule": rtc_schedule,
+      },
     )
 
     def sample(params, observation: Observation, rng):
       return pi05.sample_actions(params, model_config, observation, rng, num_steps=num_flow_steps)
 
+    def sample_rtc(params, observation: Observation, rng, previous: rtc.PreviousChunk):
+      return pi05.sample_actions(
+        params, model_config, observation, rng, num_steps=num_flow_steps, previous_chunk=previous
+      )
+
     self._sample = jax.jit(sample)
+    # Compiled on the first RTC request (or by warmup(rtc=True)); d and P are traced, so one
+    # program serves every delay.
+    self._sample_rtc = jax.jit(sample_rtc)
 
   @classmethod
-  def from_checkpoint(cls, path: str, *, num_flow_steps: int = 10, seed: int = 0) -> "Policy":
+  def from_checkpoint(
+    cls,
+    path: str,
+    *,
+    num_flow_steps: int = 10,
+    seed: int = 0,
+    rtc_max_guidance_weight: float = rtc.DEFAULT_MAX_GUIDANCE_WEIGHT,
+    rtc_schedule: str = "exp",
+  ) -> "Policy":
     """From a step folder, or a workdir or its checkpoints/ folder (the latest finished step)."""
     step_dir = checkpoint_lib.resolve_step_dir(path)
     if not (step_dir / checkpoint_lib.PARAMS_ITEM).is_dir():
@@ -182,6 +225,8 @@ class Policy:
       num_flow_steps=num_flow_steps,
       seed=seed,
       metadata=metadata,
+      rtc_max_guidance_weight=rtc_max_guidance_weight,
+      rtc_schedule=rtc_schedule,
     )
 
   def _model_inputs(
@@ -217,9 +262,30 @@ class Policy:
       self._count += 1
       return jax.random.fold_in(self._base_rng, self._count)
 
+  def _previous_chunk(self, remaining: np.ndarray, delay: int, state: np.ndarray):
+    """The previous chunk's remaining raw actions [P, A] -> rtc.PreviousChunk in model space:
+    the same delta (relative to this observation's state) and normalisation as training."""
+    config = self.model_config
+    target = remaining
+    if self.delta_action_mask:
+      target = droid.to_delta_actions(target, state, self.delta_action_mask)
+    target = normalize.quantile_normalize(target, self.norm_stats["actions"])
+    padded = np.zeros((1, config.action_horizon, config.action_dim), np.float32)
+    padded[0, : len(target), : self.action_dims] = target
+    return rtc.previous_chunk(
+      padded,
+      delay,
+      len(target),
+      max_guidance_weight=self.rtc_max_guidance_weight,
+      schedule=self.rtc_schedule,
+    )
+
   def infer(self, obs: dict[str, Any]) -> dict[str, Any]:
     """One DROID request -> {"actions": float32 [H, 8] (absolute joints + gripper, raw units),
-    "policy_timing": {"infer_ms": float}}. Raises InvalidObservationError for a bad request."""
+    "policy_timing": {"infer_ms": float}}. Raises InvalidObservationError for a bad request.
+
+    With the RTC keys (module docstring) the chunk continues the previous one and its first d rows
+    are the previous chunk's rtc/previous_actions[s : s + d] exactly."""
     start = time.monotonic()
     images, state, prompt = observation_lib.parse_any(obs, state_dim=self.state_dim)
     if len(state) != self.state_dim:
@@ -227,23 +293,46 @@ class Policy:
         f"this policy was trained on a {self.state_dim}-D state; a DROID request gives "
         f"{len(state)}-D (send {observation_lib.LIBERO_STATE} with {self.state_dim} values)"
       )
+    previous = observation_lib.parse_rtc(
+      obs, horizon=self.model_config.action_horizon, action_dim=self.action_dims
+    )
     observation = self._model_inputs(images, state, prompt)
-    normalized = np.asarray(self._sample(self.params, observation, self._next_rng()))[0]
+    remaining, delay = previous if previous is not None else (None, 0)
+    if remaining is None or len(remaining) == 0:  # nothing left of the previous chunk to continue
+      normalized = self._sample(self.params, observation, self._next_rng())
+    else:
+      chunk = self._previous_chunk(remaining, delay, state)
+      normalized = self._sample_rtc(self.params, observation, self._next_rng(), chunk)
+    normalized = np.asarray(normalized)[0]
     actions = normalize.quantile_unnormalize(
       normalized[:, : self.action_dims], self.norm_stats["actions"]
     )
     if self.delta_action_mask:
       actions = droid.to_absolute_actions(actions, state, self.delta_action_mask)
+    actions = actions.astype(np.float32)
+    if delay:  # the model's rows are equal in its space; these are equal in the robot's units
+      actions[:delay] = remaining[:delay]
     return {
-      "actions": actions.astype(np.float32),
+      "actions": actions,
       "policy_timing": {"infer_ms": 1000 * (time.monotonic() - start)},
     }
 
-  def warmup(self) -> float:
-    """Compiles sample_actions with a fake request; returns the seconds it took."""
+  def warmup(self, *, rtc_too: bool = False) -> float:
+    """Compiles sample_actions with a fake request (and its RTC program when `rtc_too`); returns
+    the seconds it took."""
     start = time.monotonic()
     if self.request_format == "droid":
-      self.infer(observation_lib.fake_droid_observation())
+      request = observation_lib.fake_droid_observation()
     else:
-      self.infer(observation_lib.fake_libero_observation(state_dim=self.state_dim))
+      request = observation_lib.fake_libero_observation(state_dim=self.state_dim)
+    previous = self.infer(request)["actions"]
+    if rtc_too:
+      self.infer(
+        {
+          **request,
+          observation_lib.RTC_PREVIOUS_ACTIONS: previous,
+          observation_lib.RTC_EXECUTED_STEPS: 1,
+          observation_lib.RTC_INFERENCE_DELAY: 1,
+        }
+      )
     return time.monotonic() - start

@@ -8,6 +8,13 @@ The protocol (openpi_client.websocket_client_policy.WebsocketClientPolicy is the
      "prev_total_ms"};
   3. HTTP GET /healthz answers 200 "OK" (for load balancers and launch scripts).
 
+Real-time chunking (ki/serve/observation.py lists the keys, ki/serve/policy.py what they mean):
+each connection remembers the last chunk it was sent, so the simplest RTC client sends only
+"rtc/executed_steps" (actions of that chunk run when the observation was taken) and
+"rtc/inference_delay" (actions that will run before the reply arrives); the server fills in
+"rtc/previous_actions" with that chunk. A client may send "rtc/previous_actions" itself instead
+(it wins). Requests without these keys are plain openpi requests.
+
 Errors: openpi's server sends a traceback as a *text* frame and closes the connection. Its client
 raises RuntimeError("Error in inference server:\n<text>") on any text frame, so we reply the
 same way — a text frame naming what was wrong — but keep the connection open: the robot's next
@@ -106,16 +113,32 @@ class PolicyServer:
       raise BadRequestError(f"the message must be a dict, got {type(request).__name__}")
     return request
 
+  @staticmethod
+  def _with_previous_chunk(request: dict, last_actions) -> dict:
+    """Fills rtc/previous_actions from the connection's last reply when the client sent only
+    rtc/executed_steps (and, optionally, rtc/inference_delay)."""
+    wants = observation_lib.RTC_EXECUTED_STEPS in request
+    if not wants or observation_lib.RTC_PREVIOUS_ACTIONS in request:
+      return request
+    if last_actions is None:
+      raise BadRequestError(
+        f"{observation_lib.RTC_EXECUTED_STEPS} refers to the chunk last sent on this connection, "
+        f"and none was sent yet: send the first request without it, or send "
+        f"{observation_lib.RTC_PREVIOUS_ACTIONS}"
+      )
+    return {**request, observation_lib.RTC_PREVIOUS_ACTIONS: last_actions}
+
   async def _handle(self, websocket):
     remote = websocket.remote_address
     logging.info("Client %s connected.", remote)
     loop = asyncio.get_running_loop()
     await websocket.send(msgpack_numpy.packb(self.metadata))
     previous_total_ms = None
+    last_actions = None  # the chunk last sent on this connection, for RTC requests
     async for message in websocket:  # ends quietly when the client disconnects
       start = time.monotonic()
       try:
-        request = self._decode(message)
+        request = self._with_previous_chunk(self._decode(message), last_actions)
         infer_start = time.monotonic()
         result = await loop.run_in_executor(self._executor, self.policy.infer, request)
         infer_ms = 1000 * (time.monotonic() - infer_start)
@@ -128,6 +151,7 @@ class PolicyServer:
         await websocket.send(f"ki policy server: internal error:\n{traceback.format_exc()}")
         continue
       result = dict(result)
+      last_actions = result.get("actions")
       result["server_timing"] = {"infer_ms": infer_ms}
       if previous_total_ms is not None:
         result["server_timing"]["prev_total_ms"] = previous_total_ms
