@@ -6,14 +6,21 @@ fully matches a name gives its group, and a name no rule matches is an error (bi
 does the same, so that a renamed parameter cannot silently fall out of training).
 
 Each group in `config.optimizer.groups` has its own AdamW with a warmup + cosine schedule, or
-`frozen=True`, which zeroes its updates and keeps no state. Before the groups, the gradient of all
-parameters together is clipped to `config.optimizer.clip_norm` (global norm, as openpi does): one
-scale for the whole model, so a gradient spike in one group also damps the other's step, and a
-run's clipping means the same thing as openpi's.
+`frozen=True`: a frozen group's parameters are not differentiated at all. `Optimizer.split`
+partitions the params into the trainable leaves and the frozen ones; the train step takes the
+gradient of the trainable part only (the frozen part is a constant to it), so a LoRA run computes
+no gradient for its frozen base, keeps no optimizer state for it, and never moves it.
+
+Before the groups, the gradient of all trainable parameters together is clipped to
+`config.optimizer.clip_norm` (global norm, as openpi does, which also differentiates only the
+trainable subset): one scale for the whole model, so a gradient spike in one group also damps the
+other's step, and a run's clipping means the same thing as openpi's.
 """
 
 from collections.abc import Callable, Sequence
+import dataclasses
 import re
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -66,8 +73,6 @@ def make_schedule(group: ml_collections.ConfigDict) -> Callable[[jax.Array], jax
 
 
 def _group_chain(group: ml_collections.ConfigDict) -> optax.GradientTransformation:
-  if group.get("frozen", False):
-    return optax.set_to_zero()
   return optax.adamw(
     make_schedule(group),
     b1=group.b1,
@@ -77,11 +82,43 @@ def _group_chain(group: ml_collections.ConfigDict) -> optax.GradientTransformati
   )
 
 
-def make_optimizer(optimizer_config: ml_collections.ConfigDict, params_shape):
+@dataclasses.dataclass(frozen=True)
+class Optimizer:
+  """The parameter groups of a run and the optax transformation of its trainable part.
+
+  labels: the group name of every parameter (a tree shaped like params).
+  trainable: a tree of bools shaped like params: False for the leaves of frozen groups.
+  tx: acts on the trainable part, `split(params)[0]`: its `update(grads, opt_state, trainable)`
+    takes that part's gradients and values. Its `init` takes the whole params tree (or its
+    ShapeDtypeStructs) and keeps state for the trainable leaves only.
+  schedules: {group: schedule(step) -> learning rate} for logging (0 for a frozen group).
+  """
+
+  tx: optax.GradientTransformation
+  labels: Any
+  trainable: Any
+  schedules: dict[str, Callable[[jax.Array], jax.Array]]
+
+  def split(self, tree) -> tuple[dict, dict]:
+    """(trainable part, frozen part) of a tree shaped like params (params, labels, EMA...): two
+    nested dicts holding the leaves whose `trainable` flag is True resp. False."""
+    trainable = params_lib.flatten(self.trainable)
+    parts: tuple[dict, dict] = ({}, {})
+    for name, leaf in params_lib.flatten(tree).items():
+      parts[0 if trainable[name] else 1][name] = leaf
+    return params_lib.unflatten(parts[0]), params_lib.unflatten(parts[1])
+
+  @staticmethod
+  def combine(trainable: dict, frozen: dict) -> dict:
+    """Undoes `split`: the whole tree again."""
+    return params_lib.unflatten({**params_lib.flatten(trainable), **params_lib.flatten(frozen)})
+
+
+def make_optimizer(optimizer_config: ml_collections.ConfigDict, params_shape) -> Optimizer:
   """Builds the multi-group optimizer for a params tree (arrays or ShapeDtypeStructs).
 
-  Returns (tx, labels, schedules): the optax transformation, the tree of group names (same
-  structure as params) and {group: schedule(step) -> learning rate} for logging (0 if frozen).
+  Raises ValueError when a group named by the rules has no settings, or when every group is
+  frozen (nothing would train).
   """
   labels = label_params(params_shape, params_lib.group_rules(optimizer_config.group_rules))
   groups = dict(optimizer_config.groups)
@@ -94,17 +131,29 @@ def make_optimizer(optimizer_config: ml_collections.ConfigDict, params_shape):
       f"Optimizer group(s) {missing} are named by group_rules but have no settings in "
       f"config.optimizer.groups (has {sorted(groups)})."
     )
-  transforms = {name: _group_chain(groups[name]) for name in used}
+  frozen = {name for name in used if groups[name].get("frozen", False)}
+  trainable_groups = [name for name in used if name not in frozen]
+  if not trainable_groups:
+    raise ValueError(f"Every optimizer group {used} is frozen: nothing would train.")
+  trainable = jax.tree.map(lambda label: label not in frozen, labels)
   schedules = {
     name: (lambda step: jnp.zeros([], jnp.float32))
-    if groups[name].get("frozen", False)
+    if name in frozen
     else make_schedule(groups[name])
     for name in used
   }
-  tx = optax.multi_transform(transforms, labels)
+  partition = Optimizer(optax.identity(), labels, trainable, schedules)
+  trainable_labels, _ = partition.split(labels)
+  inner = optax.multi_transform(
+    {name: _group_chain(groups[name]) for name in trainable_groups}, trainable_labels
+  )
   if optimizer_config.clip_norm:
-    tx = optax.chain(optax.clip_by_global_norm(optimizer_config.clip_norm), tx)
-  return tx, labels, schedules
+    inner = optax.chain(optax.clip_by_global_norm(optimizer_config.clip_norm), inner)
+  # State for the trainable part only, from the whole tree (ki.train.state initialises from it).
+  tx = optax.GradientTransformation(
+    init=lambda params: inner.init(partition.split(params)[0]), update=inner.update
+  )
+  return dataclasses.replace(partition, tx=tx)
 
 
 def group_norms(tree, labels) -> dict[str, jax.Array]:

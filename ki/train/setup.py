@@ -47,15 +47,14 @@ class TrainSetup:
 
   step: jitted train_step(state, batch) -> (state, metrics), state donated.
   state_shapes: the TrainState as ShapeDtypeStructs; state_shardings: its NamedShardings.
-  labels / schedules: the optimizer's group of every parameter and {group: lr(step)}.
+  optimizer: the parameter groups (labels, which are trainable, {group: lr(step)}) and the optax
+    transformation of the trainable part (ki.train.optimizer.Optimizer).
   """
 
   config: ml_collections.ConfigDict
   model_config: pi05.Config
   mesh: jax.sharding.Mesh
-  tx: Any
-  labels: Any
-  schedules: dict[str, Any]
+  optimizer: optimizer_lib.Optimizer
   settings: step_lib.StepSettings
   state_shapes: state_lib.TrainState
   state_shardings: state_lib.TrainState
@@ -107,7 +106,7 @@ class TrainSetup:
       initialisation (and its EMA copy); the others (e.g. the expert, for a PaliGemma checkpoint)
       keep it.
     """
-    init = state_lib.initializer(self.model_config, self.tx, use_ema=self.use_ema)
+    init = state_lib.initializer(self.model_config, self.optimizer.tx, use_ema=self.use_ema)
     state = jax.jit(init, out_shardings=self.state_shardings)(
       *state_lib.init_keys(self.config.seed)
     )
@@ -136,13 +135,15 @@ def make_setup(config: ml_collections.ConfigDict, *, devices=None) -> TrainSetup
   # The model's initialiser is traced once here, for shapes (and once more when a fresh state is
   # created); the optimizer's labels and state follow from the shapes.
   params_shapes = state_lib.abstract_params(model_config)
-  tx, labels, schedules = optimizer_lib.make_optimizer(config.optimizer, params_shapes)
-  state_shapes = state_lib.abstract_state(params_shapes, tx, use_ema=settings.ema_decay is not None)
+  optimizer = optimizer_lib.make_optimizer(config.optimizer, params_shapes)
+  state_shapes = state_lib.abstract_state(
+    params_shapes, optimizer.tx, use_ema=settings.ema_decay is not None
+  )
   state_shardings = sharding_lib.fsdp_shardings(
     state_shapes, mesh, min_size_bytes=config.fsdp_min_size_bytes
   )
   step = jax.jit(
-    functools.partial(step_lib.train_step, settings, tx, labels, schedules),
+    functools.partial(step_lib.train_step, settings, optimizer),
     in_shardings=(state_shardings, sharding_lib.batch_sharding(mesh)),
     out_shardings=(state_shardings, sharding_lib.replicated(mesh)),
     donate_argnums=0,
@@ -151,9 +152,7 @@ def make_setup(config: ml_collections.ConfigDict, *, devices=None) -> TrainSetup
     config=config,
     model_config=model_config,
     mesh=mesh,
-    tx=tx,
-    labels=labels,
-    schedules=schedules,
+    optimizer=optimizer,
     settings=settings,
     state_shapes=state_shapes,
     state_shardings=state_shardings,

@@ -1,10 +1,16 @@
 """The pure train step: one forward for both losses, optional gradient accumulation, per-group
 gradient/update norms.
 
-`train_step` is a module-level function of (settings, tx, labels, schedules, state, batch); the
-trainer binds the first four with functools.partial and jits it once with explicit shardings and
-a donated state. Everything that branches (accumulation, EMA, loss weights) is fixed by the
-settings at trace time.
+`train_step` is a module-level function of (settings, optimizer, state, batch); the trainer binds
+the first two with functools.partial and jits it once with explicit shardings and a donated
+state. Everything that branches (accumulation, EMA, loss weights) is fixed by the settings at
+trace time.
+
+Only the trainable parameters are differentiated: the step splits the params by the optimizer's
+groups (`Optimizer.split`) and takes the gradient with respect to the trainable part, the frozen
+part (a LoRA run's base weights, a frozen VLM) entering the loss as a constant. So no gradient is
+computed or stored for a frozen leaf, and the global-norm clip sees the trainable gradients only.
+The same code runs every config; with no frozen group the frozen part is empty.
 """
 
 import dataclasses
@@ -77,22 +83,30 @@ def _split_micro_batches(batch, num: int):
   return jax.tree.map(split, batch)
 
 
-def _grads_and_metrics(params, settings: StepSettings, batch: Batch, rng):
-  """Gradients and metrics, averaged over micro-batches (each micro-batch's means, averaged)."""
-  grad_fn = jax.grad(loss_and_metrics, has_aux=True)
+def _trainable_loss(trainable, frozen, settings: StepSettings, batch: Batch, rng):
+  """loss_and_metrics of the whole params, as a function of their trainable part."""
+  params = optimizer_lib.Optimizer.combine(trainable, frozen)
+  return loss_and_metrics(params, settings, batch, rng)
+
+
+def _grads_and_metrics(trainable, frozen, settings: StepSettings, batch: Batch, rng):
+  """Gradients of the trainable part (a tree shaped like it; nothing for `frozen`) and metrics,
+  averaged over micro-batches (each micro-batch's means, averaged)."""
+  grad_fn = jax.grad(_trainable_loss, has_aux=True)  # argument 0 only: frozen is a constant
   if settings.grad_accum_steps == 1:
-    return grad_fn(params, settings, batch, rng)
+    return grad_fn(trainable, frozen, settings, batch, rng)
 
   micro_batches = _split_micro_batches(batch, settings.grad_accum_steps)
 
   def accumulate(carry, xs):
     index, micro_batch = xs
-    grads, metrics = grad_fn(params, settings, micro_batch, jax.random.fold_in(rng, index))
+    rng_i = jax.random.fold_in(rng, index)
+    grads, metrics = grad_fn(trainable, frozen, settings, micro_batch, rng_i)
     return jax.tree.map(jnp.add, carry, (grads, metrics)), None
 
-  zeros = jax.tree.map(jnp.zeros_like, params)
+  zeros = jax.tree.map(jnp.zeros_like, trainable)
   first = jax.tree.map(lambda x: x[0], micro_batches)
-  zero_metrics = jax.eval_shape(lambda: grad_fn(params, settings, first, rng)[1])
+  zero_metrics = jax.eval_shape(lambda: grad_fn(trainable, frozen, settings, first, rng)[1])
   zero_metrics = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), zero_metrics)
   indices = jnp.arange(settings.grad_accum_steps)
   (grads, metrics), _ = jax.lax.scan(accumulate, (zeros, zero_metrics), (indices, micro_batches))
@@ -102,35 +116,43 @@ def _grads_and_metrics(params, settings: StepSettings, batch: Batch, rng):
 
 def train_step(
   settings: StepSettings,
-  tx: optax.GradientTransformation,
-  labels,
-  schedules,
+  optimizer: optimizer_lib.Optimizer,
   state: TrainState,
   batch: Batch,
 ) -> tuple[TrainState, dict]:
   """One optimizer update. batch: a ki.batch.Batch of global arrays [B, ...].
 
-  Returns the new state and scalar metrics: loss terms, learning rate, gradient and update norm
-  per optimizer group, global gradient norm, parameter norm.
+  Returns the new state and scalar metrics: loss terms, learning rate per group, gradient and
+  update norm per trainable group, the global gradient norm (the one the clip uses: trainable
+  leaves only), parameter norm (all leaves).
   """
   rng = jax.random.fold_in(state.rng, state.step)
-  grads, metrics = _grads_and_metrics(state.params, settings, batch, rng)
-  updates, opt_state = tx.update(grads, state.opt_state, state.params)
-  params = optax.apply_updates(state.params, updates)
+  trainable, frozen = optimizer.split(state.params)
+  grads, metrics = _grads_and_metrics(trainable, frozen, settings, batch, rng)
+  updates, opt_state = optimizer.tx.update(grads, state.opt_state, trainable)
+  trainable = optax.apply_updates(trainable, updates)
+  params = optimizer.combine(trainable, frozen)
 
+  labels, _ = optimizer.split(optimizer.labels)
   for group, norm in optimizer_lib.group_norms(grads, labels).items():
     metrics[f"grad_norm/{group}"] = norm
   for group, norm in optimizer_lib.group_norms(updates, labels).items():
     metrics[f"update_norm/{group}"] = norm
-  for group, schedule in schedules.items():
+  for group, schedule in optimizer.schedules.items():
     metrics[f"learning_rate/{group}"] = schedule(state.step)
   metrics["grad_norm"] = optax.global_norm(grads)
   metrics["param_norm"] = optax.global_norm(params)
 
   ema_params = state.ema_params
   if settings.ema_decay is not None:
+    # Only the trainable leaves move; the frozen ones' average stays bit-equal to them (a
+    # decay * p + (1 - decay) * p in floating point need not round back to p).
     decay = settings.ema_decay
-    ema_params = jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p, ema_params, params)
+    ema_trainable, ema_frozen = optimizer.split(ema_params)
+    ema_trainable = jax.tree.map(
+      lambda e, p: decay * e + (1.0 - decay) * p, ema_trainable, trainable
+    )
+    ema_params = optimizer.combine(ema_trainable, ema_frozen)
   new_state = state.replace(
     step=state.step + 1, params=params, opt_state=opt_state, ema_params=ema_params
   )

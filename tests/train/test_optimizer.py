@@ -119,19 +119,30 @@ def test_first_matching_rule_wins():
   assert labels == {"a": {"b": "first"}, "c": "second"}
 
 
-def test_frozen_group_gets_zero_updates_and_other_group_moves():
+def test_frozen_group_is_left_out_of_the_trainable_part():
   params = _params()
-  tx, labels, schedules = optimizer.make_optimizer(_config(vlm=_group(frozen=True)), params)
-  state = tx.init(params)
-  grads = jax.tree.map(jnp.ones_like, params)
-  updates, _ = tx.update(grads, state, params)
-  names = dict(params_lib.named_leaves(labels))
+  opt = optimizer.make_optimizer(_config(vlm=_group(frozen=True)), params)
+  trainable, frozen = opt.split(params)
+  names = dict(params_lib.named_leaves(opt.labels))
+  assert set(params_lib.flatten(frozen)) == {n for n, g in names.items() if g == "vlm"}
+  assert set(params_lib.flatten(trainable)) == {n for n, g in names.items() if g != "vlm"}
+  assert jax.tree.structure(opt.combine(trainable, frozen)) == jax.tree.structure(params)
+  # The optimizer's state and updates cover the trainable part only; it moves.
+  state = opt.tx.init(params)  # from the whole tree, as ki.train.state does
+  # Adam's two moments for the trainable leaves, none for the frozen ones.
+  moments = sum(x.size for x in jax.tree.leaves(state) if x.ndim > 0)
+  assert moments == 2 * sum(x.size for x in jax.tree.leaves(trainable))
+  updates, _ = opt.tx.update(jax.tree.map(jnp.ones_like, trainable), state, trainable)
+  assert set(params_lib.flatten(updates)) == set(params_lib.flatten(trainable))
   for name, update in params_lib.named_leaves(updates):
-    if names[name] == "vlm":
-      np.testing.assert_array_equal(update, 0.0)
-    else:
-      assert np.all(np.asarray(update) < 0), name
-  assert float(schedules["vlm"](5)) == 0.0
+    assert np.all(np.asarray(update) < 0), name
+  assert float(opt.schedules["vlm"](5)) == 0.0
+
+
+def test_every_group_frozen_is_an_error():
+  config = _config(vlm=_group(frozen=True), expert=_group(frozen=True))
+  with pytest.raises(ValueError, match="nothing would train"):
+    optimizer.make_optimizer(config, _params())
 
 
 def test_each_group_follows_its_own_schedule():
@@ -143,7 +154,8 @@ def test_each_group_follows_its_own_schedule():
     rules=rules,
     clip_norm=0.0,
   )
-  tx, _, schedules = optimizer.make_optimizer(config, params)
+  opt = optimizer.make_optimizer(config, params)
+  tx, schedules = opt.tx, opt.schedules
   # After warmup the schedule is at peak; Adam's first step moves each weight by ~lr.
   np.testing.assert_allclose(schedules["vlm"](2), 1e-1, rtol=1e-6)
   np.testing.assert_allclose(schedules["action_expert"](2), 1e-3, rtol=1e-6)
@@ -159,7 +171,7 @@ def test_clipping_is_by_the_global_norm_of_all_groups():
   # the VLM's gradient down too (per-group clipping would leave the small VLM gradient alone).
   params = {"PaliGemma": {"w": jnp.zeros(4)}, "action_in_proj": {"kernel": jnp.zeros(4)}}
   rules = (("action_in_proj/.*", "action_expert"), ("PaliGemma/.*", "vlm"))
-  tx, labels, _ = optimizer.make_optimizer(_config(rules=rules, clip_norm=1.0), params)
+  tx = optimizer.make_optimizer(_config(rules=rules, clip_norm=1.0), params).tx
   grads = {"PaliGemma": {"w": jnp.full(4, 0.05)}, "action_in_proj": {"kernel": jnp.full(4, 50.0)}}
   global_norm = float(optax.global_norm(grads))
   _, state = tx.update(grads, tx.init(params), params)
