@@ -43,6 +43,7 @@ from scipy import optimize
 
 from benchmarks import results_writer
 from ki.data import synthetic_droid, synthetic_scene
+from ki.model import pi05
 from ki.serve import observation as observation_lib
 from ki.serve import policy as policy_lib
 
@@ -178,14 +179,21 @@ def metrics(run: dict[str, Any], demo: np.ndarray) -> dict[str, Any]:
   }
 
 
-def timed(fn, repeats: int) -> dict[str, float]:
-  fn()  # compile / warm
-  times = []
+def timed(fns: dict[str, Any], repeats: int) -> dict[str, dict[str, float]]:
+  """Median and p90 ms of each function, called in turn `repeats` times (interleaved, so a
+  shared machine's load drifts over all of them alike)."""
+  for fn in fns.values():
+    fn()  # compile / warm
+  times = {name: [] for name in fns}
   for _ in range(repeats):
-    start = time.perf_counter()
-    fn()
-    times.append(1000 * (time.perf_counter() - start))
-  return {"median_ms": float(np.median(times)), "p90_ms": float(np.percentile(times, 90))}
+    for name, fn in fns.items():
+      start = time.perf_counter()
+      fn()
+      times[name].append(1000 * (time.perf_counter() - start))
+  return {
+    name: {"median_ms": float(np.median(t)), "p90_ms": float(np.percentile(t, 90))}
+    for name, t in times.items()
+  }
 
 
 def latency(policy, plan, *, repeats: int) -> dict[str, Any]:
@@ -206,17 +214,25 @@ def latency(policy, plan, *, repeats: int) -> dict[str, Any]:
   )
   chunk = policy._previous_chunk(previous[2:], 2, state)
   rng = jax.random.key(0)
+  config = policy.model_config
+  prefix = jax.jit(lambda params, inputs: pi05.encode_prefix(params, config, inputs)[1])
   plain_model = functools.partial(policy._sample, policy.params, model_inputs, rng)
   rtc_model = functools.partial(policy._sample_rtc, policy.params, model_inputs, rng, chunk)
-  result = {
-    "infer_plain": timed(lambda: policy.infer(observation), repeats),
-    "infer_rtc": timed(lambda: policy.infer(rtc_request), repeats),
-    "sample_plain": timed(lambda: jax.block_until_ready(plain_model()), repeats),
-    "sample_rtc": timed(lambda: jax.block_until_ready(rtc_model()), repeats),
-    "num_flow_steps": policy.num_flow_steps,
-  }
-  extra = result["sample_rtc"]["median_ms"] - result["sample_plain"]["median_ms"]
-  result["rtc_overhead_per_step_ms"] = extra / policy.num_flow_steps
+  result = timed(
+    {
+      "infer_plain": lambda: policy.infer(observation),
+      "infer_rtc": lambda: policy.infer(rtc_request),
+      "sample_plain": lambda: jax.block_until_ready(plain_model()),
+      "sample_rtc": lambda: jax.block_until_ready(rtc_model()),
+      "prefix": lambda: jax.block_until_ready(prefix(policy.params, model_inputs)),
+    },
+    repeats,
+  )
+  result["num_flow_steps"] = policy.num_flow_steps
+  steps, prefix_ms = policy.num_flow_steps, result["prefix"]["median_ms"]
+  result["plain_step_ms"] = (result["sample_plain"]["median_ms"] - prefix_ms) / steps
+  result["rtc_step_ms"] = (result["sample_rtc"]["median_ms"] - prefix_ms) / steps
+  result["rtc_overhead_per_step_ms"] = result["rtc_step_ms"] - result["plain_step_ms"]
   return result
 
 
@@ -315,8 +331,11 @@ def markdown(results: dict[str, Any]) -> str:
     ],
   )
   return (
-    f"{table}\n\n{latency_table}\n\nRTC overhead per Euler step: "
-    f"{lat['rtc_overhead_per_step_ms']:.2f} ms"
+    f"{table}\n\nThe demonstrations' own typical step: {results['demo_step_mean']:.3g} rad.\n\n"
+    f"{latency_table}\n\nPrefix (KV cache) alone {lat['prefix']['median_ms']:.2f} ms; per Euler "
+    f"step after it: plain {lat['plain_step_ms']:.2f} ms, RTC {lat['rtc_step_ms']:.2f} ms "
+    f"(overhead {lat['rtc_overhead_per_step_ms']:.2f} ms per step, "
+    f"{lat['rtc_step_ms'] / lat['plain_step_ms']:.1f}x)"
   )
 
 
@@ -370,6 +389,9 @@ def main(argv=None):
     "max_guidance_weight": policy.rtc_max_guidance_weight,
     "schedule": policy.rtc_schedule,
     "table": table,
+    "demo_step_mean": float(
+      np.mean(np.concatenate([np.linalg.norm(np.diff(p.joints, axis=0), axis=-1) for p in plans]))
+    ),
     "latency": latency(policy, plans[0], repeats=args.repeats),
     "sim_seconds": sim_seconds,
   }
