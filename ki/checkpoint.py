@@ -3,10 +3,16 @@
 <workdir>/checkpoints/<step>/ holds these orbax items:
   params  {"params": tree}: the weights to serve and fine-tune from (the EMA params when the run
           keeps an EMA), in openpi's params-item layout, so that openpi, `ki.serve.policy` and
-          `ki.model.weights` (kind "ki") read it as they read an openpi checkpoint.
+          `ki.model.weights` (kind "ki") read it as they read an openpi checkpoint. A LoRA run's
+          adapters are merged into the weights they adapt (`ki.model.lora.merge`): the item is
+          the plain pi0.5 tree, without adapter leaves.
   state   the rest of the TrainState, without a second copy of those weights (openpi's
           `_split_params`): with an EMA it keeps the raw params and drops ema_params; without one
-          it drops params. `Checkpointer.restore` merges the params item back.
+          it drops params. `Checkpointer.restore` merges the params item back. With LoRA the
+          served tree keeps only the leaves that merging leaves unchanged (SigLIP, embeddings,
+          norms, projections), so the state keeps the rest of it unmerged: the adapters and the
+          base weights they adapt. Resuming reads those from the state and everything else from
+          the params item: exact, and nothing is stored twice.
   assets  small files the policy needs next to the weights: norm stats, tokenizer, config.json.
   data    the Grain iterator state of every host (grain's own orbax handler, one file per host).
 
@@ -24,6 +30,9 @@ from etils import epath
 import grain.checkpoint
 import jax
 import orbax.checkpoint as ocp
+
+from ki.model import lora
+from ki.model import params as params_lib
 
 CHECKPOINT_DIR = "checkpoints"
 PARAMS_ITEM = "params"
@@ -60,15 +69,53 @@ def resolve_step_dir(path: str | epath.Path) -> epath.Path:
   return folder / str(step)
 
 
-def split_params(state):
-  """(the state item's TrainState, the params item's tree): the weights are stored once."""
+# Under jit: the merged weights come out sharded like the weights they replace.
+_merge = jax.jit(lora.merge, static_argnums=1)
+
+
+def _served(params, model_config):
+  """(the params item's tree, the part of `params` it cannot give back, or None).
+
+  Without adapters: (params, None). With LoRA: (lora.merge(params), the adapters and the base
+  weights they adapt, unmerged). Works on arrays (merged under jit) and on ShapeDtypeStructs with
+  shardings (each merged weight restored into its base weight's sharding).
+  """
+  if model_config is None or not lora.has_lora(model_config):
+    return params, None
+  flat = params_lib.flatten(params)
+  changed = lora.changed_by_merge(flat)
+  unmerged = params_lib.unflatten({name: flat[name] for name in sorted(changed)})
+  if all(isinstance(leaf, jax.ShapeDtypeStruct) for leaf in flat.values()):
+    shapes = jax.eval_shape(lambda p: lora.merge(p, model_config), params)
+    merged = params_lib.map_with_names(
+      lambda name, s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=flat[name].sharding), shapes
+    )
+  else:
+    merged = _merge(params, model_config)
+  return merged, unmerged
+
+
+def split_params(state, model_config=None):
+  """(the state item's TrainState, the params item's tree): the weights are stored once.
+
+  model_config: the model the params belong to; with LoRA adapters the params item holds them
+    merged and the state keeps them (and the weights they adapt) unmerged.
+  """
   if state.ema_params is not None:
-    return state.replace(ema_params=None), state.ema_params
-  return state.replace(params=None), state.params
+    served, unmerged = _served(state.ema_params, model_config)
+    return state.replace(ema_params=unmerged), served
+  served, unmerged = _served(state.params, model_config)
+  return state.replace(params=unmerged), served
 
 
 def merge_params(train_state, params, *, ema: bool):
-  """Undoes `split_params`; `ema` says whether `params` are the EMA params."""
+  """Undoes `split_params`; `ema` says whether `params` are the EMA params. Leaves the state item
+  kept unmerged (a LoRA run's adapters and the weights they adapt) replace the merged ones."""
+  unmerged = train_state.ema_params if ema else train_state.params
+  if unmerged is not None:
+    flat = params_lib.flatten(params)
+    flat.update(params_lib.flatten(unmerged))
+    params = params_lib.unflatten(flat)
   if ema:
     return train_state.replace(ema_params=params)
   return train_state.replace(params=params)
@@ -120,7 +167,11 @@ def abstract_with_shardings(shapes, shardings):
 class Checkpointer:
   """The run's checkpoints: keeps the last `max_to_keep` plus every step divisible by
   `keep_period`, resumes from the latest. When to save is the caller's decision: every `save`
-  call writes a checkpoint unless that step is already saved."""
+  call writes a checkpoint unless that step is already saved.
+
+  model_config: the pi05.Config of the state's params; needed only when it has LoRA adapters
+  (the params item then holds them merged, see the module docstring).
+  """
 
   def __init__(
     self,
@@ -129,7 +180,9 @@ class Checkpointer:
     max_to_keep: int = 3,
     keep_period: int | None = None,
     asynchronous: bool = True,
+    model_config=None,
   ):
+    self.model_config = model_config
     self.directory = epath.Path(workdir) / CHECKPOINT_DIR
     options = ocp.CheckpointManagerOptions(
       max_to_keep=max_to_keep,
@@ -158,7 +211,7 @@ class Checkpointer:
   ) -> bool:
     """Starts saving `state` (a TrainState) as checkpoint `step`; returns whether a save was
     started. `force` saves even where orbax's policies would skip the step."""
-    train_state, params = split_params(state)
+    train_state, params = split_params(state, self.model_config)
     items: dict[str, Any] = {
       STATE_ITEM: ocp.args.StandardSave(train_state),
       PARAMS_ITEM: ocp.args.StandardSave({"params": params}),
@@ -173,7 +226,7 @@ class Checkpointer:
     """The full TrainState of checkpoint `step`, restored into the shardings of `abstract_state`
     (a TrainState of ShapeDtypeStructs with shardings, e.g. from `abstract_with_shardings`),
     and, when given, the data iterator's position, in place."""
-    train_target, params_target = split_params(abstract_state)
+    train_target, params_target = split_params(abstract_state, self.model_config)
     items: dict[str, Any] = {
       STATE_ITEM: ocp.args.StandardRestore(train_target),
       PARAMS_ITEM: ocp.args.StandardRestore({"params": params_target}),

@@ -10,6 +10,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 from ki import checkpoint
+from ki.model import lora, pi05
 from ki.model import params as params_lib
 from ki.train import sharding
 from ki.train.state import TrainState
@@ -147,3 +148,48 @@ def test_resolve_step_dir_skips_steps_being_written(tmp_path):
     checkpoint.resolve_step_dir(tmp_path / "empty")
   with pytest.raises(FileNotFoundError, match="does not exist"):
     checkpoint.resolve_step_dir(tmp_path / "missing")
+
+
+def test_lora_with_ema_serves_the_merged_ema_and_restores_both_exactly(tmp_path):
+  """With adapters the params item is lora.merge(EMA params) in the plain layout; the state item
+  keeps the raw params whole and, of the EMA, only what merging changed (its adapters and the
+  weights they adapt); the round trip gives back every leaf bit for bit, sharded as asked."""
+  config = tiny_model_config(
+    vlm_lora_rank=2, vlm_lora_alpha=4.0, expert_lora_rank=3, expert_lora_alpha=3.0
+  )
+  rng = np.random.default_rng(0)
+  shapes = jax.eval_shape(lambda: pi05.init_params(config, jax.random.key(0)))
+  params = jax.tree.map(lambda s: rng.standard_normal(s.shape).astype(s.dtype), shapes)
+  mesh = sharding.make_mesh((("data", 1), ("fsdp", 2)), devices=jax.devices()[:2])
+  state = TrainState(
+    step=jnp.asarray(3, jnp.int32),
+    params=params,
+    opt_state={"count": jnp.asarray(3, jnp.int32)},
+    rng=jax.random.PRNGKey(3),
+    ema_params=jax.tree.map(lambda x: x + 0.5, params),
+  )
+  shardings = sharding.fsdp_shardings(state, mesh, min_size_bytes=0)
+  state = jax.device_put(state, shardings)
+  ckpt = checkpoint.Checkpointer(str(tmp_path), asynchronous=False, model_config=config)
+  ckpt.save(3, state)
+  restored = ckpt.restore(3, checkpoint.abstract_with_shardings(state, shardings))
+  ckpt.close()
+  for got, want, want_sharding in zip(
+    jax.tree.leaves(restored), jax.tree.leaves(state), jax.tree.leaves(shardings)
+  ):
+    np.testing.assert_array_equal(got, want)
+    assert got.sharding == want_sharding
+
+  step_dir = tmp_path / checkpoint.CHECKPOINT_DIR / "3"
+  with ocp.StandardCheckpointer() as reader:
+    state_names = _array_names(reader.metadata(step_dir / "state").item_metadata.tree)
+    served = reader.restore(step_dir / "params")["params"]
+  names = params_lib.flatten(params)
+  ema_kept = {n.removeprefix("ema_params/") for n in state_names if n.startswith("ema_params/")}
+  assert ema_kept == lora.changed_by_merge(names)
+  assert {n for n in state_names if n.startswith("params/")} == {f"params/{n}" for n in names}
+  served, ema = params_lib.flatten(served), params_lib.flatten(jax.device_get(state.ema_params))
+  assert set(served) == {n for n in names if not lora.is_adapter(n)}
+  # Merging changes exactly the adapted weights (ki.model.lora's tests check its arithmetic).
+  for name, value in served.items():
+    assert np.array_equal(value, ema[name]) == (name not in ema_kept), name

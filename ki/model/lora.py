@@ -1,9 +1,10 @@
 """LoRA adapters merged into the base weights: openpi's pi0.5 layout, for serving and export.
 
 The adapters themselves live in ki/model/gemma.py (`LoRA`, `Einsum`, `FeedForward`); training keeps
-them unmerged (the checkpointed state). `merge` folds every adapter pair into the weight it
+them unmerged (the checkpoint's state item). `merge` folds every adapter pair into the weight it
 adapts, so the result has exactly the leaves of the model without adapters and gives the same
-outputs with `without_lora(config)`:
+outputs with `without_lora(config)`; the checkpoint's params item (what ki.serve and openpi read)
+holds that merged tree (ki/checkpoint.py):
 
   attention, weight W [..., N, D, H] (q), [..., 2, K, D, H] (kv): W += scale * a @ b per head
   attn_vec_einsum W [..., N, H, D]: the adapter's second einsum sums b over heads (openpi's
@@ -29,24 +30,47 @@ def _scale(config, name: str) -> float:
   return lora.scale
 
 
+def has_lora(config) -> bool:
+  """Whether the model config has adapters on either stream."""
+  return config.vlm_lora_rank > 0 or config.expert_lora_rank > 0
+
+
+def is_adapter(name: str) -> bool:
+  return name.endswith(("lora_a", "lora_b"))
+
+
+def adapted_weight(adapter: str) -> str:
+  """The weight an adapter leaf adapts: an attention Einsum's "<einsum>/lora_a|b" adapts its
+  sibling "<einsum>/w", an MLP's "<weight>_lora_a|b" adapts "<weight>"."""
+  if adapter.endswith(("/lora_a", "/lora_b")):
+    return adapter[: -len("lora_a")] + "w"
+  return adapter[: -len("_lora_a")]
+
+
+def changed_by_merge(names) -> set[str]:
+  """Of these parameter names, the ones `merge` drops (the adapters) or changes (the weights
+  they adapt); every other leaf passes through `merge` unchanged."""
+  adapters = {name for name in names if is_adapter(name)}
+  return adapters | {adapted_weight(name) for name in adapters}
+
+
 def merge(params: dict, config) -> dict:
   """params (with adapters) -> params of `without_lora(config)` with the adapters folded in."""
   flat = params_lib.flatten(params)
-  merged = {name: leaf for name, leaf in flat.items() if not name.endswith(("lora_a", "lora_b"))}
+  merged = {name: leaf for name, leaf in flat.items() if not is_adapter(name)}
   for name in flat:
     if not name.endswith("lora_a"):
       continue
     a, b = flat[name], flat[name[: -len("a")] + "b"]
-    if name.endswith("/lora_a"):  # an attention Einsum: its weight is the sibling "w"
-      weight = name[: -len("lora_a")] + "w"
+    weight = adapted_weight(name)
+    if name.endswith("/lora_a"):  # an attention Einsum
       scale = _scale(config, weight)
       if weight.split("/")[-2].startswith("attn_vec_einsum"):
         delta = jnp.einsum("...nhl,...ld->...nhd", a, b.sum(axis=-3))
       else:
         delta = jnp.einsum("...xl,...ly->...xy", a, b)
       delta = delta * scale
-    else:  # an MLP weight: "<weight>_lora_a"
-      weight = name[: -len("_lora_a")]
+    else:  # an MLP weight (openpi leaves these unscaled)
       delta = jnp.einsum("...xl,...ly->...xy", a, b)
     merged[weight] = (merged[weight] + delta.astype(merged[weight].dtype)).astype(
       merged[weight].dtype
@@ -59,5 +83,5 @@ def count(params) -> dict[str, int]:
   flat = {name: math.prod(leaf.shape) for name, leaf in params_lib.flatten(params).items()}
   return {
     "total": sum(flat.values()),
-    "adapters": sum(n for name, n in flat.items() if name.endswith(("lora_a", "lora_b"))),
+    "adapters": sum(n for name, n in flat.items() if is_adapter(name)),
   }

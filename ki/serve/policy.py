@@ -37,7 +37,7 @@ import orbax.checkpoint as ocp
 from ki import checkpoint as checkpoint_lib
 from ki.batch import Observation
 from ki.data import droid, normalize
-from ki.model import pi05, rtc
+from ki.model import lora, pi05, rtc
 from ki.serve import observation as observation_lib
 from ki.tokenizers import prompt as prompt_lib
 
@@ -45,12 +45,13 @@ _REQUIRED_ASSETS = ("config.json", "norm_stats.json", "tokenizer.model")
 
 
 def load_model_config(config_json: dict) -> pi05.Config:
-  """pi05.Config from the experiment config the trainer saved (config.model)."""
+  """pi05.Config of the params item, from the experiment config the trainer saved (config.model).
+  A LoRA run's params item holds the adapters merged (ki/checkpoint.py): the model without them."""
   model = config_json.get("model")
   if not isinstance(model, dict):
     raise ValueError("the checkpoint's config.json has no 'model' section")
   try:
-    return pi05.Config(**model).validate()
+    return lora.without_lora(pi05.Config(**model).validate())
   except TypeError as error:  # an unknown field: the checkpoint is from another model version
     raise ValueError(f"the checkpoint's config.model does not fit pi05.Config: {error}") from error
 

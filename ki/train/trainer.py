@@ -168,6 +168,7 @@ class Trainer:
       max_to_keep=config.checkpoint.max_to_keep,
       keep_period=config.checkpoint.keep_period or None,
       asynchronous=config.checkpoint.asynchronous,
+      model_config=self.model_config,  # LoRA: the served params item holds the adapters merged
     )
     latest = self.checkpointer.latest_step()
     if latest is not None:
