@@ -40,6 +40,12 @@ _RTC_BETA = flags.DEFINE_float(
 _RTC_SCHEDULE = flags.DEFINE_enum(
   "rtc_schedule", "exp", list(rtc.SCHEDULES), "Real-time chunking: soft mask over the overlap."
 )
+_RTC_WARMUP = flags.DEFINE_bool(
+  "rtc_warmup",
+  True,
+  "Compile the real-time chunking program before opening the port (else on the first RTC "
+  "request, which then waits for the compile).",
+)
 _MAX_MESSAGE_MB = flags.DEFINE_float(
   "max_message_mb",
   server_lib.DEFAULT_MAX_MESSAGE_BYTES / 2**20,
@@ -59,7 +65,9 @@ def main(argv):
   # Both programs before the port opens, so neither the first plain nor the first RTC request
   # waits for a compile.
   logging.info(
-    "Compiled sample_actions, plain and with RTC, in %.1f s.", policy.warmup(rtc_too=True)
+    "Compiled sample_actions%s in %.1f s.",
+    ", plain and with RTC," if _RTC_WARMUP.value else "",
+    policy.warmup(rtc_too=_RTC_WARMUP.value),
   )
   server = server_lib.PolicyServer(
     policy, host=_HOST.value, port=_PORT.value, max_message_bytes=int(_MAX_MESSAGE_MB.value * 2**20)
