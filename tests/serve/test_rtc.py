@@ -112,7 +112,7 @@ def test_guidance_joins_the_previous_chunk_better_than_naive_switching(model_inp
   assert overlaps[:, 0].mean() < 0.6 * overlaps[:, 1].mean(), overlaps
 
 
-def test_policy_freezes_the_delay_and_guides_in_model_space(policy):
+def test_policy_maps_the_previous_chunk_to_model_space_and_freezes_d_rows(policy):
   obs = small_observation()
   previous = policy.infer(obs)["actions"]
   state = droid.state_vector(
