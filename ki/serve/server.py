@@ -26,18 +26,33 @@ server keeps serving others.
 
 Inference runs on one worker thread, so the event loop keeps answering pings and /healthz while the
 accelerator works, and requests from several clients are served one at a time.
+
+Faults (README "When things go wrong"; tests/serve/test_server_faults.py):
+  - a client that disconnects before its reply: the inference finishes, the reply is dropped, the
+    disconnect is logged on one line; other clients are not affected.
+  - a client that stalls (half a frame sent, or replies never read): websockets' keepalive pings
+    it every `keepalive_s` and closes the connection when no pong comes back within
+    `keepalive_s` (code 1011); the event loop never waits on one client.
+  - a client that floods: each connection's receive buffer holds at most MAX_QUEUED_MESSAGES
+    messages (websockets' max_queue; past it TCP pushes back on the sender), so a flood costs at
+    most that many messages of memory, and requests go through the one inference thread in turn.
+  - SIGTERM (or SIGINT) to `serve_forever`: the port closes, requests already being inferred are
+    finished and answered (up to `drain_timeout_s`), later ones are refused with a text frame,
+    connections close with code 1001 (going away), and the process exits 0.
 """
 
 import asyncio
 import concurrent.futures
 import http
 import logging
+import signal
 import threading
 import time
 import traceback
 from typing import Any
 
 import websockets.asyncio.server as ws_server
+import websockets.exceptions
 
 from ki import msgpack_numpy
 from ki.serve import observation as observation_lib
@@ -49,6 +64,13 @@ DEFAULT_MAX_MESSAGE_BYTES = 32 * 2**20
 # websockets' own limit: past it the library closes the connection without buffering the message.
 HARD_LIMIT_FACTOR = 4
 HEALTH_PATH = "/healthz"
+# Seconds between keepalive pings, and to wait for each pong: a stalled client is dropped within
+# about twice this.
+DEFAULT_KEEPALIVE_S = 20.0
+# Messages websockets buffers per connection before it stops reading that socket.
+MAX_QUEUED_MESSAGES = 2
+# On SIGTERM, how long requests already being inferred get to finish.
+DEFAULT_DRAIN_TIMEOUT_S = 30.0
 
 
 class BadRequestError(ValueError):
@@ -66,6 +88,8 @@ class PolicyServer:
     port: int = DEFAULT_PORT,
     metadata: dict | None = None,
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+    keepalive_s: float = DEFAULT_KEEPALIVE_S,
+    drain_timeout_s: float = DEFAULT_DRAIN_TIMEOUT_S,
   ):
     """
     Args:
@@ -75,12 +99,19 @@ class PolicyServer:
       port: TCP port; 0 picks a free one (see `port` after start).
       metadata: sent to each client on connect (default: the policy's `metadata` attribute).
       max_message_bytes: larger requests get a bad-request reply.
+      keepalive_s: ping interval, pong timeout and close-handshake timeout: a client that does
+        not answer within it is dropped.
+      drain_timeout_s: on stop, how long requests being inferred get to finish and be answered.
     """
     self.policy = policy
     self.host = host
     self.port = port
     self.metadata = metadata if metadata is not None else dict(getattr(policy, "metadata", {}))
     self.max_message_bytes = max_message_bytes
+    self.keepalive_s = keepalive_s
+    self.drain_timeout_s = drain_timeout_s
+    self._stopping = False  # set once stopping: new requests are refused
+    self._in_flight = 0  # requests received and not yet answered
     self._executor = concurrent.futures.ThreadPoolExecutor(
       max_workers=1, thread_name_prefix="policy"
     )
@@ -131,33 +162,50 @@ class PolicyServer:
   async def _handle(self, websocket):
     remote = websocket.remote_address
     logging.info("Client %s connected.", remote)
+    try:
+      await websocket.send(msgpack_numpy.packb(self.metadata))
+      await self._serve_requests(websocket)
+    except websockets.exceptions.ConnectionClosed as closed:
+      # The client went away (or stopped answering pings) while its reply was being sent: the
+      # reply is dropped and nothing else depends on this connection.
+      logging.info("Client %s disconnected before its reply (%s).", remote, closed)
+      return
+    logging.info("Client %s disconnected.", remote)
+
+  async def _serve_requests(self, websocket):
+    remote = websocket.remote_address
     loop = asyncio.get_running_loop()
-    await websocket.send(msgpack_numpy.packb(self.metadata))
     previous_total_ms = None
     last_actions = None  # the chunk last sent on this connection, for RTC requests
     async for message in websocket:  # ends quietly when the client disconnects
+      if self._stopping:
+        await websocket.send("ki policy server: shutting down; this request was not served")
+        continue
       start = time.monotonic()
+      self._in_flight += 1
       try:
-        request = self._with_previous_chunk(self._decode(message), last_actions)
-        infer_start = time.monotonic()
-        result = await loop.run_in_executor(self._executor, self.policy.infer, request)
-        infer_ms = 1000 * (time.monotonic() - infer_start)
-      except (BadRequestError, observation_lib.InvalidObservationError) as error:
-        logging.warning("Bad request from %s: %s", remote, error)
-        await websocket.send(f"ki policy server: bad request: {error}")
-        continue
-      except Exception:  # keep serving: one bad request must not stop the robot's next one
-        logging.exception("Inference failed for a request from %s.", remote)
-        await websocket.send(f"ki policy server: internal error:\n{traceback.format_exc()}")
-        continue
-      result = dict(result)
-      last_actions = result.get("actions")
-      result["server_timing"] = {"infer_ms": infer_ms}
-      if previous_total_ms is not None:
-        result["server_timing"]["prev_total_ms"] = previous_total_ms
-      await websocket.send(msgpack_numpy.packb(result))
-      previous_total_ms = 1000 * (time.monotonic() - start)
-    logging.info("Client %s disconnected.", remote)
+        try:
+          request = self._with_previous_chunk(self._decode(message), last_actions)
+          infer_start = time.monotonic()
+          result = await loop.run_in_executor(self._executor, self.policy.infer, request)
+          infer_ms = 1000 * (time.monotonic() - infer_start)
+        except (BadRequestError, observation_lib.InvalidObservationError) as error:
+          logging.warning("Bad request from %s: %s", remote, error)
+          await websocket.send(f"ki policy server: bad request: {error}")
+          continue
+        except Exception:  # keep serving: one bad request must not stop the robot's next one
+          logging.exception("Inference failed for a request from %s.", remote)
+          await websocket.send(f"ki policy server: internal error:\n{traceback.format_exc()}")
+          continue
+        result = dict(result)
+        last_actions = result.get("actions")
+        result["server_timing"] = {"infer_ms": infer_ms}
+        if previous_total_ms is not None:
+          result["server_timing"]["prev_total_ms"] = previous_total_ms
+        await websocket.send(msgpack_numpy.packb(result))
+        previous_total_ms = 1000 * (time.monotonic() - start)
+      finally:
+        self._in_flight -= 1
 
   # --------------------------------------------------------------------------------------------
   # Running.
@@ -174,6 +222,11 @@ class PolicyServer:
       # Compression costs more CPU than it saves on already-dense images (openpi disables it).
       compression=None,
       max_size=HARD_LIMIT_FACTOR * self.max_message_bytes,
+      max_queue=MAX_QUEUED_MESSAGES,
+      ping_interval=self.keepalive_s,
+      ping_timeout=self.keepalive_s,
+      # A client that does not read (a flooder) may never see our close frame: drop it as well.
+      close_timeout=self.keepalive_s,
     ) as server:
       self.port = server.sockets[0].getsockname()[1]
       logging.info(
@@ -187,9 +240,40 @@ class PolicyServer:
       if ready is not None:
         ready.set()
       await self._stop.wait()
+      # Stop listening, let the requests being inferred finish and be answered (new ones are
+      # refused); leaving the `async with` then closes every connection with 1001 (going away).
+      self._stopping = True
+      server.server.close()
+      deadline = time.monotonic() + self.drain_timeout_s
+      while self._in_flight and time.monotonic() < deadline:
+        await asyncio.sleep(0.01)
+      if self._in_flight:
+        logging.warning(
+          "Stopping with %d request(s) unanswered after %.0f s.",
+          self._in_flight,
+          self.drain_timeout_s,
+        )
+    logging.info("Server stopped.")
 
   def serve_forever(self):
-    asyncio.run(self.serve())
+    """Serves until SIGTERM or SIGINT, then stops gracefully (see `serve`) and returns."""
+
+    async def serve_until_signalled():
+      loop = asyncio.get_running_loop()
+      for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, self._on_signal, signum)
+      await self.serve()
+
+    asyncio.run(serve_until_signalled())
+    self._executor.shutdown(wait=True)
+
+  def _on_signal(self, signum):
+    logging.warning(
+      "%s received: finishing %d request(s) in flight, then stopping.",
+      signal.Signals(signum).name,
+      self._in_flight,
+    )
+    self._stop.set()
 
   def start_in_thread(self, timeout: float = 30.0) -> int:
     """Starts serving on a background thread; returns the bound port."""
@@ -209,4 +293,5 @@ class PolicyServer:
     if self._thread is not None:
       self._thread.join()
       self._thread = None
+      self._loop = None  # closed with its thread; a second stop() is a no-op
     self._executor.shutdown(wait=True)
