@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from ki.ablation import report, runner
+from tests import xla_flags
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 EXPERIMENT = os.path.join(REPO, runner.DEFAULT_EXPERIMENT)
@@ -45,8 +46,7 @@ def test_steps_to_threshold_is_the_first_eval_at_or_below_it():
 def test_quick_ablation_writes_its_table_and_plots(tmp_path, request):
   # The compiled programs persist in pytest's cache folder, as the trainer tests' do.
   compilation_cache = request.config.cache.mkdir("ki_jax_compilation_cache")
-  env = dict(os.environ, JAX_PLATFORMS="cpu")
-  env.pop("XLA_FLAGS", None)
+  env = xla_flags.subprocess_env()
   out = tmp_path / "ablation"
   command = [
     sys.executable,

@@ -17,6 +17,7 @@ from ki.data import synthetic_lerobot as synthetic
 from ki.serve import observation as observation_lib
 from ki.serve import policy as policy_lib
 from ki.train import setup as setup_lib
+from tests import xla_flags
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 _PROGRESS = re.compile(r"step (\d+)/\d+ \| loss [\d.]+ token_ce ([\d.]+) flow_mse ([\d.]+)")
@@ -57,8 +58,7 @@ def compilation_cache(request):
 
 @pytest.mark.slow
 def test_smoke_trains_and_serves_a_libero_request(tmp_path, compilation_cache):
-  env = dict(os.environ, KI_CACHE=str(tmp_path / "cache"), JAX_PLATFORMS="cpu")
-  env.pop("XLA_FLAGS", None)
+  env = xla_flags.subprocess_env(KI_CACHE=str(tmp_path / "cache"))
   command = [
     sys.executable,
     "-m",

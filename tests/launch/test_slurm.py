@@ -14,6 +14,8 @@ import sys
 
 import pytest
 
+from tests import xla_flags
+
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SBATCH = os.path.join(REPO, "launch", "slurm", "train.sbatch")
 
@@ -74,8 +76,7 @@ def synthetic_cache(tmp_path_factory):
     "c = droid_ki.get_config('smoke'); c.unlock(); "
     "c.synthetic_data.update(dict(episodes=16, vlm_images=120)); synthetic_cache.ensure(c)"
   )
-  env = dict(os.environ, KI_CACHE=str(cache), JAX_PLATFORMS="cpu")
-  env.pop("XLA_FLAGS", None)
+  env = xla_flags.subprocess_env(KI_CACHE=str(cache))
   result = subprocess.run(
     [sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, timeout=300
   )
@@ -143,7 +144,7 @@ def test_sbatch_script_trains_two_processes_under_fake_slurm(
       "SLURM_GPUS_ON_NODE": "2",
       # This machine instead of GPUs: 2 CPU devices per process, collectives through gloo.
       "JAX_PLATFORMS": "cpu",
-      "XLA_FLAGS": "--xla_force_host_platform_device_count=2",
+      "XLA_FLAGS": xla_flags.with_devices(2),
       "JAX_CPU_COLLECTIVES_IMPLEMENTATION": "gloo",
       "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
       "KI_CACHE": str(synthetic_cache),

@@ -1,4 +1,5 @@
-"""`python -m ki.serve` end to end: loads a workdir's latest checkpoint, compiles, serves."""
+"""`python -m ki.serve` end to end: loads a workdir's latest checkpoint, compiles, serves plain and
+real-time-chunking requests."""
 
 import socket
 import subprocess
@@ -6,6 +7,8 @@ import sys
 import time
 import urllib.error
 import urllib.request
+
+import numpy as np
 
 from ki.serve import observation as observation_lib
 from tests.serve.test_server import OpenpiProtocolClient
@@ -43,8 +46,18 @@ def test_serve_module_serves_a_workdir(checkpoint_workdir):
     _wait_healthy(port, process, timeout=240)
     client = OpenpiProtocolClient(port)
     assert client.metadata["step"] == 7
-    actions = client.infer(observation_lib.fake_droid_observation())["actions"]
+    request = observation_lib.fake_droid_observation()
+    actions = client.infer(request)["actions"]
     assert actions.shape == (4, 8)
+    # Real-time chunking through the CLI's server (its RTC program was compiled at start): the
+    # client sends the chunk it is executing; the first `d` actions continue it exactly.
+    rtc = {
+      observation_lib.RTC_PREVIOUS_ACTIONS: actions,
+      observation_lib.RTC_EXECUTED_STEPS: 1,
+      observation_lib.RTC_INFERENCE_DELAY: 2,
+    }
+    continued = client.infer({**request, **rtc})["actions"]
+    np.testing.assert_array_equal(continued[:2], actions[1:3])
     client.close()
   finally:
     process.terminate()

@@ -10,6 +10,8 @@ import os
 import subprocess
 import sys
 
+from tests import xla_flags
+
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 _PROGRAM_HASH = """
 import hashlib
@@ -21,8 +23,7 @@ print(hashlib.sha256(setup.lower().as_text().encode())
 
 
 def _program_hash(hash_seed: int) -> str:
-  env = dict(os.environ, PYTHONHASHSEED=str(hash_seed), JAX_PLATFORMS="cpu", PYTHONPATH=REPO)
-  env.pop("XLA_FLAGS", None)
+  env = xla_flags.subprocess_env(PYTHONHASHSEED=str(hash_seed), PYTHONPATH=REPO)
   result = subprocess.run(
     [sys.executable, "-c", _PROGRAM_HASH],
     cwd=REPO,
