@@ -62,6 +62,9 @@ def default_config() -> ml_collections.ConfigDict:
       lerobot_eval_episodes: its last N episodes are the eval split (0 = none); robot: the robot
       spec mapping its keys to the model (ki/data/robot_spec.py).
     shuffle_window: RLDS stream window-shuffle size in frames (memory: ~45 KB per frame).
+    skip_unreadable_records: an ArrayRecord record that cannot be read (a shard corrupted,
+      truncated or deleted while training runs) is skipped and counted as
+      data/dropped/unreadable_record instead of stopping training with an error naming the shard.
   Examples (their shapes come from the model config):
     delta_action_mask: per real dim (model.data_action_dim of them), joints relative to the
       state; () keeps absolute actions.
@@ -99,6 +102,7 @@ def default_config() -> ml_collections.ConfigDict:
   config.num_epochs = 0
   config.robot_weight = 1.0
   config.vlm_sources = ()
+  config.skip_unreadable_records = False
   # Locked: a misspelt field in an experiment file fails where it is written.
   config.lock()
   return config
@@ -323,7 +327,7 @@ def _robot_dataset(
   if config.source == "arrayrecord":
     path = config.arrayrecord_dir if split == "train" else config.eval_arrayrecord_dir
     return _map_pipeline(
-      sources.arrayrecord_frames(path),
+      sources.arrayrecord_frames(path, skip_unreadable=config.skip_unreadable_records),
       transform,
       seed=seed,
       process_index=process_index,

@@ -70,8 +70,58 @@ def find_arrayrecord_files(path: str) -> list[str]:
   return files
 
 
-def decode_frame_record(data: bytes) -> dict[str, Any] | Dropped:
+class ArrayRecordShards:
+  """The records of several ArrayRecord shards as one random-access sequence (what
+  grain.MapDataset.source reads), one grain ArrayRecordDataSource per shard, so that a record that
+  cannot be read is named by its shard.
+
+  A shard can go bad while training runs: overwritten, truncated or deleted on a shared file
+  system, or unreadable on a failing disk. Reading such a record raises OSError naming the shard
+  and the record, or, with `skip_unreadable`, gives Dropped("unreadable_record"), which the
+  pipeline counts (data/dropped/unreadable_record) and skips. Either way in the worker process
+  that read it too: Grain passes the error to the trainer, nothing waits on a dead reader.
+  """
+
+  def __init__(self, files: Sequence[str], *, skip_unreadable: bool = False):
+    self._files = list(files)
+    self._skip_unreadable = skip_unreadable
+    self._shards = []
+    for file in self._files:
+      try:
+        self._shards.append(grain.sources.ArrayRecordDataSource([file]))
+      except Exception as error:  # array_record's errors do not name the file
+        raise ValueError(f"cannot read ArrayRecord shard {file}: {error}") from None
+    self._ends = np.cumsum([len(shard) for shard in self._shards])
+
+  def __len__(self) -> int:
+    return int(self._ends[-1]) if len(self._ends) else 0
+
+  def __getitem__(self, index: int) -> bytes | Dropped:
+    shard = int(np.searchsorted(self._ends, index, side="right"))
+    record = index - (int(self._ends[shard - 1]) if shard else 0)
+    try:
+      data = self._shards[shard][record]
+      if not data:
+        # What array_record gives for a record past the end of a shard truncated under it.
+        raise OSError("the record is empty (the shard was truncated?)")
+    except Exception as error:  # riegeli/array_record raise RuntimeError, OSError, ValueError
+      if self._skip_unreadable:
+        return Dropped("unreadable_record")
+      raise OSError(
+        f"cannot read record {record} of ArrayRecord shard {self._files[shard]}: {error} "
+        "(restore the shard, or set data.skip_unreadable_records=True to skip and count such "
+        "records)"
+      ) from None
+    return data
+
+  def __repr__(self) -> str:
+    return f"ArrayRecordShards({len(self._files)} shards)"
+
+
+def decode_frame_record(data: bytes | Dropped) -> dict[str, Any] | Dropped:
   """One ArrayRecord record -> the frame dict, or Dropped naming why it is unusable."""
+  if isinstance(data, Dropped):
+    return data
   try:
     return records.decode_frame(data)
   except ValueError as error:
@@ -79,18 +129,10 @@ def decode_frame_record(data: bytes) -> dict[str, Any] | Dropped:
     return Dropped("non_finite" if "non-finite" in str(error) else "bad_shape")
 
 
-def arrayrecord_frames(path: str) -> grain.MapDataset:
-  """MapDataset over all frames in the prepared shards at `path` (dict or Dropped elements)."""
-  files = find_arrayrecord_files(path)
-  try:
-    source = grain.sources.ArrayRecordDataSource(files)
-  except Exception:  # array_record raises plain RuntimeError/ValueError without the file name.
-    for file in files:  # Find the culprit so the error can name it.
-      try:
-        grain.sources.ArrayRecordDataSource([file])
-      except Exception as error:
-        raise ValueError(f"cannot read ArrayRecord shard {file}: {error}") from None
-    raise
+def arrayrecord_frames(path: str, *, skip_unreadable: bool = False) -> grain.MapDataset:
+  """MapDataset over all frames in the prepared shards at `path` (dict or Dropped elements).
+  skip_unreadable: see ArrayRecordShards."""
+  source = ArrayRecordShards(find_arrayrecord_files(path), skip_unreadable=skip_unreadable)
   if len(source) == 0:
     raise ValueError(f"the ArrayRecord shards at {path} hold no records")
   return grain.MapDataset.source(source).map(decode_frame_record)

@@ -43,6 +43,8 @@ DROP_REASONS = (
   "corrupt_video",  # an mp4 that does not open or decode (truncated, not a video)
   "missing_frame",  # no video frame at the row's timestamp, or a row missing from the episode
   "short_episode",  # an episode shorter than the action horizon
+  # Only with data.skip_unreadable_records (ki/data/sources.py ArrayRecordShards):
+  "unreadable_record",  # a record its shard could not give back (corrupt, truncated, deleted)
 )
 
 EXTERIOR_CAMERAS = ("exterior_image_1_left", "exterior_image_2_left")

@@ -39,6 +39,7 @@ def bad_records() -> tuple[list[bytes], dict[str, int]]:
     "corrupt_video": 0,
     "missing_frame": 0,
     "short_episode": 0,
+    "unreadable_record": 0,
   }
   return records, expected
 
