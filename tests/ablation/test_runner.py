@@ -43,9 +43,7 @@ def test_steps_to_threshold_is_the_first_eval_at_or_below_it():
 
 
 @pytest.mark.slow
-def test_quick_ablation_writes_its_table_and_plots(tmp_path, request):
-  # The compiled programs persist in pytest's cache folder, as the trainer tests' do.
-  compilation_cache = request.config.cache.mkdir("ki_jax_compilation_cache")
+def test_quick_ablation_writes_its_table_and_plots(tmp_path, compilation_cache):
   env = xla_flags.subprocess_env()
   out = tmp_path / "ablation"
   command = [

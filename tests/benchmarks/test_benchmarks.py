@@ -3,20 +3,9 @@
 import dataclasses
 import json
 
-import jax
 import pytest
 
 from benchmarks import latency_bench, memory_bench, results_writer, run_all, train_bench
-
-
-@pytest.fixture(scope="module", autouse=True)
-def compilation_cache(tmp_path_factory):
-  """train_bench and memory_bench compile the same tiny step (remat none, batch 8): the second
-  one reads it from this cache instead of spending ~20 s compiling it again."""
-  jax.config.update("jax_compilation_cache_dir", str(tmp_path_factory.mktemp("jax_cache")))
-  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-  yield
-  jax.config.update("jax_compilation_cache_dir", None)
 
 
 def _read(directory, name):

@@ -50,12 +50,6 @@ def test_smoke_spec_fits_the_synthetic_dataset(tmp_path):
   )
 
 
-@pytest.fixture
-def compilation_cache(request):
-  """The persistent compile cache the trainer tests share (tests/train/conftest.py)."""
-  return str(request.config.cache.mkdir("ki_jax_compilation_cache"))
-
-
 @pytest.mark.slow
 def test_smoke_trains_and_serves_a_libero_request(tmp_path, compilation_cache):
   env = xla_flags.subprocess_env(KI_CACHE=str(tmp_path / "cache"))

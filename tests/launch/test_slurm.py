@@ -84,12 +84,6 @@ def synthetic_cache(tmp_path_factory):
   return cache
 
 
-@pytest.fixture(scope="session")
-def compilation_cache(request):
-  """The persistent XLA cache tests/train/conftest.py keeps in pytest's cache folder."""
-  return str(request.config.cache.mkdir("ki_jax_compilation_cache"))
-
-
 # Never beside the other multi-process test: four JAX processes with gloo on two cores can miss
 # gloo's 30 s rendezvous deadline.
 @pytest.mark.xdist_group("multiprocess")
