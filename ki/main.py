@@ -17,6 +17,8 @@ from absl import app, flags
 import jax
 from ml_collections import config_flags
 
+from ki.train import distributed
+
 _CONFIG = config_flags.DEFINE_config_file(
   "config", None, "Experiment file[:variant].", lock_config=True
 )
@@ -26,6 +28,12 @@ _COORDINATOR = flags.DEFINE_string(
 )
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processes (hosts).")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index.")
+_HEARTBEAT_TIMEOUT = flags.DEFINE_integer(
+  "heartbeat_timeout_s",
+  distributed.HEARTBEAT_TIMEOUT_S,
+  "Multi-host: a host silent this long is declared dead and every other host exits non-zero "
+  "(ki/train/distributed.py).",
+)
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -101,20 +109,21 @@ def _initialize_distributed():
   if any(v is not None for v in explicit):
     if any(v is None for v in explicit):
       raise app.UsageError("--coordinator_address, --num_processes and --process_id go together.")
-    jax.distributed.initialize(
-      coordinator_address=_COORDINATOR.value,
-      num_processes=_NUM_PROCESSES.value,
-      process_id=_PROCESS_ID.value,
+    distributed.initialize(
+      _COORDINATOR.value,
+      _NUM_PROCESSES.value,
+      _PROCESS_ID.value,
+      heartbeat_timeout_s=_HEARTBEAT_TIMEOUT.value,
     )
   elif os.environ.get("CLUSTER_SPEC"):
     coordinator, num_processes, process_id = vertex_cluster(os.environ["CLUSTER_SPEC"])
     if num_processes > 1:  # Vertex sets CLUSTER_SPEC on single-replica jobs too
-      jax.distributed.initialize(
-        coordinator_address=coordinator, num_processes=num_processes, process_id=process_id
+      distributed.initialize(
+        coordinator, num_processes, process_id, heartbeat_timeout_s=_HEARTBEAT_TIMEOUT.value
       )
   elif int(os.environ.get("SLURM_NTASKS", "1")) > 1:
     # JAX reads the coordinator, process count and id from SLURM's environment.
-    jax.distributed.initialize()
+    distributed.initialize(heartbeat_timeout_s=_HEARTBEAT_TIMEOUT.value)
 
 
 class _QuietOrbaxInfo(logging.Filter):

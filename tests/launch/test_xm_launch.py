@@ -214,6 +214,7 @@ def test_ki_main_finds_its_process_in_a_16_node_vertex_job(pool, index, process_
       "coordinator_address": "cmle-training-workerpool0-ab-0:2222",
       "num_processes": 16,
       "process_id": process_id,
+      "heartbeat_timeout_seconds": 60,
     }
   ]
   assert seen["total_steps"] == 7 and seen["knowledge_insulation"] is False
@@ -237,7 +238,12 @@ def test_ki_main_explicit_flags_win_over_cluster_spec():
   ]
   seen = _ki_main_parse(argv, cluster_spec=_cluster_spec(16, "workerpool1", 3))
   assert seen["distributed"] == [
-    {"coordinator_address": "10.0.0.1:1234", "num_processes": 2, "process_id": 1}
+    {
+      "coordinator_address": "10.0.0.1:1234",
+      "num_processes": 2,
+      "process_id": 1,
+      "heartbeat_timeout_seconds": 60,
+    }
   ]
 
 
