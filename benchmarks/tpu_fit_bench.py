@@ -3,12 +3,16 @@ r"""Memory-fit tables for full pi0.5-KI on TPU slices, compiled on this machine 
   python -m benchmarks.tpu_fit_bench                       # every cell below (hours on 2 cores)
   python -m benchmarks.tpu_fit_bench --topologies=v5p-8 --horizons=16 --policies=nothing_saveable \
     --batches=8,32 --token_weights=1,0                     # a subset; cells are added to the file
+  python -m benchmarks.tpu_fit_bench --topologies=v5e-8 --horizons=16 --token_weights=1 \
+    --policies=nothing_saveable --batches=4 --lora       # LoRA fine-tuning (openpi's ranks)
   python -m benchmarks.tpu_fit_bench --quick               # the tiny model on v5e-4 (tests)
 
 Each cell is one `ki.compile_check.check` (the trainer's setup, ki.train.setup.make_setup, over
 the slice's abstract devices, compiled by libtpu): full pi0.5-KI with 2 cameras, 200 prompt
 tokens, the action horizon H, per-device batch B, a remat policy, and the token loss on (KI:
-FAST CE + flow) or off (flow only), on the smallest single-host slice of each generation by
+FAST CE + flow) or off (flow only), full fine-tuning or, with --lora, LoRA fine-tuning
+(ki.train.optimizer.use_lora: openpi's ranks, the language model's base frozen and not
+differentiated), on the smallest single-host slice of each generation by
 default (v5p-8 and v4-8: 4 chips; v6e-8 and v5e-8: 8 chips). It records XLA's per-device memory
 plan against the chip's HBM and the step's FLOPs (compiled, trip-count corrected, analytic; see
 ki/compile_check.py). Per (slice, H, loss, policy) the largest measured batch under HBM is
@@ -32,8 +36,10 @@ import jax
 
 from benchmarks import results_writer
 from ki import compile_check
+from ki.model import lora as lora_lib
 from ki.model import sizes
 from ki.train import config as config_lib
+from ki.train import optimizer as optimizer_lib
 
 TOPOLOGIES = ("v5p-8", "v4-8", "v6e-8", "v5e-8")
 HORIZONS = (16, 50)
@@ -42,8 +48,9 @@ POLICIES = ("nothing_saveable", "dots_with_no_batch_dims_saveable", "none")
 TOKEN_WEIGHTS = (1.0, 0.0)  # KI (FAST CE + flow) and flow only
 
 
-def train_config(size: str, *, horizon: int, remat: str, token_weight: float):
-  """The default training config (openpi's DROID fine-tune, FSDP over every device) at `size`."""
+def train_config(size: str, *, horizon: int, remat: str, token_weight: float, lora: bool = False):
+  """The default training config (openpi's DROID fine-tune, FSDP over every device) at `size`;
+  `lora`: its LoRA fine-tune (ki.train.optimizer.use_lora)."""
   config = config_lib.default_config()
   config.model.update(sizes.fields(size, remat_policy=remat))
   if horizon:
@@ -54,22 +61,28 @@ def train_config(size: str, *, horizon: int, remat: str, token_weight: float):
   # vanish from the step.
   config.model.knowledge_insulation = token_weight > 0
   config.init.kind = "scratch"
+  if lora:
+    optimizer_lib.use_lora(config)
   config.lock()
   return config
 
 
 def cell_key(cell: dict[str, Any]) -> str:
   ki = int(cell.get("knowledge_insulation", True))
-  return (
+  key = (
     "{topology}/H{action_horizon}/tw{token_weight:g}/ki{ki}/{remat_policy}/b{per_device_batch}"
   ).format(ki=ki, **cell)
+  return key + "/lora" if cell.get("lora") else key
 
 
-def measure(size, topology, horizon, token_weight, remat, batch) -> dict[str, Any]:
-  config = train_config(size, horizon=horizon, remat=remat, token_weight=token_weight)
+def measure(size, topology, horizon, token_weight, remat, batch, lora=False) -> dict[str, Any]:
+  config = train_config(size, horizon=horizon, remat=remat, token_weight=token_weight, lora=lora)
   start = time.perf_counter()
   report = compile_check.check(config, topology, per_device_batch=batch)
   report["wall_seconds"] = time.perf_counter() - start
+  if lora:
+    model = dict(config.model)
+    report["lora"] = {k: model[k] for k in lora_lib.OPENPI_RANKS}
   return report
 
 
@@ -157,6 +170,10 @@ def markdown(results: dict[str, Any]) -> str:
 
 
 def _loss(cell) -> str:
+  return _objective(cell) + (", LoRA" if cell.get("lora") else "")
+
+
+def _objective(cell) -> str:
   if cell["token_weight"] > 0:
     return "KI" if cell.get("knowledge_insulation", True) else "joint, no stop-gradient"
   if cell.get("knowledge_insulation", True):
@@ -170,6 +187,7 @@ def _order(cell):
     cell["action_horizon"],
     -cell["token_weight"],
     not cell.get("knowledge_insulation", True),
+    bool(cell.get("lora")),
     cell["remat_policy"],
     cell["per_device_batch"],
   )
@@ -183,6 +201,9 @@ def main(argv=None):
   parser.add_argument("--batches", default=",".join(map(str, BATCHES)))
   parser.add_argument("--policies", default=",".join(POLICIES))
   parser.add_argument("--token_weights", default=",".join(map(str, TOKEN_WEIGHTS)))
+  parser.add_argument(
+    "--lora", action="store_true", help="LoRA fine-tuning (openpi's ranks, base frozen)"
+  )
   parser.add_argument("--out_dir", default=None, help="default: benchmarks/results")
   args = parser.parse_args(argv)
   topologies = [t for t in args.topologies.split(",") if t]
@@ -237,8 +258,10 @@ def main(argv=None):
                 per_device_batch=batch,
                 skipped=f"not compiled: batch {over} already exceeds HBM",
               )
+              if args.lora:
+                cell["lora"] = dict(lora_lib.OPENPI_RANKS)
             else:
-              cell = measure(size, topology, horizon, token_weight, remat, batch)
+              cell = measure(size, topology, horizon, token_weight, remat, batch, lora=args.lora)
               cell["command"] = command
               if not cell["fits"]:
                 over = batch

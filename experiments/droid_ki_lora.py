@@ -19,20 +19,14 @@ Serve or export with ki.model.lora.merge (adapters folded into openpi's layout).
 import ml_collections
 
 from experiments import droid_ki
-
-# openpi: gemma_2b_lora LoRAConfig(rank=16, alpha=16), gemma_300m_lora (rank=32, alpha=32).
-LORA = dict(vlm_lora_rank=16, vlm_lora_alpha=16.0, expert_lora_rank=32, expert_lora_alpha=32.0)
+from ki.train import optimizer
 
 
 def get_config(variant: str = "full") -> ml_collections.ConfigDict:
   config = droid_ki.get_config(variant)
   config.unlock()
-  config.model.update(LORA)
-  config.optimizer.group_rules = "pi05_lora"
-  groups = config.optimizer.groups
-  # The adapters train with their stream's settings; the language model's base is frozen.
-  groups.vlm_lora = dict(groups.vlm)
-  groups.action_expert_lora = dict(groups.action_expert)
-  groups.frozen = dict(groups.vlm, frozen=True)
+  # openpi's ranks (ki.model.lora.OPENPI_RANKS: 16/16 on the VLM, 32/32 on the expert); the
+  # adapters train with their stream's settings, the language model's base is frozen.
+  optimizer.use_lora(config)
   config.lock()
   return config

@@ -19,6 +19,12 @@ import jax.numpy as jnp
 
 from ki.model import params as params_lib
 
+# openpi's pi0.5 LoRA: gemma_2b_lora LoRAConfig(rank=16, alpha=16) on the VLM, gemma_300m_lora
+# (rank=32, alpha=32) on the action expert (pi05.Config fields).
+OPENPI_RANKS = dict(
+  vlm_lora_rank=16, vlm_lora_alpha=16.0, expert_lora_rank=32, expert_lora_alpha=32.0
+)
+
 
 def without_lora(config):
   """The model config that `merge`'s output belongs to: the same model with no adapters."""

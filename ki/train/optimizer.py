@@ -27,6 +27,7 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
+from ki.model import lora
 from ki.model import params as params_lib
 
 
@@ -154,6 +155,20 @@ def make_optimizer(optimizer_config: ml_collections.ConfigDict, params_shape) ->
     init=lambda params: inner.init(partition.split(params)[0]), update=inner.update
   )
   return dataclasses.replace(partition, tx=tx)
+
+
+def use_lora(config: ml_collections.ConfigDict, ranks=None) -> None:
+  """Turns a training config into its LoRA fine-tune, in place (unlocked config): adapters of
+  `ranks` (default openpi's, ki.model.lora.OPENPI_RANKS) on both streams, the "pi05_lora" group
+  rules, each stream's adapters trained with that stream's settings, the language model's base
+  frozen. experiments/droid_ki_lora.py and benchmarks/tpu_fit_bench.py both build LoRA this way.
+  """
+  config.model.update(dict(lora.OPENPI_RANKS) if ranks is None else ranks)
+  config.optimizer.group_rules = "pi05_lora"
+  groups = config.optimizer.groups
+  groups.vlm_lora = dict(groups.vlm)
+  groups.action_expert_lora = dict(groups.action_expert)
+  groups.frozen = dict(groups.vlm, frozen=True)
 
 
 def group_norms(tree, labels) -> dict[str, jax.Array]:

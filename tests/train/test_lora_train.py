@@ -26,6 +26,9 @@ from tests.serve import conftest as serve_conftest
 from tests.train.fake_data import FakeIterator
 from tests.train.tiny import tiny_train_config
 
+# One xdist worker runs the module, so the 2-step run (a module fixture) is made once.
+pytestmark = pytest.mark.xdist_group("lora_train")
+
 RANKS = dict(vlm_lora_rank=2, vlm_lora_alpha=4.0, expert_lora_rank=3, expert_lora_alpha=3.0)
 STEPS = 2
 
