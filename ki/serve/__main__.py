@@ -52,6 +52,17 @@ _MAX_MESSAGE_MB = flags.DEFINE_float(
   "Requests above this size get a bad-request reply.",
 )
 
+_KEEPALIVE = flags.DEFINE_float(
+  "keepalive_s",
+  server_lib.DEFAULT_KEEPALIVE_S,
+  "Ping clients this often and drop one that does not answer within as long (stalled clients).",
+)
+_DRAIN_TIMEOUT = flags.DEFINE_float(
+  "drain_timeout_s",
+  server_lib.DEFAULT_DRAIN_TIMEOUT_S,
+  "On SIGTERM, how long requests being inferred get to finish and be answered.",
+)
+
 
 def main(argv):
   del argv
@@ -70,7 +81,12 @@ def main(argv):
     policy.warmup(rtc_too=_RTC_WARMUP.value),
   )
   server = server_lib.PolicyServer(
-    policy, host=_HOST.value, port=_PORT.value, max_message_bytes=int(_MAX_MESSAGE_MB.value * 2**20)
+    policy,
+    host=_HOST.value,
+    port=_PORT.value,
+    max_message_bytes=int(_MAX_MESSAGE_MB.value * 2**20),
+    keepalive_s=_KEEPALIVE.value,
+    drain_timeout_s=_DRAIN_TIMEOUT.value,
   )
   server.serve_forever()
 

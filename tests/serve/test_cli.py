@@ -61,4 +61,5 @@ def test_serve_module_serves_a_workdir(checkpoint_workdir):
     client.close()
   finally:
     process.terminate()
-    process.wait(timeout=30)
+    returncode = process.wait(timeout=30)
+  assert returncode == 0  # SIGTERM stops the server cleanly
