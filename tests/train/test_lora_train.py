@@ -2,8 +2,8 @@
 is the merged plain model that ki.serve serves with the same actions, and an exact resume of the
 unmerged adapters.
 
-One tiny LoRA trainer runs 2 steps once for the module (one compile of its step, on one device,
-~25-60 s on a 2-core CPU: the tests that use it are marked slow).
+One tiny LoRA trainer runs 2 steps (one compile of its step, on one device, ~15-60 s on a 2-core
+CPU) in one slow test that makes every check on it.
 """
 
 import jax
@@ -25,9 +25,6 @@ from ki.train.trainer import Trainer
 from tests.serve import conftest as serve_conftest
 from tests.train.fake_data import FakeIterator
 from tests.train.tiny import tiny_train_config
-
-# One xdist worker runs the module, so the 2-step run (a module fixture) is made once.
-pytestmark = pytest.mark.xdist_group("lora_train")
 
 RANKS = dict(vlm_lora_rank=2, vlm_lora_alpha=4.0, expert_lora_rank=3, expert_lora_alpha=3.0)
 STEPS = 2
@@ -95,8 +92,7 @@ def _write_initial_checkpoint(setup, workdir) -> None:
   checkpointer.close()
 
 
-@pytest.fixture(scope="module")
-def run(tmp_path_factory):
+def _train(tmp_path_factory):
   """(setup, workdir, the state before and after training, to host) of a 2-step LoRA run."""
   folder = tmp_path_factory.mktemp("lora_run")
   setup = setup_lib.make_setup(
@@ -126,8 +122,7 @@ def test_no_gradient_is_computed_for_the_frozen_base():
   assert flops[True] < 0.9 * flops[False], flops
 
 
-@pytest.mark.slow  # the module's 2-step run: one compile of the LoRA step
-def test_frozen_base_is_unchanged_and_adapters_train(run):
+def _check_frozen_base_is_unchanged_and_adapters_train(run):
   setup, _, initial, trained = run
   labels = params_lib.flatten(setup.optimizer.labels)
   before, after = params_lib.flatten(initial.params), params_lib.flatten(trained.params)
@@ -146,8 +141,7 @@ def _array_names(item_dir) -> set[str]:
   return {params_lib.path_to_name(path) for path, leaf in leaves if leaf is not None}
 
 
-@pytest.mark.slow  # the module's 2-step run: one compile of the LoRA step
-def test_checkpoint_stores_merged_params_and_the_unmerged_rest_once(run):
+def _check_checkpoint_stores_merged_params_and_the_unmerged_rest_once(run):
   setup, workdir, _, _ = run
   step_dir = checkpoint_lib.resolve_step_dir(workdir)
   names = set(params_lib.flatten(setup.state_shapes.params))
@@ -164,8 +158,7 @@ def test_checkpoint_stores_merged_params_and_the_unmerged_rest_once(run):
   assert state_params == changed and changed < names
 
 
-@pytest.mark.slow  # the module's 2-step run: one compile of the LoRA step
-def test_lora_checkpoint_serves_the_merged_model_with_the_same_actions(run):
+def _check_lora_checkpoint_serves_the_merged_model_with_the_same_actions(run):
   setup, workdir, _, trained = run
   policy = policy_lib.Policy.from_checkpoint(str(workdir))
   assert policy.model_config == lora.without_lora(setup.model_config)
@@ -183,8 +176,7 @@ def test_lora_checkpoint_serves_the_merged_model_with_the_same_actions(run):
   np.testing.assert_allclose(served, reference, rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.slow  # the module's 2-step run: one compile of the LoRA step
-def test_resume_restores_the_unmerged_state_exactly(run):
+def _check_resume_restores_the_unmerged_state_exactly(run):
   setup, workdir, _, trained = run
   resumed = _trainer(setup, workdir)
   assert resumed.start_step == STEPS
@@ -193,3 +185,13 @@ def test_resume_restores_the_unmerged_state_exactly(run):
   assert jax.tree.structure(restored) == jax.tree.structure(trained)
   for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(trained), jax.tree.leaves(restored)):
     np.testing.assert_array_equal(a, b, err_msg=jax.tree_util.keystr(path))
+
+
+@pytest.mark.slow  # trains 2 steps: one compile of the LoRA step (~15-60 s on a 2-core CPU)
+def test_lora_run_trains_checkpoints_serves_and_resumes(tmp_path_factory):
+  """One run for every check (one test, so that no xdist split trains it twice)."""
+  run = _train(tmp_path_factory)
+  _check_frozen_base_is_unchanged_and_adapters_train(run)
+  _check_checkpoint_stores_merged_params_and_the_unmerged_rest_once(run)
+  _check_lora_checkpoint_serves_the_merged_model_with_the_same_actions(run)
+  _check_resume_restores_the_unmerged_state_exactly(run)
