@@ -1,6 +1,7 @@
 """A real two-process run: jax.distributed over localhost with gloo CPU collectives, 2 devices per
-process, (data=2, fsdp=2) mesh; both processes train, checkpoint, see the same losses, and stop
-together at one step when only one of them gets SIGTERM."""
+process, (data=2, fsdp=2) mesh. One host killed with SIGKILL mid-training: the other exits non-zero
+within the heartbeat timeout instead of hanging. Restarted, both resume from the last checkpoint,
+train, see the same losses, and stop together at one step when only one of them gets SIGTERM."""
 
 import json
 import os
@@ -21,6 +22,10 @@ def _free_port():
     return s.getsockname()[1]
 
 
+# What the test gives jax's coordination service to notice a dead host (ki's default is 60 s).
+HEARTBEAT_TIMEOUT_S = 10
+
+
 def _start(tmp_path, total_steps, cache_dir):
   port = _free_port()
   env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
@@ -37,6 +42,7 @@ def _start(tmp_path, total_steps, cache_dir):
         f"--coordinator_port={port}",
         "--devices_per_process=2",
         f"--cache_dir={cache_dir}",
+        f"--heartbeat_timeout_s={HEARTBEAT_TIMEOUT_S}",
       ],
       cwd=REPO,
       env=env,
@@ -67,26 +73,58 @@ def _finish(processes, timeout=300):
   return results, outputs
 
 
+def _wait_for(processes, condition, message, timeout=400):
+  deadline = time.time() + timeout
+  try:
+    while not condition():
+      assert all(p.poll() is None for p in processes), "a process ended early"
+      assert time.time() < deadline, message
+      time.sleep(0.5)
+  except AssertionError as error:
+    for process in processes:
+      process.kill()
+    outputs = "\n".join(p.communicate()[0][-3000:] for p in processes)
+    raise AssertionError(f"{error}\n{outputs}") from None
+
+
 # Never beside the other multi-process test: four JAX processes with gloo on two cores can miss
 # gloo's 30 s rendezvous deadline.
 @pytest.mark.xdist_group("multiprocess")
 @pytest.mark.multiprocess
 @pytest.mark.slow
-def test_two_processes_train_checkpoint_and_stop_together_on_sigterm(tmp_path, compilation_cache):
+def test_two_processes_survive_a_dead_host_and_stop_together_on_sigterm(
+  tmp_path, compilation_cache
+):
+  checkpoints = tmp_path / "checkpoints"
   processes = _start(tmp_path, 10_000, compilation_cache)
+  _wait_for(processes, lambda: (checkpoints / "2").exists(), "training did not reach step 2")
+  processes[1].kill()  # no notice: the host is gone
+  killed_at = time.time()
+  processes[1].communicate()
   try:
-    deadline = time.time() + 400
-    while not (tmp_path / "checkpoints" / "2").exists():
-      assert all(p.poll() is None for p in processes), "a process ended before step 2"
-      assert time.time() < deadline, "training did not reach step 2"
-      time.sleep(0.5)
-  except AssertionError:
-    for process in processes:
-      process.kill()
-    raise AssertionError("\n".join(p.communicate()[0][-3000:] for p in processes)) from None
+    output = processes[0].communicate(timeout=120)[0]
+  finally:
+    processes[0].kill()
+  survived = time.time() - killed_at
+  # jax's coordination service noticed the silent host and ended the survivor, which would
+  # otherwise sit in a gloo collective or a checkpoint barrier (jax's default timeout: 100 s).
+  assert processes[0].returncode != 0, output[-3000:]
+  assert survived < 4 * HEARTBEAT_TIMEOUT_S, f"the survivor took {survived:.0f} s\n{output[-3000:]}"
+  assert "JAX distributed service detected fatal errors" in output, output[-3000:]
+  committed = max(int(p.name) for p in checkpoints.iterdir() if p.name.isdigit())
+  assert committed >= 2
+
+  # The same command again: both hosts resume from the last committed checkpoint.
+  processes = _start(tmp_path, 10_000, compilation_cache)
+  _wait_for(
+    processes,
+    lambda: (checkpoints / str(committed + 2)).exists(),
+    "the restarted run did not save a checkpoint",
+  )
   processes[1].send_signal(signal.SIGTERM)  # the notice reaches one host only
   results, outputs = _finish(processes)
 
+  assert results[0]["start_step"] == results[1]["start_step"] == committed
   assert "Mesh {'data': 2, 'fsdp': 2} over 4 devices (2 hosts)" in outputs[0]
   assert results[0]["losses"] == results[1]["losses"]
   # Both hosts stopped at the same step, saved it and exited 0.
