@@ -12,7 +12,8 @@
              openpi's (the EMA params when the run kept an EMA).
 
 `load` returns {name: np.ndarray} for the leaves it provides ("/"-joined names) after comparing
-every leaf with the expected shapes and dtypes; all mismatches are reported in one error.
+every leaf with the expected shapes and dtypes; all mismatches are reported in one error. A LoRA
+model's adapters are never in the checkpoint: they keep their fresh initialisation.
 """
 
 from collections.abc import Mapping
@@ -147,18 +148,22 @@ def load(
   for "paligemma").
   """
   expected = params_lib.flatten(abstract_params)
+  # LoRA adapters are never in a pretrained checkpoint (openpi's and ours hold the merged plain
+  # layout): a LoRA model keeps their fresh initialisation, as openpi's LoRA fine-tuning does.
+  allowed_missing = [params_lib.LORA_REGEX]
   if kind == "openpi":
-    loaded, allowed_missing = _restore_params_item(_openpi_params_dir(path)), None
+    loaded = _restore_params_item(_openpi_params_dir(path))
   elif kind == "ki":
-    loaded, allowed_missing = _restore_params_item(_ki_params_dir(path)), None
+    loaded = _restore_params_item(_ki_params_dir(path))
   elif kind == "paligemma":
-    loaded, allowed_missing = _read_paligemma_npz(path), params_lib.EXPERT_PATTERN
+    loaded = _read_paligemma_npz(path)
+    allowed_missing.append(params_lib.EXPERT_REGEX)
   else:
     raise ValueError(f"Unknown weights format {kind!r}; expected one of {FORMATS}.")
   return check_against(
     loaded,
     expected,
-    allowed_missing=allowed_missing,
+    allowed_missing=re.compile("|".join(f"(?:{regex})" for regex in allowed_missing)),
     cast_dtypes=cast_dtypes,
     source=f"{kind} checkpoint {path}",
   )

@@ -56,6 +56,26 @@ def test_openpi_checkpoint_folder(tmp_path, abstract, nnx_values):
   _assert_same(loaded, values)
 
 
+def test_a_lora_model_loads_a_plain_checkpoint_and_keeps_fresh_adapters(tmp_path, abstract):
+  """LoRA fine-tuning from pi05_base: the checkpoint has no adapters, the model does."""
+  lora_abstract = state.abstract_params(
+    tiny_model_config(vlm_lora_rank=2, expert_lora_rank=2, expert_lora_alpha=2.0)
+  )
+  adapters = [n for n in params_lib.flatten(lora_abstract) if n.endswith(("lora_a", "lora_b"))]
+  assert adapters and not set(adapters) & set(params_lib.flatten(abstract))
+  values = _values(abstract)
+  with ocp.PyTreeCheckpointer() as checkpointer:
+    checkpointer.save(tmp_path / "pi05_base" / "params", {"params": _nest(values)})
+  loaded = weights.load("openpi", str(tmp_path / "pi05_base"), lora_abstract)
+  _assert_same(loaded, values)
+  # Only adapters may be missing: a base weight missing is still an error.
+  del values["PaliGemma/llm/layers/mlp/linear"]
+  with ocp.PyTreeCheckpointer() as checkpointer:
+    checkpointer.save(tmp_path / "partial" / "params", {"params": _nest(values)})
+  with pytest.raises(weights.WeightsMismatchError, match=r"1 mismatch.*\n  missing: .*mlp/linear"):
+    weights.load("openpi", str(tmp_path / "partial"), lora_abstract)
+
+
 def test_paligemma_npz_fills_the_vlm_only(tmp_path, abstract):
   values = _values(abstract)
   vlm = {k: v for k, v in values.items() if not params_lib.EXPERT_PATTERN.fullmatch(k)}
