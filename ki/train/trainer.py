@@ -18,6 +18,7 @@ import signal
 import time
 from typing import Any
 
+from etils import epath
 import jax
 from jax.experimental import multihost_utils
 import ml_collections
@@ -309,14 +310,13 @@ class Trainer:
   def _set_aside(self, damaged: list[tuple[int, str]]):
     """Moves damaged step folders out of orbax's directory (process 0; the others wait)."""
     if jax.process_index() == 0:
-      target = os.path.join(self.workdir, DAMAGED_DIR)
-      os.makedirs(target, exist_ok=True)
+      target = epath.Path(self.workdir) / DAMAGED_DIR
+      target.mkdir(parents=True, exist_ok=True)
       stamp = datetime.datetime.now(datetime.UTC).strftime("%Y%m%dT%H%M%S")
       for step, reason in damaged:
-        destination = os.path.join(target, f"{step}-{stamp}")
-        os.rename(os.path.join(self.checkpointer.directory, str(step)), destination)
-        with open(os.path.join(destination, "WHY_DAMAGED.txt"), "w") as f:
-          f.write(reason + "\n")
+        destination = target / f"{step}-{stamp}"
+        (self.checkpointer.directory / str(step)).rename(destination)
+        (destination / "WHY_DAMAGED.txt").write_text(reason + "\n")
     if jax.process_count() > 1:
       multihost_utils.sync_global_devices("ki_damaged_checkpoints_set_aside")
     self.checkpointer.manager.reload()
