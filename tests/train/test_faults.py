@@ -1,13 +1,16 @@
-"""Training faults: killed (SIGKILL) while a checkpoint is written and the disk full at save time
-(real processes), a damaged newest checkpoint and none that restores (in-process restarts). No
-fault loses more than the steps since the last committed checkpoint; none trains from scratch over
-a workdir."""
+"""Training faults: killed (SIGKILL) while a checkpoint is written, the disk full at save time and
+preemption (SIGTERM) with real processes; a damaged newest checkpoint and none that restores
+(in-process restarts). No fault loses more than the steps since the last committed checkpoint;
+none trains from scratch over a workdir."""
 
+import json
 import logging
 import os
 import re
+import signal
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -45,8 +48,15 @@ def _step_folders(workdir) -> list[str]:
   return sorted(p.name for p in (workdir / "checkpoints").iterdir())
 
 
+def _result(output):
+  lines = [line for line in output.splitlines() if line.startswith("RESULT ")]
+  assert lines, output[-3000:]
+  return json.loads(lines[-1][len("RESULT ") :])
+
+
+# One workdir through four faults, so that each start after a fault is also the next fault's run.
 @pytest.mark.slow
-def test_killed_mid_save_then_disk_full_then_resumed(tmp_path, compilation_cache):
+def test_killed_mid_save_disk_full_preempted_and_resumed(tmp_path, compilation_cache):
   # 1. SIGKILL while checkpoint 4 is written but not committed (its commit is held back).
   killed = _start(tmp_path, 10_000, compilation_cache, "--pause_commit_from_step=4")
   lines = []
@@ -80,15 +90,31 @@ def test_killed_mid_save_then_disk_full_then_resumed(tmp_path, compilation_cache
   for step in (3, 4):
     np.testing.assert_allclose(resumed[step], uninterrupted[step], rtol=1e-6, err_msg=str(step))
 
-  # 3. Space again: the next start resumes from step 2 and finishes; its losses are those of a run
-  # never interrupted.
-  trainer = make_trainer(tiny_train_config(total_steps=6), tmp_path)
-  assert trainer.start_step == 2
-  history = trainer.run()
-  trainer.close()
+  # 3. Space again: the next start resumes from step 2, with the losses of a run never
+  # interrupted, until a preemption notice (SIGTERM): it saves that step and exits 0.
+  preempted = _start(tmp_path, 10_000, compilation_cache)
+  deadline = time.time() + 240
+  while not step_dir.exists():
+    assert preempted.poll() is None, preempted.communicate()[0][-3000:]
+    assert time.time() < deadline, "training did not reach step 4"
+    time.sleep(0.5)
+  preempted.send_signal(signal.SIGTERM)
+  output = preempted.communicate(timeout=240)[0]
+  assert preempted.returncode == 0, output[-3000:]
+  assert "Stopped by SIGTERM" in output
+  stopped = _result(output)
+  assert stopped["start_step"] == 2
   for step in (3, 4):
-    np.testing.assert_allclose(history[step]["loss"], uninterrupted[step], rtol=1e-5)
-  assert _step_folders(tmp_path) == ["4", "6"]
+    np.testing.assert_allclose(stopped["losses"][str(step)], uninterrupted[step], rtol=1e-6)
+  last = max(int(step) for step in stopped["losses"])
+  assert stopped["latest_checkpoint"] == last
+  assert not [name for name in _step_folders(tmp_path) if not name.isdigit()]
+
+  # 4. Restarted (in this process, sharing the compiled step): one more step from there.
+  trainer = make_trainer(tiny_train_config(total_steps=last + 1), tmp_path)
+  assert trainer.start_step == last
+  assert sorted(trainer.run()) == [last + 1]
+  trainer.close()
 
 
 def _damage(step_dir, how):

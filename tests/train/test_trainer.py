@@ -1,11 +1,7 @@
-"""The training loop: exact resume, non-finite loss, SIGTERM, configuration errors."""
+"""The training loop: exact resume, non-finite loss, configuration errors. SIGTERM and the other
+faults with real processes: tests/train/test_faults.py."""
 
 import json
-import os
-import signal
-import subprocess
-import sys
-import time
 
 import jax
 import ml_collections
@@ -17,9 +13,8 @@ from ki.train import sharding
 from ki.train import trainer as trainer_lib
 from tests.train.tiny import fake_iterator, make_trainer, tiny_train_config
 
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-# One xdist worker runs these, so the in-process trainers and the SIGTERM subprocess share the
-# compiled train step through the compilation cache.
+# One xdist worker runs these and tests/train/test_faults.py, so the in-process trainers and the
+# subprocesses share the compiled train step through the compilation cache.
 pytestmark = pytest.mark.xdist_group("tiny_trainer")
 
 
@@ -150,51 +145,6 @@ def test_too_many_overlong_examples_are_refused(tmp_path):
   with pytest.raises(ValueError, match="raise model.max_token_len"):
     trainer.run()
   trainer.close()
-
-
-def _run_fake(workdir, total_steps, cache_dir, **popen):
-  command = [
-    sys.executable,
-    "-m",
-    "tests.train.train_fake",
-    f"--workdir={workdir}",
-    f"--total_steps={total_steps}",
-    f"--cache_dir={cache_dir}",
-  ]
-  return subprocess.Popen(
-    command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **popen
-  )
-
-
-def _result(output):
-  lines = [line for line in output.splitlines() if line.startswith("RESULT ")]
-  assert lines, output[-3000:]
-  return json.loads(lines[-1][len("RESULT ") :])
-
-
-@pytest.mark.slow
-def test_sigterm_saves_exits_cleanly_and_resumes(tmp_path, compilation_cache):
-  process = _run_fake(tmp_path, 10_000, compilation_cache)
-  # Wait until training is under way (the step-2 checkpoint exists), then preempt.
-  deadline = time.time() + 240
-  while not (tmp_path / "checkpoints" / "2").exists():
-    assert process.poll() is None, process.stdout.read()[-3000:]
-    assert time.time() < deadline, "training did not reach step 2"
-    time.sleep(0.5)
-  process.send_signal(signal.SIGTERM)
-  output, _ = process.communicate(timeout=240)
-  assert process.returncode == 0, output[-3000:]
-  stopped = _result(output)
-  last = max(int(step) for step in stopped["losses"])
-  assert "Stopped by SIGTERM" in output
-  assert stopped["latest_checkpoint"] == last
-
-  resumed = _run_fake(tmp_path, last + 1, compilation_cache)
-  output, _ = resumed.communicate(timeout=240)
-  assert resumed.returncode == 0, output[-3000:]
-  result = _result(output)
-  assert result["start_step"] == last
-  assert list(result["losses"]) == [str(last + 1)]
 
 
 def test_initialises_from_a_checkpoint_of_ours(tmp_path, compilation_cache):
