@@ -20,15 +20,25 @@ Saving is asynchronous: `save` returns once the arrays are copied off the device
 written in the background and committed atomically (a "<step>.orbax-checkpoint-tmp-*" folder
 renamed to "<step>", or a commit_success.txt file on object stores), so a crash mid-write leaves
 the previous checkpoint as the latest one, and `latest_step` never picks a step being written.
+
+Faults: a write that fails (disk full, workdir unwritable) raises CheckpointSaveError from the
+next `save` or `wait`, naming the step, its path and the last committed step. `restore_newest_good`
+resumes from the newest checkpoint that restores; damaged newer ones are logged with their
+reason and moved to <workdir>/damaged_checkpoints/; none restoring raises
+DamagedCheckpointsError, never a silent start from scratch over the workdir.
 """
 
+from collections.abc import Callable
+import contextlib
 import dataclasses
 import datetime
+import logging
 from typing import Any
 
 from etils import epath
 import grain.checkpoint
 import jax
+from jax.experimental import multihost_utils
 import orbax.checkpoint as ocp
 
 from ki.model import lora
@@ -41,6 +51,25 @@ ASSETS_ITEM = "assets"
 DATA_ITEM = "data"
 # Orbax drops this file into every item folder on non-atomic file systems; it is not an asset.
 _ORBAX_COMMIT_MARKER = "commit_success.txt"
+# Where a damaged checkpoint is moved once an older one restored, so that its step can be saved
+# again: <workdir>/DAMAGED_DIR/<step>-<UTC time>/ (with a WHY_DAMAGED.txt).
+DAMAGED_DIR = "damaged_checkpoints"
+
+
+class CheckpointSaveError(RuntimeError):
+  """A checkpoint could not be written (disk full, workdir unwritable): training stops."""
+
+
+class DamagedCheckpointsError(RuntimeError):
+  """No checkpoint in the workdir can be restored: training refuses to start over it."""
+
+
+def describe_error(error: BaseException) -> str:
+  """One line of an exception for a log or an error message (orbax's run to pages)."""
+  lines = [line for line in str(error).splitlines() if line.strip()]
+  text = lines[0] if lines else ""
+  text = text if len(text) <= 300 else text[:300] + "..."
+  return f"{type(error).__name__}: {text}"
 
 
 def latest_step(checkpoints_dir: str | epath.Path) -> int | None:
@@ -193,6 +222,7 @@ class Checkpointer:
       async_options=ocp.AsyncOptions(timeout_secs=int(datetime.timedelta(hours=1).seconds)),
     )
     self.manager = ocp.CheckpointManager(self.directory, options=options)
+    self._saving_step = None  # the step whose checkpoint is being written in the background
 
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
@@ -220,7 +250,12 @@ class Checkpointer:
       items[ASSETS_ITEM] = AssetsSave(assets)
     if data_iterator is not None:
       items[DATA_ITEM] = grain.checkpoint.CheckpointSave(data_iterator)
-    return self.manager.save(step, args=ocp.args.Composite(**items), force=force)
+    # A failure of the previous background write surfaces here (orbax raises it on the next save).
+    with self._reporting_save_errors():
+      saved = self.manager.save(step, args=ocp.args.Composite(**items), force=force)
+    if saved:
+      self._saving_step = step
+    return saved
 
   def restore(self, step: int, abstract_state, *, data_iterator=None):
     """The full TrainState of checkpoint `step`, restored into the shardings of `abstract_state`
@@ -240,13 +275,111 @@ class Checkpointer:
       ema=abstract_state.ema_params is not None,
     )
 
+  def restore_newest_good(
+    self,
+    abstract_state,
+    *,
+    data_iterator=None,
+    check_assets: Callable[[epath.Path, dict[str, bytes]], None] | None = None,
+  ):
+    """The TrainState of the newest checkpoint that restores (as `restore`), or None when there
+    is no checkpoint.
+
+    A checkpoint that fails to restore (a file truncated or deleted on a shared file system, a
+    node lost while orbax wrote it outside its atomic commit) is logged loudly with its reason
+    and the next older one is tried. Once one restores, the damaged newer ones are moved to
+    <workdir>/damaged_checkpoints/ (so their steps can be saved again; nothing is deleted). When
+    none restores, DamagedCheckpointsError: never a start from scratch over a workdir that has
+    checkpoints.
+
+    check_assets: called with (step folder, its assets) before the state is read; raising
+      refuses the checkpoint (e.g. the trainer's `check_resumable`: other data settings are the
+      user's decision, not damage), and the error propagates.
+    """
+    damaged = []
+    for step in sorted(self.all_steps(), reverse=True):
+      try:
+        assets = self.restore_assets(step)
+      except Exception as error:  # pylint: disable=broad-except
+        damaged.append((step, f"its assets do not restore: {describe_error(error)}"))
+        logging.error("Checkpoint %d in %s is damaged: %s", step, self.directory, damaged[-1][1])
+        continue
+      if check_assets is not None:
+        check_assets(self.directory / str(step), assets)
+      try:
+        state = self.restore(step, abstract_state, data_iterator=data_iterator)
+      except Exception as error:  # pylint: disable=broad-except
+        damaged.append((step, describe_error(error)))
+        logging.error("Checkpoint %d in %s is damaged: %s", step, self.directory, damaged[-1][1])
+        continue
+      if damaged:
+        self._set_aside(damaged)
+        logging.error(
+          "RESUMING FROM AN OLDER CHECKPOINT: step %d, the newest that restores (damaged: %s, "
+          "moved to %s). Steps %d to %d are trained again.",
+          step,
+          ", ".join(str(s) for s, _ in damaged),
+          self.directory.parent / DAMAGED_DIR,
+          step + 1,
+          damaged[0][0],
+        )
+      else:
+        logging.info("Resuming from checkpoint %d in %s.", step, self.directory)
+      return state
+    if damaged:
+      raise DamagedCheckpointsError(
+        f"No checkpoint in {self.directory} restores:\n"
+        + "".join(f"  step {s}: {reason}\n" for s, reason in damaged)
+        + f"Refusing to train from scratch over the workdir {self.directory.parent}. Restore "
+        f"the checkpoints from a copy, or move {self.directory} away (e.g. mv {self.directory} "
+        f"{self.directory}.damaged) to start this workdir from scratch, or use a new --workdir."
+      )
+    return None
+
+  def _set_aside(self, damaged: list[tuple[int, str]]):
+    """Moves damaged step folders out of orbax's directory (process 0; the others wait)."""
+    if jax.process_index() == 0:
+      target = self.directory.parent / DAMAGED_DIR
+      target.mkdir(parents=True, exist_ok=True)
+      stamp = datetime.datetime.now(datetime.UTC).strftime("%Y%m%dT%H%M%S")
+      for step, reason in damaged:
+        destination = target / f"{step}-{stamp}"
+        (self.directory / str(step)).rename(destination)
+        (destination / "WHY_DAMAGED.txt").write_text(reason + "\n")
+    if jax.process_count() > 1:
+      multihost_utils.sync_global_devices("ki_damaged_checkpoints_set_aside")
+    self.manager.reload()
+
   def restore_assets(self, step: int) -> dict[str, bytes]:
     restored = self.manager.restore(step, args=ocp.args.Composite(**{ASSETS_ITEM: AssetsRestore()}))
     return restored[ASSETS_ITEM]
 
   def wait(self):
     """Blocks until the background writes are committed."""
-    self.manager.wait_until_finished()
+    with self._reporting_save_errors():
+      self.manager.wait_until_finished()
+    self._saving_step = None
+
+  @contextlib.contextmanager
+  def _reporting_save_errors(self):
+    """Turns a failed checkpoint write (disk full, workdir unwritable, quota) into one error
+    naming the step and its path, and saying what is intact and what to run next."""
+    try:
+      yield
+    except Exception as error:  # pylint: disable=broad-except
+      step = self._saving_step
+      latest = latest_step(self.directory)
+      intact = (
+        f"The last committed checkpoint, step {latest}, is intact"
+        if latest is not None
+        else "No checkpoint was committed yet"
+      )
+      raise CheckpointSaveError(
+        f"Could not write checkpoint {step if step is not None else '(unknown step)'} to "
+        f"{self.directory / str(step)}: {describe_error(error)}. {intact}; the unfinished one "
+        f"is removed on the next start. Free space in (or restore write access to) "
+        f"{self.directory} and rerun the same command to resume."
+      ) from error
 
   def close(self):
     self.manager.wait_until_finished()

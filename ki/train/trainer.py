@@ -9,8 +9,6 @@ Order of setup (`Trainer.from_config`), so that mistakes surface before anything
      compiled once, its memory estimate printed before step 1.
 """
 
-import contextlib
-import datetime
 import json
 import logging
 import os
@@ -18,7 +16,6 @@ import signal
 import time
 from typing import Any
 
-from etils import epath
 import jax
 from jax.experimental import multihost_utils
 import ml_collections
@@ -41,27 +38,6 @@ _MAX_TOO_LONG_FRACTION = 0.1
 
 class NonFiniteLossError(RuntimeError):
   pass
-
-
-class CheckpointSaveError(RuntimeError):
-  """A checkpoint could not be written (disk full, workdir unwritable): training stops."""
-
-
-class DamagedCheckpointsError(RuntimeError):
-  """No checkpoint in the workdir can be restored: training refuses to start over it."""
-
-
-# Where a damaged checkpoint is moved once an older one restored, so that its step can be saved
-# again: <workdir>/DAMAGED_DIR/<step>-<UTC time>.
-DAMAGED_DIR = "damaged_checkpoints"
-
-
-def _reason(error: BaseException) -> str:
-  """One line of an exception for a log or an error message (orbax's run to pages)."""
-  lines = [line for line in str(error).splitlines() if line.strip()]
-  text = lines[0] if lines else ""
-  text = text if len(text) <= 300 else text[:300] + "..."
-  return f"{type(error).__name__}: {text}"
 
 
 def build_tokenizer(config: ml_collections.ConfigDict, model_config: pi05.Config):
@@ -194,11 +170,18 @@ class Trainer:
       asynchronous=config.checkpoint.asynchronous,
       model_config=self.model_config,  # LoRA: the served params item holds the adapters merged
     )
-    self.state = self._restore_newest_good()
+    # The newest checkpoint that restores; damaged newer ones are logged and set aside, and none
+    # restoring (with checkpoints present) is an error, never a silent start from scratch.
+    self.state = self.checkpointer.restore_newest_good(
+      setup.abstract_state(),
+      data_iterator=self.train_iterator,
+      check_assets=lambda step_dir, assets: check_resumable(
+        assets["config.json"], self.assets["config.json"], step_dir
+      ),
+    )
     if self.state is None:
       self.state = setup.init_state(setup_lib.pretrained_weights(setup))
     self.start_step = int(jax.device_get(self.state.step))
-    self._saving_step = None  # the step whose checkpoint is being written in the background
 
     self._compiled_step = None
     self.evaluator = None
@@ -252,74 +235,6 @@ class Trainer:
 
   # --------------------------------------------------------------------------------------------
   # Setup helpers.
-
-  def _restore_newest_good(self):
-    """The TrainState of the newest checkpoint that restores, or None when there is none.
-
-    A checkpoint that fails to restore (a file truncated or deleted on a shared file system, a
-    node lost while orbax wrote it outside its atomic commit) is logged loudly with its reason
-    and the next older one is tried. Once one restores, the damaged newer ones are moved to
-    <workdir>/damaged_checkpoints/ (so their steps can be saved again; nothing is deleted). When
-    none restores, training refuses to start: it never trains from scratch over a workdir that
-    has checkpoints. A checkpoint made with other data settings is refused (check_resumable),
-    not skipped: that is the user's choice to make.
-    """
-    directory = self.checkpointer.directory
-    damaged = []
-    for step in sorted(self.checkpointer.all_steps(), reverse=True):
-      step_dir = os.path.join(directory, str(step))
-      try:
-        saved_config = self.checkpointer.restore_assets(step)["config.json"]
-      except Exception as error:  # pylint: disable=broad-except
-        damaged.append((step, f"its assets do not restore: {_reason(error)}"))
-        logging.error("Checkpoint %d in %s is damaged: %s", step, directory, damaged[-1][1])
-        continue
-      check_resumable(saved_config, self.assets["config.json"], step_dir)
-      try:
-        state = self.checkpointer.restore(
-          step, self.setup.abstract_state(), data_iterator=self.train_iterator
-        )
-      except Exception as error:  # pylint: disable=broad-except
-        damaged.append((step, _reason(error)))
-        logging.error("Checkpoint %d in %s is damaged: %s", step, directory, damaged[-1][1])
-        continue
-      if damaged:
-        self._set_aside(damaged)
-        logging.error(
-          "RESUMING FROM AN OLDER CHECKPOINT: step %d, the newest that restores (damaged: %s, "
-          "moved to %s). Steps %d to %d are trained again.",
-          step,
-          ", ".join(str(s) for s, _ in damaged),
-          os.path.join(self.workdir, DAMAGED_DIR),
-          step + 1,
-          damaged[0][0],
-        )
-      else:
-        logging.info("Resuming from checkpoint %d in %s.", step, directory)
-      return state
-    if damaged:
-      raise DamagedCheckpointsError(
-        f"No checkpoint in {directory} restores:\n"
-        + "".join(f"  step {s}: {reason}\n" for s, reason in damaged)
-        + f"Refusing to train from scratch over the workdir {self.workdir}. Restore the "
-        f"checkpoints from a copy, or move {directory} away (e.g. mv {directory} "
-        f"{directory}.damaged) to start this workdir from scratch, or use a new --workdir."
-      )
-    return None
-
-  def _set_aside(self, damaged: list[tuple[int, str]]):
-    """Moves damaged step folders out of orbax's directory (process 0; the others wait)."""
-    if jax.process_index() == 0:
-      target = epath.Path(self.workdir) / DAMAGED_DIR
-      target.mkdir(parents=True, exist_ok=True)
-      stamp = datetime.datetime.now(datetime.UTC).strftime("%Y%m%dT%H%M%S")
-      for step, reason in damaged:
-        destination = target / f"{step}-{stamp}"
-        (self.checkpointer.directory / str(step)).rename(destination)
-        (destination / "WHY_DAMAGED.txt").write_text(reason + "\n")
-    if jax.process_count() > 1:
-      multihost_utils.sync_global_devices("ki_damaged_checkpoints_set_aside")
-    self.checkpointer.manager.reload()
 
   def _check_drops(self, examples_seen: int):
     counts = getattr(self.train_iterator, "drop_counts", None)
@@ -385,41 +300,12 @@ class Trainer:
       self.metrics.write(step, extra)
 
   def _save(self, step: int, *, force: bool = False):
-    # A failure of the previous background write surfaces here (orbax raises it on the next save).
-    with self._reporting_save_errors():
-      saved = self.checkpointer.save(
-        step, self.state, data_iterator=self.train_iterator, assets=self.assets, force=force
-      )
-    if saved:
-      self._saving_step = step
+    # A failed background write (disk full, unwritable) surfaces here or in wait(), as a
+    # CheckpointSaveError naming the step, its path and what is intact: the run stops non-zero.
+    if self.checkpointer.save(
+      step, self.state, data_iterator=self.train_iterator, assets=self.assets, force=force
+    ):
       logging.info("Saving checkpoint %d (asynchronously).", step)
-
-  def _wait_for_saves(self):
-    with self._reporting_save_errors():
-      self.checkpointer.wait()
-    self._saving_step = None
-
-  @contextlib.contextmanager
-  def _reporting_save_errors(self):
-    """Turns a failed checkpoint write (disk full, workdir unwritable, quota) into one error
-    naming the step and its path, and saying what is intact and what to run next."""
-    try:
-      yield
-    except Exception as error:  # pylint: disable=broad-except
-      step = self._saving_step
-      directory = self.checkpointer.directory
-      latest = checkpoint_lib.latest_step(directory)
-      intact = (
-        f"The last committed checkpoint, step {latest}, is intact"
-        if latest is not None
-        else "No checkpoint was committed yet"
-      )
-      raise CheckpointSaveError(
-        f"Could not write checkpoint {step if step is not None else '(unknown step)'} to "
-        f"{os.path.join(directory, str(step))}: {_reason(error)}. {intact}; the unfinished one "
-        f"is removed on the next start. Free space in (or restore write access to) {directory} "
-        "and rerun the same command to resume."
-      ) from error
 
   def evaluate(self, step: int) -> dict[str, float]:
     start = time.perf_counter()
@@ -485,7 +371,7 @@ class Trainer:
     finally:
       if single:
         signal.signal(signal.SIGTERM, previous_handler)
-      self._wait_for_saves()
+      self.checkpointer.wait()
     return self.step_metrics
 
   def close(self):

@@ -15,7 +15,7 @@ import time
 import numpy as np
 import pytest
 
-from ki.train import trainer as trainer_lib
+from ki import checkpoint as checkpoint_lib
 from tests.train.tiny import make_trainer, tiny_train_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -149,13 +149,13 @@ def test_damaged_newest_checkpoint_resumes_from_the_newest_good_one(
     np.testing.assert_allclose(resumed[step]["loss"], straight[step]["loss"], rtol=1e-5)
   # Step 4 saved again; the damaged one kept aside with the reason.
   assert _step_folders(tmp_path) == ["2", "4"]
-  [aside] = (tmp_path / trainer_lib.DAMAGED_DIR).iterdir()
+  [aside] = (tmp_path / checkpoint_lib.DAMAGED_DIR).iterdir()
   assert aside.name.startswith("4-") and (aside / "WHY_DAMAGED.txt").read_text().strip()
 
   # Nothing restores: a refusal naming the workdir and the way out; nothing moved or trained.
   _damage(checkpoints / "4", "delete")
   _damage(checkpoints / "2", "truncate")
-  with pytest.raises(trainer_lib.DamagedCheckpointsError) as error:
+  with pytest.raises(checkpoint_lib.DamagedCheckpointsError) as error:
     make_trainer(config, tmp_path)
   message = str(error.value)
   assert f"No checkpoint in {checkpoints} restores:\n  step 4: " in message
