@@ -8,8 +8,10 @@ from ki import checkpoint as checkpoint_lib
 from ki.data import normalize
 from ki.model import pi05
 from ki.serve import policy as policy_lib
+from ki.serve import server as server_lib
 from ki.tokenizers import prompt as prompt_lib
 from ki.train.state import TrainState
+from tests.serve.client import MAX_MESSAGE_BYTES, OpenpiProtocolClient
 from tests.train import tiny
 
 TEXT_VOCAB_SIZE = 300
@@ -107,3 +109,18 @@ def policy(checkpoint_workdir):
   policy = policy_lib.Policy.from_checkpoint(str(checkpoint_workdir))
   policy.warmup()
   return policy
+
+
+@pytest.fixture(scope="module")
+def server(policy):
+  server = server_lib.PolicyServer(policy, port=0, max_message_bytes=MAX_MESSAGE_BYTES)
+  server.start_in_thread()
+  yield server
+  server.stop()
+
+
+@pytest.fixture
+def client(server):
+  client = OpenpiProtocolClient(server.port)
+  yield client
+  client.close()

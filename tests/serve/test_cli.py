@@ -11,7 +11,7 @@ import urllib.request
 import numpy as np
 
 from ki.serve import observation as observation_lib
-from tests.serve.test_server import OpenpiProtocolClient
+from tests.serve.client import OpenpiProtocolClient
 
 
 def _free_port() -> int:

@@ -13,27 +13,11 @@ import pytest
 from ki.data import droid, normalize
 from ki.model import rtc
 from ki.serve import observation as observation_lib
-from ki.serve import server as server_lib
-from tests.serve.test_server import MAX_MESSAGE_BYTES, OpenpiProtocolClient, small_observation
+from tests.serve.client import small_observation
 
 PREVIOUS = observation_lib.RTC_PREVIOUS_ACTIONS
 EXECUTED = observation_lib.RTC_EXECUTED_STEPS
 DELAY = observation_lib.RTC_INFERENCE_DELAY
-
-
-@pytest.fixture(scope="module")
-def server(policy):
-  server = server_lib.PolicyServer(policy, port=0, max_message_bytes=MAX_MESSAGE_BYTES)
-  server.start_in_thread()
-  yield server
-  server.stop()
-
-
-@pytest.fixture
-def client(server):
-  client = OpenpiProtocolClient(server.port)
-  yield client
-  client.close()
 
 
 @pytest.fixture(scope="module")
