@@ -27,6 +27,7 @@ PEAK_FLOPS_PER_DEVICE = {
   "TPU v4": 275e12,
   "TPU v5 lite": 197e12,
   "TPU v5e": 197e12,
+  "TPU v5": 459e12,  # v5p: libtpu's device_kind (v5e is "TPU v5 lite", matched first as longer)
   "TPU v5p": 459e12,
   "TPU v6 lite": 918e12,
 }

@@ -14,6 +14,9 @@ def test_mfu_arithmetic_and_peaks():
   mfu = metrics.model_flops_utilization(11e12, 18.5, 1, peak)
   assert mfu == pytest.approx(11e12 * 18.5 / 989e12)
   assert metrics.peak_flops_per_device("TPU v5p chip") == 459e12
+  # What libtpu reports (benchmarks/results/tpu_fit.json): v5p is "TPU v5", v5e "TPU v5 lite".
+  assert metrics.peak_flops_per_device("TPU v5") == 459e12
+  assert metrics.peak_flops_per_device("TPU v5 lite") == 197e12
   assert metrics.peak_flops_per_device("NVIDIA H100 PCIe") == 756e12  # not the SXM figure
   assert metrics.peak_flops_per_device("cpu") is None
   assert metrics.model_flops_utilization(1e9, 1.0, 8, None) is None
