@@ -79,13 +79,15 @@ def publish(
   out_dir: str | None,
   table: Callable[[dict[str, Any]], str],
   variant: str = "",
+  module: str | None = None,
 ) -> dict[str, Any]:
   """The end of every benchmark's main: writes <name>[_<variant>][_quick].json with the command
-  that produced it (`python -m benchmarks.<name>_bench ...`), prints the table and returns the
-  results. `variant` keeps results that differ in kind (e.g. model sizes) in separate files."""
+  that produced it (`python -m <module> ...`, module benchmarks.<name>_bench by default), prints
+  the table and returns the results. `variant` keeps results that differ in kind (e.g. model
+  sizes) in separate files."""
   results["quick"] = quick
   args = sys.argv[1:] if argv is None else list(argv)
-  command = " ".join([f"python -m benchmarks.{name}_bench", *args])
+  command = " ".join([f"python -m {module or f'benchmarks.{name}_bench'}", *args])
   stem = "_".join([name] + ([variant] if variant else []) + (["quick"] if quick else []))
   path = write(name, results, command=command, out_dir=out_dir, file_stem=stem)
   results["device"] = describe_device(device_info())

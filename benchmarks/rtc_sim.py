@@ -33,7 +33,6 @@ Writes benchmarks/results/rtc_sim.json (rtc_sim_quick.json with --quick) and doc
 import argparse
 import functools
 import os
-import sys
 import time
 from typing import Any
 
@@ -397,20 +396,15 @@ def main(argv=None):
   }
   if not args.quick:
     plot(trace, table, args.plot)
-  # Not results_writer.publish: that names the command benchmarks.<name>_bench.
-  results["quick"] = args.quick
-  command = " ".join(["python -m benchmarks.rtc_sim", *(sys.argv[1:] if argv is None else argv)])
-  path = results_writer.write(
+  return results_writer.publish(
     "rtc_sim",
     results,
-    command=command,
+    quick=args.quick,
+    argv=argv,
     out_dir=args.out_dir,
-    file_stem="rtc_sim_quick" if args.quick else "rtc_sim",
+    table=markdown,
+    module="benchmarks.rtc_sim",
   )
-  results["device"] = results_writer.describe_device(results_writer.device_info())
-  print(markdown(results))
-  print(f"\nWritten to {path}")
-  return results
 
 
 if __name__ == "__main__":

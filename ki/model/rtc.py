@@ -39,6 +39,12 @@ SCHEDULES = ("exp", "linear", "ones", "zeros")
 DEFAULT_MAX_GUIDANCE_WEIGHT = 5.0
 
 
+def check_schedule(schedule: str) -> None:
+  """Raises ValueError unless `schedule` is one of SCHEDULES."""
+  if schedule not in SCHEDULES:
+    raise ValueError(f"unknown RTC schedule {schedule!r}; known: {SCHEDULES}")
+
+
 @flax.struct.dataclass
 class PreviousChunk:
   """What the next chunk is conditioned on, in the model's (normalised) action space.
@@ -69,8 +75,7 @@ def previous_chunk(
   schedule: str = "exp",
 ) -> PreviousChunk:
   """A PreviousChunk with delay and prefix_length broadcast to the batch ([B] or scalars)."""
-  if schedule not in SCHEDULES:
-    raise ValueError(f"unknown RTC schedule {schedule!r}; known: {SCHEDULES}")
+  check_schedule(schedule)
   actions = jnp.asarray(actions, jnp.float32)
   if actions.ndim != 3:
     raise ValueError(f"previous chunk actions must be [B, H, A], got shape {actions.shape}")
@@ -90,8 +95,7 @@ def prefix_weights(delay, prefix_length, horizon: int, schedule: str = "exp"):
   1 for i < d; over d <= i < P the schedule of c_i = (P - i) / (P - d + 1) (exp: the paper's
   c_i (e^c_i - 1) / (e - 1); linear: c_i); 0 for i >= P. d is clamped to P.
   """
-  if schedule not in SCHEDULES:
-    raise ValueError(f"unknown RTC schedule {schedule!r}; known: {SCHEDULES}")
+  check_schedule(schedule)
   end = jnp.clip(jnp.asarray(prefix_length, jnp.int32), 0, horizon)[:, None]
   start = jnp.minimum(jnp.asarray(delay, jnp.int32)[:, None], end)
   index = jnp.arange(horizon)[None, :]

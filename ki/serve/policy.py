@@ -139,8 +139,7 @@ class Policy:
     self.norm_stats = norm_stats
     self.delta_action_mask = tuple(delta_action_mask) if delta_action_mask else None
     self.num_flow_steps = num_flow_steps
-    if rtc_schedule not in rtc.SCHEDULES:
-      raise ValueError(f"unknown RTC schedule {rtc_schedule!r}; known: {rtc.SCHEDULES}")
+    rtc.check_schedule(rtc_schedule)  # at start, not at the first RTC request
     if not rtc_max_guidance_weight >= 0:
       raise ValueError(f"rtc_max_guidance_weight must be >= 0, got {rtc_max_guidance_weight}")
     self.rtc_max_guidance_weight = float(rtc_max_guidance_weight)
