@@ -7,7 +7,8 @@ What the offline jobs of a real run do (data_prep/), in order, on a small synthe
                                             (data_prep.droid_to_arrayrecord)
   ki.data.norm_stats.compute_norm_stats     norm_stats.json (data_prep.compute_norm_stats)
   ki.tokenizers.fast_fit.fit                the FAST tokenizer folder (data_prep.fit_fast_tokenizer)
-The last ArrayRecord shard is moved to arrayrecord/eval as the held-out split. A READY file marks
+The last config.synthetic_data.eval_shards ArrayRecord shards (8 episodes each) are moved to
+arrayrecord/eval as the held-out split. A READY file marks
 a complete cache; a half-written one (interrupted) is rebuilt from scratch. How much data:
 config.synthetic_data.{episodes, vlm_images} (experiments/droid_ki.py: SYNTHETIC_DATA).
 """
@@ -74,10 +75,11 @@ def ensure(config: ml_collections.ConfigDict) -> str:
   tokenizer.save(config.assets.fast_tokenizer)
   logging.info("FAST tokenizer: %s", report)
   shutil.copy(os.path.join(cache, info["sentencepiece_model"]), config.assets.prompt_tokenizer)
-  # Hold out the last shard.
+  # Hold out the last shards (EPISODES_PER_SHARD episodes each).
   shards = sorted(f for f in os.listdir(train_dir) if ".array_record" in f)
   os.makedirs(config.data.eval_arrayrecord_dir, exist_ok=True)
-  shutil.move(os.path.join(train_dir, shards[-1]), config.data.eval_arrayrecord_dir)
+  for shard in shards[-config.synthetic_data.eval_shards :]:
+    shutil.move(os.path.join(train_dir, shard), config.data.eval_arrayrecord_dir)
   with open(os.path.join(cache, READY), "w") as f:
     f.write("complete\n")
   return cache

@@ -4,7 +4,8 @@ r"""Synthetic DROID: a real TFDS RLDS dataset with DROID's exact spec, and learn
 
   OUT/droid/1.0.1/               TFDS RLDS dataset (tfds.builder_from_directory opens it)
   OUT/vlm/images/NNNNN.jpg       VLM co-training images of the same kind of scenes
-  OUT/vlm/train.jsonl            {"image": "images/NNNNN.jpg", "prompt": ..., "answer": ...}
+  OUT/vlm/train.jsonl            {"image": "images/NNNNN.jpg", "prompt", "answer", "type"}: one-word
+                                 answers to questions of QUESTION_TYPES about the image
   OUT/vlm/heldout.jsonl          same, for images never seen in train.jsonl
   OUT/text_corpus.txt            every instruction, prompt, answer and prompt-template word
   OUT/sentencepiece.model        a small PaliGemma-layout tokenizer trained on the corpus
@@ -157,22 +158,66 @@ def make_episode(seed: int, index: int) -> dict:
   }
 
 
-def _questions(rng: np.random.Generator, scene: synthetic_scene.Scene) -> list[tuple[str, str]]:
-  """Three question/answer pairs about colours, positions, counts and shapes of a scene."""
+# The scene question types, each with its answer set: every answer is one word, so a model's
+# answer can be scored by restricting its choice to the candidates of the question's type (the
+# KI ablation's VQA accuracy, ki/ablation/probes.py). Every type needs the image: the question
+# names nothing that gives its answer away (colours in a scene are distinct).
+QUESTION_TYPES = {
+  "colour_left_of": tuple(synthetic_scene.COLORS),
+  "colour_right_of": tuple(synthetic_scene.COLORS),
+  "count": ("two", "three", "four"),
+  "count_shape": ("zero", "one", "two", "three", "four"),
+  "shape": synthetic_scene.SHAPES,
+  "exists": ("yes", "no"),
+  "where": ("left", "middle", "right"),
+}
+_COUNT_WORDS = ("zero", "one", "two", "three", "four")
+
+
+def _questions(
+  rng: np.random.Generator, scene: synthetic_scene.Scene
+) -> list[tuple[str, str, str]]:
+  """Three (type, question, answer) triples about one scene, of three different types.
+
+  Relations are as seen from exterior camera 1 (x grows to the right): "left of X" is the
+  nearest object to X's left. "exists" asks about a present or an absent colour with equal odds.
+  """
   by_x = sorted(scene.objects, key=lambda o: o.x)
   obj = scene.objects[int(rng.integers(len(scene.objects)))]
+  # Anchors that have a neighbour on the asked side (a scene has at least two objects).
+  right_anchor = by_x[int(rng.integers(len(by_x) - 1))]
+  left_anchor = by_x[1 + int(rng.integers(len(by_x) - 1))]
   absent = [c for c in synthetic_scene.COLORS if c not in {o.color for o in scene.objects}]
   asked = str(rng.choice([obj.color, absent[int(rng.integers(len(absent)))]]))
+  shape = str(rng.choice(synthetic_scene.SHAPES))
   candidates = [
-    ("What colour is the object on the left?", by_x[0].color),
-    ("What colour is the object on the right?", by_x[-1].color),
-    ("How many objects are on the table?", NUMBER_WORDS[len(scene.objects)]),
-    (f"Where is the {obj.name}?", synthetic_scene.position_word(obj.x)),
-    (f"What shape is the {obj.color} object?", obj.shape),
-    (f"Is there a {asked} object?", "yes" if asked == obj.color else "no"),
+    (
+      "colour_left_of",
+      f"What colour is the object left of the {left_anchor.name}?",
+      by_x[by_x.index(left_anchor) - 1].color,
+    ),
+    (
+      "colour_right_of",
+      f"What colour is the object right of the {right_anchor.name}?",
+      by_x[by_x.index(right_anchor) + 1].color,
+    ),
+    ("count", "How many objects are on the table?", NUMBER_WORDS[len(scene.objects)]),
+    (
+      "count_shape",
+      f"How many {shape}s are on the table?",
+      _COUNT_WORDS[sum(o.shape == shape for o in scene.objects)],
+    ),
+    ("shape", f"What shape is the {obj.color} object?", obj.shape),
+    ("exists", f"Is there a {asked} object?", "yes" if asked == obj.color else "no"),
+    ("where", f"Where is the {obj.name}?", ("left", "middle", "right")[_third(obj.x)]),
   ]
   chosen = rng.choice(len(candidates), size=3, replace=False)
   return [candidates[i] for i in sorted(chosen)]
+
+
+def _third(x: float) -> int:
+  """0, 1 or 2: the left, middle or right third of the table (synthetic_scene.position_word)."""
+  return 0 if x < 1 / 3 else (1 if x < 2 / 3 else 2)
 
 
 def write_vlm_set(out_dir: str, *, num_images: int, seed: int) -> dict[str, int]:
@@ -189,8 +234,8 @@ def write_vlm_set(out_dir: str, *, num_images: int, seed: int) -> dict[str, int]
     relative = f"images/{index:05d}.jpg"
     Image.fromarray(image).save(os.path.join(out_dir, relative), quality=90)
     split = "heldout" if index >= num_images - num_heldout else "train"
-    for prompt, answer in _questions(rng, scene):
-      splits[split].append({"image": relative, "prompt": prompt, "answer": answer})
+    for kind, prompt, answer in _questions(rng, scene):
+      splits[split].append({"image": relative, "prompt": prompt, "answer": answer, "type": kind})
   for split, lines in splits.items():
     with open(os.path.join(out_dir, f"{split}.jsonl"), "w") as f:
       f.writelines(json.dumps(line) + "\n" for line in lines)

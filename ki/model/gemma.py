@@ -56,6 +56,8 @@ VARIANTS = {
   "small_expert": Variant(
     width=256, depth=8, mlp_dim=1024, num_heads=8, num_kv_heads=1, head_dim=64
   ),
+  # The CPU KI ablation's VLM: twice the width of its "dummy" expert, the same depth and heads.
+  "mini": Variant(width=128, depth=4, mlp_dim=256, num_heads=8, num_kv_heads=1, head_dim=16),
   "dummy": Variant(width=64, depth=4, mlp_dim=128, num_heads=8, num_kv_heads=1, head_dim=16),
   # Smaller still, for tests that compile many times: same head layout as "dummy".
   "tiny": Variant(width=32, depth=2, mlp_dim=64, num_heads=8, num_kv_heads=1, head_dim=16),

@@ -371,6 +371,22 @@ def compute_losses(
   }
 
 
+def text_logits(params, config: Config, observation: Observation):
+  """The VLM alone, teacher-forced: next-token logits where the prompt has targets, no expert.
+
+  Returns (logits float32 [B, K, V], targets int32 [B, K], valid bool [B, K]) with
+  K = config.max_loss_tokens: for each loss-masked token (a VQA answer and its EOS, or a FAST
+  postfix) in order, the logits that predict it. compute_losses' token loss is the masked mean
+  of -log_softmax(logits)[targets]; evaluations that need the logits themselves (a restricted
+  choice of answers, a softmax without some ids) start here.
+  """
+  hidden, _, _, _ = _apply(params, config, Pi05.fill_cache, observation)
+  index, targets, valid, _ = _loss_positions(observation, config.max_loss_tokens)
+  text = hidden[:, config.num_image_tokens :]
+  selected = jnp.take_along_axis(text, index[..., None], axis=1)
+  return _apply(params, config, Pi05.hidden_logits, selected), targets, valid
+
+
 def encode_prefix(params, config: Config, observation: Observation):
   """The prefix (cameras + prompt; a FAST postfix, if any, is ignored) once through the VLM.
 

@@ -8,6 +8,7 @@ from collections.abc import Mapping
 import dataclasses
 from typing import Any
 
+from ki import batch as batch_lib
 from ki.model import pi05
 from ki.tokenizers import prompt
 
@@ -38,6 +39,24 @@ SIZES: Mapping[str, Mapping[str, Any]] = {
     action_horizon=8,
     max_token_len=96,
     max_loss_tokens=40,
+    vocab_size=SYNTHETIC_VOCAB_SIZE,
+    dtype="float32",
+    remat_policy="none",
+  ),
+  # The CPU KI ablation (experiments/ki_ablation.py): the smoke model with a VLM twice as wide as
+  # its expert (pi0.5's VLM is ~7x its expert), so the VLM has capacity of its own to lose.
+  "ablation": dict(
+    vlm_variant="mini",
+    expert_variant="dummy",
+    # One camera in 8-pixel patches: a 16-pixel patch at 64 px hides the 4-pixel objects (a VLM
+    # pretrained with mu/16 never beat the blind baseline), and a second camera would double the
+    # image tokens.
+    siglip_variant="nano/8",
+    image_keys=(batch_lib.BASE_SLOT,),
+    image_size=64,
+    action_horizon=8,
+    max_token_len=80,
+    max_loss_tokens=36,
     vocab_size=SYNTHETIC_VOCAB_SIZE,
     dtype="float32",
     remat_policy="none",

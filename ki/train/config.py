@@ -55,14 +55,20 @@ def default_config() -> ml_collections.ConfigDict:
     )
   )
   # kind: scratch | openpi | paligemma | ki (see ki/model/weights.py).
-  config.init = ml_collections.ConfigDict(dict(kind="scratch", path="", cast_dtypes=True))
+  # fresh_expert: load only the VLM from init.path; the action expert keeps the fresh
+  # initialisation drawn from config.seed (as for a PaliGemma checkpoint).
+  config.init = ml_collections.ConfigDict(
+    dict(kind="scratch", path="", cast_dtypes=True, fresh_expert=False)
+  )
   config.data = pipeline.default_config()
   config.assets = ml_collections.ConfigDict(
     dict(norm_stats="", fast_tokenizer="", prompt_tokenizer="")
   )
   # Synthetic DROID generated on first use into `dir` (the smoke and medium experiments):
-  # dir "" = real data at the paths above.
-  config.synthetic_data = ml_collections.ConfigDict(dict(dir="", episodes=0, vlm_images=0))
+  # dir "" = real data at the paths above. eval_shards: shards of 8 episodes held out for eval.
+  config.synthetic_data = ml_collections.ConfigDict(
+    dict(dir="", episodes=0, vlm_images=0, eval_shards=1)
+  )
   config.checkpoint = ml_collections.ConfigDict(
     dict(every=1_000, max_to_keep=3, keep_period=10_000, asynchronous=True)
   )

@@ -16,6 +16,7 @@ import jax
 import ml_collections
 
 from ki import batch as batch_lib
+from ki.model import params as params_lib
 from ki.model import pi05
 from ki.model import weights as weights_lib
 from ki.train import optimizer as optimizer_lib
@@ -170,6 +171,8 @@ def pretrained_weights(setup: TrainSetup) -> dict[str, Any] | None:
   loaded = weights_lib.load(
     init.kind, init.path, setup.state_shapes.params, cast_dtypes=init.cast_dtypes
   )
+  if init.fresh_expert:  # the expert keeps the fresh initialisation of config.seed
+    loaded = {k: v for k, v in loaded.items() if not params_lib.EXPERT_PATTERN.fullmatch(k)}
   logging.info(
     "Loaded %d of %d parameter arrays.",
     len(loaded),

@@ -81,3 +81,15 @@ def test_expert_is_blind_to_the_postfix_and_the_prefix_to_the_expert(config, par
   other_noise = losses(obs, noise + 1.0)
   np.testing.assert_array_equal(other_noise["token_ce"], reference["token_ce"])
   assert not np.allclose(other_noise["flow_mse"], reference["flow_mse"])
+
+
+def test_text_logits_are_the_token_loss_without_the_expert(config, params):
+  """pi05.text_logits (the VLM alone, what the KI ablation's VQA probes read) gives exactly the
+  training pass's token loss: the VLM never reads the expert."""
+  obs = pi05.fake_observation(config, 2)
+  logits, targets, valid = pi05.text_logits(params, config, obs)
+  nll = -jnp.take_along_axis(jax.nn.log_softmax(logits, -1), targets[..., None], -1)[..., 0]
+  token_ce = jnp.sum(nll * valid, axis=1) / jnp.maximum(jnp.sum(valid, axis=1), 1)
+  losses = pi05.compute_losses(params, config, obs, pi05.fake_actions(config, 2), jax.random.key(0))
+  np.testing.assert_allclose(token_ce, losses["token_ce"], rtol=1e-5)
+  assert valid.any()

@@ -155,3 +155,34 @@ def test_merge_keeps_shardings_and_untouched_leaves():
   np.testing.assert_array_equal(merged["a"], 2.0)
   np.testing.assert_array_equal(merged["b"], 1.0)
   assert merged["a"].sharding == params["a"].sharding
+
+
+def test_fresh_expert_loads_the_vlm_and_keeps_the_seeds_expert(tmp_path):
+  """init.fresh_expert (the KI ablation's arms): the VLM comes from the checkpoint, the expert
+  from the run's own seed, so two seeds share the VLM and differ in the expert."""
+  from ki.train import setup as setup_lib
+  from tests.train.tiny import tiny_train_config
+
+  config = tiny_train_config()
+  abstract_params = state.abstract_params(setup_lib.training_model(config))
+  path = tmp_path / "params"
+  with ocp.PyTreeCheckpointer() as writer:
+    writer.save(path, {"params": _nest(_values(abstract_params))})
+  expert = params_lib.EXPERT_PATTERN
+  states = {}
+  for seed in (1, 2):
+    overrides = {"seed": seed, "init.kind": "ki", "init.path": str(path), "init.fresh_expert": True}
+    setup = setup_lib.make_setup(tiny_train_config(**overrides))
+    states[seed] = params_lib.flatten(
+      jax.device_get(setup.init_state(setup_lib.pretrained_weights(setup)).params)
+    )
+  stored = _values(abstract_params)
+  for name, value in states[1].items():
+    if expert.fullmatch(name):
+      assert not np.array_equal(value, stored[name]), name
+    else:
+      np.testing.assert_array_equal(value, stored[name], err_msg=name)
+      np.testing.assert_array_equal(states[2][name], value, err_msg=name)
+  assert any(
+    not np.array_equal(states[1][n], states[2][n]) for n in states[1] if expert.fullmatch(n)
+  )
