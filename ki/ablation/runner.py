@@ -27,6 +27,7 @@ workdir per arm and seed; a finished run is reused when the command is repeated)
 import argparse
 import ast
 import importlib.util
+import itertools
 import json
 import logging
 import os
@@ -34,12 +35,21 @@ import sys
 import time
 
 import jax
+import jax.numpy as jnp
 import ml_collections
+import numpy as np
+from PIL import Image
 
-from ki.ablation import report
-from ki.data import synthetic_cache
+from ki import batch as batch_lib
+from ki.ablation import probes, report
+from ki.data import droid, normalize, pipeline, synthetic_cache
+from ki.model import params as params_lib
 from ki.model import pi05
+from ki.model import weights as weights_lib
 from ki.serve import latency as latency_lib
+from ki.train import setup as setup_lib
+from ki.train import sharding as sharding_lib
+from ki.train import state as state_lib
 from ki.train import trainer as trainer_lib
 
 DEFAULT_EXPERIMENT = "experiments/ki_ablation.py"
@@ -71,52 +81,121 @@ def parse_overrides(items) -> dict:
   return overrides
 
 
+def write_blind_manifests(manifests, blind_name) -> None:
+  """Next to each VQA manifest, its blind twin (named by `blind_name`, the experiment's
+  blind_manifest): the same questions and answers, every image one blank grey frame."""
+  for manifest in manifests:
+    root = os.path.dirname(manifest)
+    blank = os.path.join(root, "images", "blank.jpg")
+    if not os.path.exists(blank):
+      Image.fromarray(np.full(droid.IMAGE_SHAPE, 128, np.uint8)).save(blank, quality=90)
+    blind = blind_name(manifest)
+    if os.path.exists(blind):
+      continue
+    with open(manifest) as f, open(blind + ".tmp", "w") as g:
+      for line in f:
+        entry = json.loads(line)
+        g.write(json.dumps(dict(entry, image="images/blank.jpg")) + "\n")
+    os.replace(blind + ".tmp", blind)
+
+
 def pretrain(config: ml_collections.ConfigDict, workdir: str) -> str:
-  """Trains (or reuses) the pretrained VLM in `workdir`; returns that workdir."""
+  """Trains (or reuses) a pretrained VLM in `workdir`; returns that workdir."""
   trainer = trainer_lib.Trainer.from_config(config, workdir)
   trainer.run()  # nothing to do when the workdir already holds the finished pretraining
   trainer.close()
   return workdir
 
 
-class RecordingTrainer(trainer_lib.Trainer):
-  """A Trainer that keeps every evaluation's scalars in eval_history {step: {name: value}}."""
-
-  def __init__(self, *args, **kwargs):
-    self.eval_history = {}
-    super().__init__(*args, **kwargs)
-
-  def evaluate(self, step):
-    results = super().evaluate(step)
-    self.eval_history[int(step)] = results
-    return results
+def load_params(workdir: str, model_config: pi05.Config):
+  """A ki checkpoint's params as a device tree for `model_config`."""
+  abstract = state_lib.abstract_params(model_config)
+  loaded = weights_lib.load("ki", workdir, abstract)
+  return params_lib.unflatten({k: jnp.asarray(v) for k, v in loaded.items()})
 
 
-def run_arm(config: ml_collections.ConfigDict, workdir: str) -> dict:
-  """Trains one arm (evaluating first at step 0) and returns {"eval": {step: scalars},
-  "train": {step: scalars}, "seconds": wall time}; reuses workdir/ablation_run.json if there."""
+def materialize(
+  config, model_config, tokenizer, norm_stats, *, split: str, count: int | None, batch_size: int
+) -> list[batch_lib.Batch]:
+  """`count` host batches of the pipeline's stream (every batch of one epoch when None): every
+  arm of a seed trains on the same batches, and every evaluation reads the same frames."""
+  iterator = pipeline.make_iterator(
+    config.data,
+    model_config,
+    split=split,
+    train=split == "train",
+    per_host_batch_size=batch_size,
+    tokenizer=tokenizer,
+    norm_stats=norm_stats,
+    seed=config.seed,
+    process_index=0,
+    process_count=1,
+  )
+  return list(itertools.islice(iterator, count))
+
+
+TRAIN_KEYS = (
+  "loss",
+  "flow_mse",
+  "token_ce",
+  "grad_norm",
+  "grad_norm/vlm",
+  "grad_norm/action_expert",
+  "update_norm/vlm",
+  "update_norm/action_expert",
+)
+
+
+def run_arm(
+  config, batches, probes_: probes.Probes, *, decoder: str, workdir: str, on_eval=None
+) -> dict:
+  """Trains one arm from the pretrained VLM (fresh expert from config.seed) on `batches`,
+  measuring at step 0, every config.eval.every steps and at the end. Returns {"eval": {step:
+  scalars}, "train": {step: TRAIN_KEYS}, "seconds", "config"}; reuses workdir/ablation_run.json
+  when it was trained with the same config, and trains again otherwise."""
   done = os.path.join(workdir, "ablation_run.json")
+  fingerprint = config.to_json_best_effort(sort_keys=True)
   if os.path.exists(done):
     with open(done) as f:
-      return json.load(f)
+      previous = json.load(f)
+    if previous.get("config") == fingerprint:
+      return previous
+    logging.info("%s was trained with another config; training it again.", workdir)
+  os.makedirs(workdir, exist_ok=True)
   start = time.perf_counter()
-  trainer = RecordingTrainer.from_config(config, workdir)
-  if trainer.start_step != 0:
-    raise RuntimeError(
-      f"{workdir} holds a half-finished run (step {trainer.start_step}); delete "
-      "it so that every arm's curve starts from the pretrained VLM."
+  setup = setup_lib.make_setup(config)
+  state = setup.init_state(setup_lib.pretrained_weights(setup))
+  reference_kv = probes_.reference_kv(state.params)
+  insulation = setup.model_config.knowledge_insulation
+  result = {"eval": {}, "train": {}, "seconds": 0.0, "config": fingerprint}
+
+  def evaluate(step):
+    scalars = probes_.measure(
+      state.params,
+      decoder=decoder,
+      insulation=insulation,
+      reference_kv=reference_kv,
+      seed=config.seed,
     )
-  trainer.evaluate(0)
-  train_metrics = trainer.run()
-  trainer.close()
-  result = {
-    "eval": {str(k): v for k, v in sorted(trainer.eval_history.items())},
-    "train": {
-      str(k): {n: v[n] for n in ("loss", "flow_mse", "token_ce") if n in v}
-      for k, v in sorted(train_metrics.items())
-    },
-    "seconds": time.perf_counter() - start,
-  }
+    result["eval"][str(step)] = scalars
+    logging.info("step %d: %s", step, {k: round(v, 4) for k, v in scalars.items() if "/" not in k})
+    if on_eval is not None:
+      on_eval(result)
+
+  evaluate(0)
+  first = sharding_lib.global_batch(batches[0], setup.mesh)
+  compiled = setup.compile(state, first)
+  total = config.total_steps
+  for step in range(1, total + 1):
+    batch = first if step == 1 else sharding_lib.global_batch(batches[step - 1], setup.mesh)
+    state, metrics = compiled(state, batch)
+    metrics = jax.device_get(metrics)
+    result["train"][str(step)] = {k: float(metrics[k]) for k in TRAIN_KEYS if k in metrics}
+    if not np.isfinite(metrics["loss"]):
+      raise trainer_lib.NonFiniteLossError(f"{workdir}: non-finite loss at step {step}.")
+    if step % config.eval.every == 0 or step == total:
+      evaluate(step)
+  result["seconds"] = time.perf_counter() - start
   with open(done, "w") as f:
     json.dump(result, f)
   return result
@@ -138,6 +217,17 @@ def measure_latency(config: ml_collections.ConfigDict, size: str, *, repeats: in
   return {"size": size, **timings}
 
 
+class StoppedError(RuntimeError):
+  """The experiment cannot test its claims (the pretrained VLM is no better than blind)."""
+
+
+def _write(out: str, results: dict) -> None:
+  path = os.path.join(out, "results.json")
+  with open(path + ".tmp", "w") as f:
+    json.dump(results, f, indent=1)
+  os.replace(path + ".tmp", path)
+
+
 def run(
   experiment,
   out: str,
@@ -150,33 +240,114 @@ def run(
   eval_every: int,
   pretrain_steps: int,
   latency_repeats: int,
-  mae_threshold: float | None,
   command: str,
   quick: bool = False,
   compilation_cache: str = "",
+  cotrain_weight: float | None = None,
+  min_vqa_margin: float | None = None,
   overrides: dict | None = None,
 ) -> dict:
-  """Everything for one size: data, pretrained VLM, every arm and seed, latency, table, plots.
-  `experiment` is the loaded experiment file; `cache` is the root of the synthetic caches
-  ($KI_CACHE): data and the pretrained VLM go to cache/<size>."""
+  """Everything for one size: data, pretrained and blind VLMs, every arm and seed, latency,
+  table, plots. `experiment` is the loaded experiment file; `cache` is $KI_CACHE (data and the
+  pretrained VLMs go to experiment.cache_dir(size))."""
   os.makedirs(out, exist_ok=True)
-  os.environ["KI_CACHE"] = cache  # the synthetic configs read their paths from it
-  overrides = overrides or {}
-  # What every arm shares (data, model, batch), overrides included.
+  # The synthetic configs read their paths from $KI_CACHE; --quick keeps its small dataset and
+  # pretrained VLMs apart from the real ones.
+  os.environ["KI_CACHE"] = os.path.join(cache, "quick") if quick else cache
+  overrides = dict(experiment.QUICK_DATA if quick else {}, **(overrides or {}))
+  cotrain_weight = experiment.COTRAIN_WEIGHT if cotrain_weight is None else cotrain_weight
   shared = experiment.arm_config(size, arms[0], overrides=overrides)
-  if size == "medium" and jax.default_backend() == "cpu":
-    logging.warning(
-      "--size=medium on a CPU: each training step takes seconds; this is the "
-      "GPU mode (use --size=smoke on a CPU)."
-    )
+  if size != "smoke" and jax.default_backend() == "cpu":
+    logging.warning("--size=%s on a CPU: this is the GPU mode (use --size=smoke on a CPU).", size)
   synthetic_cache.ensure(shared)
+  manifests = [e["path"] for e in experiment.base_config(size, overrides).data.vlm_sources]
+  write_blind_manifests(manifests + [shared.eval.vlm_heldout], experiment.blind_manifest)
   jax.config.update("jax_compilation_cache_dir", compilation_cache or shared.compilation_cache_dir)
 
-  pretrained = pretrain(
-    experiment.pretrain_config(size, pretrain_steps, overrides), experiment.pretrain_workdir(size)
+  # Stage 1: the pretrained VLM and its blind twin, scored on the held-out questions.
+  for blind in (False, True):
+    pretrain(
+      experiment.pretrain_config(size, pretrain_steps, overrides, blind=blind),
+      experiment.pretrain_workdir(size, blind=blind),
+    )
+  model_config = pi05.Config(**shared.model, fast_loss=True).validate()
+  tokenizer = trainer_lib.build_tokenizer(shared, model_config)
+  norm_stats = normalize.load_norm_stats(shared.assets.norm_stats)
+  limits = experiment.QUICK_PROBES if quick else experiment.PROBES[size]
+  heldout = shared.eval.vlm_heldout
+  robot_eval = materialize(
+    shared, model_config, tokenizer, norm_stats, split="eval", count=None, batch_size=1
+  )[: limits["robot_frames"]]
+  probes_ = probes.Probes(
+    model_config,
+    tokenizer,
+    norm_stats,
+    robot_eval=robot_eval,
+    vqa=probes.vqa_set(heldout, tokenizer, model_config, limit=limits["questions"]),
+    blind_vqa=probes.vqa_set(
+      experiment.blind_manifest(heldout), tokenizer, model_config, limit=limits["questions"]
+    ),
+    pairs=probes.language_pairs(limits["pairs"], tokenizer, norm_stats, model_config),
+    delta_action_mask=tuple(shared.data.delta_action_mask) or None,
+    batch_size=shared.eval.batch_size,
   )
-  results = {"arms": {arm: [] for arm in arms}}
+  pretrained = experiment.pretrain_workdir(size)
+  vlm = probes_.vqa_metrics(load_params(pretrained, model_config))
+  blind = probes_.vqa_metrics(
+    load_params(experiment.pretrain_workdir(size, blind=True), model_config), blind=True
+  )
+  margin = vlm["accuracy"] - blind["accuracy"]
+  if min_vqa_margin is None:
+    min_vqa_margin = experiment.MIN_VQA_MARGIN
+  results = {
+    "pretrain": {
+      "vlm": vlm,
+      "blind": blind,
+      "margin": margin,
+      "min_margin": experiment.MIN_VQA_MARGIN,
+    },
+    "setup": dict(
+      command=command,
+      device=report.describe_device(),
+      size=size,
+      overrides=overrides,
+      model={
+        k: shared.model[k]
+        for k in ("vlm_variant", "expert_variant", "siglip_variant", "image_size")
+      },
+      seeds=list(seeds),
+      steps=steps,
+      eval_every=eval_every,
+      pretrain_steps=pretrain_steps,
+      batch_size=shared.batch_size,
+      cotrain_weight=cotrain_weight,
+      robot_eval_frames=probes_.num_robot,
+      vqa_questions=len(probes_.vqa.answer),
+      language_pairs=len(probes_.pairs.state) // 2,
+      quick=quick,
+    ),
+    "arms": {arm: [] for arm in arms},
+  }
+  logging.info(
+    "Pretrained VQA accuracy %.3f, blind %.3f (margin %.3f).",
+    vlm["accuracy"],
+    blind["accuracy"],
+    margin,
+  )
+  if margin < min_vqa_margin and not quick:
+    results["stopped"] = (
+      f"The pretrained VLM beats the blind baseline by {margin:.3f} in candidate-restricted VQA "
+      f"accuracy ({vlm['accuracy']:.3f} against {blind['accuracy']:.3f}), less than "
+      f"{min_vqa_margin}: it has too little visual knowledge for the ablation to test "
+      "whether robot training keeps it. Pretrain longer (--pretrain_steps) or on more images."
+    )
+    _write(out, results)
+    raise StoppedError(results["stopped"])
+
+  # Stage 2: the arms. Every arm of a seed trains on the same batches (one stream with
+  # co-training examples, one without; flow-only ignores the FAST postfix it is given).
   for seed in seeds:
+    streams = {}
     for arm in arms:
       config = experiment.arm_config(
         size,
@@ -185,38 +356,43 @@ def run(
         seed=seed,
         total_steps=steps,
         eval_every=eval_every,
+        cotrain_weight=cotrain_weight,
         overrides=overrides,
       )
-      if quick:
-        config.unlock()
-        config.eval.max_batches = 1
-        config.lock()
+      cotrain = bool(config.data.vlm_sources)
+      if cotrain not in streams:
+        streams[cotrain] = materialize(
+          config,
+          model_config,
+          tokenizer,
+          norm_stats,
+          split="train",
+          count=steps,
+          batch_size=config.batch_size,
+        )
+      runs = results["arms"][arm]
       logging.info("Arm %s, seed %d.", arm, seed)
-      results["arms"][arm].append(run_arm(config, os.path.join(out, "runs", arm, f"seed{seed}")))
+
+      def on_eval(partial, runs=runs, arm=arm):
+        _write(out, dict(results, arms=dict(results["arms"], **{arm: runs + [partial]})))
+
+      runs.append(
+        run_arm(
+          config,
+          streams[cotrain],
+          probes_,
+          decoder=experiment.ARMS[arm]["decoder"],
+          workdir=os.path.join(out, "runs", arm, f"seed{seed}"),
+          on_eval=on_eval,
+        )
+      )
+      _write(out, results)
   results["latency"] = measure_latency(shared, size, repeats=latency_repeats)
-  results["setup"] = dict(
-    command=command,
-    device=report.describe_device(),
-    size=size,
-    overrides=overrides,
-    model={
-      k: shared.model[k] for k in ("vlm_variant", "expert_variant", "siglip_variant", "image_size")
-    },
-    seeds=list(seeds),
-    steps=steps,
-    eval_every=eval_every,
-    pretrain_steps=pretrain_steps,
-    batch_size=shared.batch_size,
-    cotrain_weight=experiment.COTRAIN_WEIGHT,
-    quick=quick,
-  )
-  summary = report.summarise(results, mae_threshold)
-  results["summary"] = summary
-  with open(os.path.join(out, "results.json"), "w") as f:
-    json.dump(results, f, indent=1)
+  results["summary"] = report.summarise(results, experiment.COMPARISONS)
+  _write(out, results)
   with open(os.path.join(out, "ablation.md"), "w") as f:
-    f.write(report.markdown(results, summary, experiment.ARMS))
-  report.plot(results, out)
+    f.write(report.markdown(results, experiment.ARMS))
+  report.plot(results, out, experiment.ARMS)
   return results
 
 
@@ -239,12 +415,16 @@ def main(argv=None):
     "--size",
     default="smoke",
     choices=list(size_defaults),
-    help="smoke: the tiny model (CPU); medium: ~90M parameters (one GPU)",
+    help="smoke: the CPU model (VLM 128 wide, expert 64); medium: ~90M parameters (one GPU)",
   )
   parser.add_argument(
-    "--quick", action="store_true", help="minutes-long: 2 arms, 1 seed, a few steps (the test)"
+    "--quick", action="store_true", help="minutes-long: 3 arms, 1 seed, a few steps (the test)"
   )
-  parser.add_argument("--seeds", default="0,1,2", help="comma-separated data/noise seeds")
+  parser.add_argument(
+    "--seeds",
+    default="0,1,2",
+    help="comma-separated seeds (data order, flow noise, expert initialisation)",
+  )
   parser.add_argument(
     "--steps",
     type=int,
@@ -255,25 +435,22 @@ def main(argv=None):
   )
   parser.add_argument("--eval_every", type=int, default=None, help="default: per size")
   parser.add_argument(
-    "--pretrain_steps",
-    type=int,
-    default=None,
-    help="VLM pretraining steps (default: experiments/vlm_pretrain.py's)",
+    "--pretrain_steps", type=int, default=None, help="VLM pretraining steps (default: per size)"
   )
   parser.add_argument(
     "--arms", default=",".join(arm_names), help=f"subset of {','.join(arm_names)}"
   )
   parser.add_argument(
-    "--mae_threshold",
+    "--cotrain_weight",
     type=float,
     default=None,
-    help="action error for steps-to-threshold (default: the worst arm's final)",
+    help=f"VLM examples per robot example in the co-training arms (default "
+    f"{experiment.COTRAIN_WEIGHT})",
   )
   parser.add_argument(
     "--cache",
     default=None,
-    help="root of the synthetic caches; data and the pretrained VLM go to "
-    "CACHE/<size> (default: $KI_CACHE or ~/.cache/ki)",
+    help="root of the synthetic caches ($KI_CACHE; default: $KI_CACHE or ~/.cache/ki)",
   )
   parser.add_argument(
     "--override",
@@ -286,7 +463,14 @@ def main(argv=None):
   parser.add_argument(
     "--compilation_cache",
     default="",
-    help="persistent XLA compilation cache (default: CACHE/<size>/jax_cache)",
+    help="persistent XLA compilation cache (default: the size's cache folder/jax_cache)",
+  )
+  parser.add_argument(
+    "--min_vqa_margin",
+    type=float,
+    default=None,
+    help="stop unless the pretrained VLM beats the blind baseline by this much in VQA accuracy "
+    f"(default {experiment.MIN_VQA_MARGIN}); a lower value is recorded in results.json",
   )
   args = parser.parse_args(argv)
   arms = [a for a in args.arms.split(",") if a]
@@ -304,22 +488,27 @@ def main(argv=None):
     latency_repeats = 3
   command = " ".join([COMMAND] + (sys.argv[1:] if argv is None else list(argv)))
   cache = args.cache or os.path.dirname(experiment.cache_dir(size))
-  results = run(
-    experiment,
-    args.out,
-    size=size,
-    cache=cache,
-    arms=arms,
-    seeds=seeds,
-    steps=steps,
-    eval_every=eval_every,
-    pretrain_steps=pretrain_steps,
-    latency_repeats=latency_repeats,
-    mae_threshold=args.mae_threshold,
-    command=command,
-    quick=args.quick,
-    compilation_cache=args.compilation_cache,
-    overrides=parse_overrides(args.override),
-  )
-  print(report.markdown(results, results["summary"], experiment.ARMS))
+  try:
+    results = run(
+      experiment,
+      args.out,
+      size=size,
+      cache=cache,
+      arms=arms,
+      seeds=seeds,
+      steps=steps,
+      eval_every=eval_every,
+      pretrain_steps=pretrain_steps,
+      latency_repeats=latency_repeats,
+      command=command,
+      quick=args.quick,
+      compilation_cache=args.compilation_cache,
+      cotrain_weight=args.cotrain_weight,
+      min_vqa_margin=args.min_vqa_margin,
+      overrides=parse_overrides(args.override),
+    )
+  except StoppedError as stopped:
+    print(f"Stopped: {stopped}", file=sys.stderr)
+    raise SystemExit(3) from stopped
+  print(report.markdown(results, experiment.ARMS))
   return results

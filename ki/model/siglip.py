@@ -14,21 +14,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-# big_vision's ViT variant table (vit.py `decode_variant`), the sizes used here, and "nano": ours,
-# between mu and Ti, for the CPU KI ablation (a VLM that must learn to see in minutes).
-_WIDTH = {"nano": 64, "mu": 32, "Ti": 192, "S": 384, "M": 512, "B": 768, "L": 1024, "So400m": 1152}
-_DEPTH = {"nano": 2, "mu": 1, "Ti": 12, "S": 12, "M": 12, "B": 12, "L": 24, "So400m": 27}
-_MLP_DIM = {
-  "nano": 256,
-  "mu": 128,
-  "Ti": 768,
-  "S": 1536,
-  "M": 2048,
-  "B": 3072,
-  "L": 4096,
-  "So400m": 4304,
-}
-_NUM_HEADS = {"nano": 4, "mu": 2, "Ti": 3, "S": 6, "M": 8, "B": 12, "L": 16, "So400m": 16}
+# big_vision's ViT variant table (vit.py `decode_variant`), the sizes used here.
+_WIDTH = {"mu": 32, "Ti": 192, "S": 384, "M": 512, "B": 768, "L": 1024, "So400m": 1152}
+_DEPTH = {"mu": 1, "Ti": 12, "S": 12, "M": 12, "B": 12, "L": 24, "So400m": 27}
+_MLP_DIM = {"mu": 128, "Ti": 768, "S": 1536, "M": 2048, "B": 3072, "L": 4096, "So400m": 4304}
+_NUM_HEADS = {"mu": 2, "Ti": 3, "S": 6, "M": 8, "B": 12, "L": 16, "So400m": 16}
 
 
 @dataclasses.dataclass(frozen=True)

@@ -35,11 +35,22 @@ def test_unknown_arm_is_a_usage_error(capsys):
   assert "unknown arms ['no_such_arm']" in capsys.readouterr().err
 
 
-def test_steps_to_threshold_is_the_first_eval_at_or_below_it():
+def test_steps_to_a_fraction_are_interpolated_between_evaluations():
   steps = np.array([0, 10, 20, 30])
-  mae = np.array([[1.0, 0.6, 0.4, 0.5], [1.0, 0.9, 0.8, 0.7]])
-  reached = report.steps_to_threshold(steps, mae, 0.5)
-  assert reached[0] == 20 and np.isnan(reached[1])
+  assert report.steps_to_fraction(steps, np.array([1.0, 0.6, 0.4, 0.5]), 0.5) == 15.0
+  assert report.steps_to_fraction(steps, np.array([1.0, 0.8, 0.5, 0.3]), 0.5) == 20.0
+  assert np.isnan(report.steps_to_fraction(steps, np.array([1.0, 0.9, 0.8, 0.7]), 0.5))
+  assert report.auc(steps, np.array([1.0, 1.0, 0.0, 0.0])) == pytest.approx(0.5)
+
+
+def test_paired_bootstrap_interval_covers_the_mean_and_counts_agreeing_seeds():
+  paired = report.paired_bootstrap(np.array([1.0, 2.0, 3.0]), np.array([0.5, 0.5, 3.5]))
+  assert paired["mean"] == pytest.approx(0.5)  # differences 0.5, 1.5, -0.5
+  assert paired["low"] <= paired["mean"] <= paired["high"]
+  assert (paired["same_sign"], paired["seeds"]) == (2, 3)
+  # A difference of the same sign in every seed has an interval that excludes 0.
+  clear = report.paired_bootstrap(np.array([2.0, 3.0, 2.5]), np.array([1.0, 1.0, 1.0]))
+  assert clear["low"] > 0 and clear["same_sign"] == 3
 
 
 @pytest.mark.slow
@@ -63,30 +74,43 @@ def test_quick_ablation_writes_its_table_and_plots(tmp_path, compilation_cache):
   result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
   assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
   experiment = runner.load_experiment(EXPERIMENT)
-  for name in ("ablation.md", "curves.png", "latency.png", "results.json"):
+  for name in ("ablation.md", "curves.png", "following.png", "latency.png", "results.json"):
     assert (out / name).stat().st_size > 0, name
   with open(out / "curves.png", "rb") as f:
     assert f.read(8) == b"\x89PNG\r\n\x1a\n"
   results = json.loads((out / "results.json").read_text())
+  # Stage 1: the pretrained VLM and its blind twin are both scored (quick mode does not stop).
+  pretrain = results["pretrain"]
+  assert pretrain["margin"] == pytest.approx(
+    pretrain["vlm"]["accuracy"] - pretrain["blind"]["accuracy"]
+  )
   assert set(results["arms"]) == set(experiment.QUICK_ARMS)
   starts = {}
   for arm, runs in results["arms"].items():
     (run,) = runs
-    eval_steps = sorted(int(s) for s in run["eval"])
-    assert eval_steps == [0, 3, 6], arm
+    assert sorted(int(s) for s in run["eval"]) == [0, 3, 6], arm
+    assert sorted(int(s) for s in run["train"]) == list(range(1, 7)), arm
     for scalars in run["eval"].values():
-      assert 0 < scalars["eval/robot/action_mae"] < np.inf
-      assert 0 <= scalars["eval/robot/fast_accuracy"] <= 1
-      assert np.isfinite(scalars["eval/vlm/text_ce"])
-      # Exact match needs every answer token right, so it never exceeds token accuracy.
-      assert scalars["eval/vlm/text_exact_match"] <= scalars["eval/vlm/text_accuracy"] + 1e-6
+      assert 0 < scalars["action_mae"] < np.inf
+      assert 0 <= scalars["vqa/accuracy"] <= 1 and 0 <= scalars["follow_rate"] <= 1
+      # Excluding FAST ids from the softmax can only lower the answer loss.
+      assert scalars["vqa/ce_no_fast"] <= scalars["vqa/ce"] + 1e-5
+      assert scalars["kv_drift"] >= 0 and scalars["adarms_gate_rms"] >= 0
+    assert run["eval"]["0"]["kv_drift"] == 0.0  # step 0 is the pretrained VLM itself
+    # The update reaching the VLM is kept for every step.
+    assert all(m["update_norm/vlm"] >= 0 for m in run["train"].values())
     starts[arm] = run["eval"]["0"]
-  # Both arms start from the same pretrained VLM: the stop-gradient changes no forward value.
-  first, second = starts.values()
-  for key in ("eval/vlm/text_ce", "eval/robot/action_mae", "eval/robot/fast_accuracy"):
-    assert first[key] == pytest.approx(second[key], rel=1e-4), key
+  # The stop-gradient: no flow gradient reaches the VLM under KI, some without it.
+  assert starts["ki"]["grad_vlm/flow"] == 0.0 and starts["joint"]["grad_vlm/flow"] > 0
+  assert np.isnan(starts["ki"]["grad_cos/flow_vqa"]) or starts["ki"]["grad_cos/flow_vqa"] is None
+  # Every arm starts from the same pretrained VLM (same knowledge) and, for one seed, the same
+  # fresh expert: the flow-decoded arms predict the same step-0 actions.
+  for key in ("vqa/accuracy", "vqa/ce_no_fast"):
+    assert starts["ki"][key] == pytest.approx(starts["pi0_fast"][key], rel=1e-5), key
+  assert starts["ki"]["action_mae"] == pytest.approx(starts["joint"]["action_mae"], rel=1e-5)
+  assert "fast_decode_failures" in starts["pi0_fast"]
   table = (out / "ablation.md").read_text()
   for arm in experiment.QUICK_ARMS:
     assert f"| {arm} |" in table
-  assert "sample_fast" in table and "steps to threshold" in table
+  assert "blind" in table and "sample_fast" in table and "ki - joint" in table
   assert results["latency"]["fast"]["median_ms"] > 0

@@ -148,6 +148,10 @@ def test_vlm_set_and_text_corpus(synthetic_dataset):
   corpus = (out_dir / "text_corpus.txt").read_text().splitlines()
   assert "pick up the red block" in corpus and "255" in corpus
   assert all(item["answer"] in corpus for item in lines["train"])
+  # Typed one-word answers from the type's answer set (the KI ablation scores a restricted choice).
+  for item in lines["train"] + lines["heldout"]:
+    assert item["answer"] in synthetic_droid.QUESTION_TYPES[item["type"]], item
+  assert len({item["type"] for item in lines["train"]}) >= 4
   if info["sentencepiece_model"]:
     from ki.tokenizers import prompt
 
