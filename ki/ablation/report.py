@@ -15,7 +15,7 @@ import numpy as np
 
 # (eval key, title, lower is better) of the curves and the final-value table.
 CURVES = (
-  ("action_mae", "held-out action error (raw units)", True),
+  ("action_mae", "held-out action error (raw units; where the chunks decode)", True),
   ("vqa/accuracy", "VQA accuracy (candidate-restricted)", False),
   ("vqa/ce_no_fast", "answer loss, FAST ids excluded", True),
   ("follow_rate", "language following (chance 0.5)", False),
@@ -34,6 +34,7 @@ FINAL = (
   "grad_cos/fast_vqa",
   "adarms_gate_rms",
   "fast_accuracy",
+  "fast_decode_failures",
 )
 # The paired comparisons' metrics: (name, lower is better).
 COMPARED = (
@@ -112,8 +113,14 @@ def summarise(results: dict, comparisons) -> dict:
   """Per arm and seed: speed and final values; per comparison (arm A, arm B): paired
   differences A - B with bootstrap intervals."""
   arms = results["arms"]
-  # The common target: the best final action error of any run.
-  finals = [series(runs, "action_mae")[1][:, -1] for runs in arms.values() if runs]
+  # The common target: the best final action error of any run whose policy acts (a FAST-decoded
+  # run whose chunks mostly do not decode predicts zeros: the median action, not a policy).
+  finals = []
+  for runs in arms.values():
+    if runs:
+      error = series(runs, "action_mae")[1][:, -1]
+      failures = series(runs, "fast_decode_failures")[1][:, -1]
+      finals.append(np.where(np.nan_to_num(failures) > 0.5, np.nan, error))
   best = float(np.nanmin(np.concatenate(finals)))
   summary = {"best_final_action_mae": best, "arms": {}, "comparisons": {}}
   # Per seed, the common starting error: the worst step-0 error of that seed's arms (a fresh
@@ -126,6 +133,10 @@ def summarise(results: dict, comparisons) -> dict:
     if not runs:
       continue
     steps, error = series(runs, "action_mae")
+    # Evaluations where most FAST chunks did not decode measure the zero chunk, not the policy:
+    # no speed is credited for them.
+    failures = np.nan_to_num(series(runs, "fast_decode_failures")[1])
+    error = np.where(failures > 0.5, np.nan, error)
     row = {
       "steps_to_50": [
         steps_to_fraction(steps, e, e0 - 0.5 * (e0 - best)) for e, e0 in zip(error, starts)
@@ -209,8 +220,9 @@ def markdown(results: dict, arm_switches: dict) -> str:
     "",
     "| arm | stop-grad | flow w | token w | co-train | stress | action MAE final | steps to "
     "50% | steps to 80% | AUC | VQA acc final | answer CE (no FAST) final | FAST mass final | "
-    "following final | K/V drift final | flow grad in VLM | VLM update norm (mean) |",
-    "|---" * 17 + "|",
+    "following final | K/V drift final | flow grad in VLM | VLM update norm (mean) | FAST "
+    "undecodable final |",
+    "|---" * 18 + "|",
   ]
   for arm, row in summary["arms"].items():
     s = arm_switches[arm]
@@ -223,7 +235,8 @@ def markdown(results: dict, arm_switches: dict) -> str:
       f"{_mean_spread(row['final/vqa/accuracy'])} | {_mean_spread(row['final/vqa/ce_no_fast'])} | "
       f"{_mean_spread(row['final/vqa/fast_mass'])} | {_mean_spread(row['final/follow_rate'])} | "
       f"{_mean_spread(row['final/kv_drift'])} | {_mean_spread(row['final/grad_vlm/flow'])} | "
-      f"{_mean_spread(row['mean_update_norm/vlm'])} |"
+      f"{_mean_spread(row['mean_update_norm/vlm'])} | "
+      f"{_mean_spread(row['final/fast_decode_failures'])} |"
     )
   first = next(iter(summary["arms"].values()))
   lines += [
@@ -278,6 +291,9 @@ def plot(results: dict, out: str, arm_switches: dict) -> list[str]:
   for axis, (key, title, _) in zip(axes.flat, CURVES):
     for arm, runs in results["arms"].items():
       steps, values = series(runs, key)
+      if key == "action_mae":  # only where the policy acts (its FAST chunks decode)
+        failures = np.nan_to_num(series(runs, "fast_decode_failures")[1])
+        values = np.where(failures > 0.5, np.nan, values)
       if not runs or np.all(np.isnan(values)):
         continue
       mean = np.nanmean(values, axis=0)

@@ -147,9 +147,10 @@ TRAIN_KEYS = (
 
 
 def run_arm(
-  config, batches, probes_: probes.Probes, *, decoder: str, workdir: str, on_eval=None
+  config, make_batches, probes_: probes.Probes, *, decoder: str, workdir: str, on_eval=None
 ) -> dict:
-  """Trains one arm from the pretrained VLM (fresh expert from config.seed) on `batches`,
+  """Trains one arm from the pretrained VLM (fresh expert from config.seed) on the host batches
+  `make_batches()` returns (called only when the arm has to train),
   measuring at step 0, every config.eval.every steps and at the end. Returns {"eval": {step:
   scalars}, "train": {step: TRAIN_KEYS}, "seconds", "config"}; reuses workdir/ablation_run.json
   when it was trained with the same config, and trains again otherwise."""
@@ -162,6 +163,7 @@ def run_arm(
       return previous
     logging.info("%s was trained with another config; training it again.", workdir)
   os.makedirs(workdir, exist_ok=True)
+  batches = make_batches()
   start = time.perf_counter()
   setup = setup_lib.make_setup(config)
   state = setup.init_state(setup_lib.pretrained_weights(setup))
@@ -359,18 +361,22 @@ def run(
         cotrain_weight=cotrain_weight,
         overrides=overrides,
       )
-      cotrain = bool(config.data.vlm_sources)
-      if cotrain not in streams:
-        streams[cotrain] = materialize(
-          config,
-          model_config,
-          tokenizer,
-          norm_stats,
-          split="train",
-          count=steps,
-          batch_size=config.batch_size,
-        )
       runs = results["arms"][arm]
+
+      def make_batches(config=config, streams=streams):
+        cotrain = bool(config.data.vlm_sources)
+        if cotrain not in streams:
+          streams[cotrain] = materialize(
+            config,
+            model_config,
+            tokenizer,
+            norm_stats,
+            split="train",
+            count=steps,
+            batch_size=config.batch_size,
+          )
+        return streams[cotrain]
+
       logging.info("Arm %s, seed %d.", arm, seed)
 
       def on_eval(partial, runs=runs, arm=arm):
@@ -379,7 +385,7 @@ def run(
       runs.append(
         run_arm(
           config,
-          streams[cotrain],
+          make_batches,
           probes_,
           decoder=experiment.ARMS[arm]["decoder"],
           workdir=os.path.join(out, "runs", arm, f"seed{seed}"),

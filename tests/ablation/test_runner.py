@@ -100,8 +100,13 @@ def test_quick_ablation_writes_its_table_and_plots(tmp_path, compilation_cache):
     # The update reaching the VLM is kept for every step.
     assert all(m["update_norm/vlm"] >= 0 for m in run["train"].values())
     starts[arm] = run["eval"]["0"]
-  # The stop-gradient: no flow gradient reaches the VLM under KI, some without it.
-  assert starts["ki"]["grad_vlm/flow"] == 0.0 and starts["joint"]["grad_vlm/flow"] > 0
+  # The stop-gradient: no flow gradient reaches the VLM under KI, some without it once the fresh
+  # expert's adaRMS gates have left zero (at step 0 they are zero, as in openpi's init, so the
+  # expert's blocks output nothing and no flow gradient reaches the VLM in any arm).
+  ends = {arm: runs[0]["eval"]["6"] for arm, runs in results["arms"].items()}
+  assert starts["joint"]["adarms_gate_rms"] == 0.0 and starts["joint"]["grad_vlm/flow"] == 0.0
+  assert ends["joint"]["adarms_gate_rms"] > 0 and ends["joint"]["grad_vlm/flow"] > 0
+  assert ends["ki"]["adarms_gate_rms"] > 0 and ends["ki"]["grad_vlm/flow"] == 0.0
   assert np.isnan(starts["ki"]["grad_cos/flow_vqa"]) or starts["ki"]["grad_cos/flow_vqa"] is None
   # Every arm starts from the same pretrained VLM (same knowledge) and, for one seed, the same
   # fresh expert: the flow-decoded arms predict the same step-0 actions.
