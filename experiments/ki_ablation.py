@@ -308,6 +308,8 @@ def arm_config(
   config.model.knowledge_insulation = switches["knowledge_insulation"]
   config.loss.flow_weight = switches["flow_weight"]
   config.loss.token_weight = switches["token_weight"]
+  # Overrides win over everything above (the schedules included), for every arm alike.
+  config.update_from_flattened_dict(overrides or {})
   config.lock()
   return config
 
@@ -357,7 +359,7 @@ def pretrain_config(
   config = base_config(size, overrides)
   steps = steps or s["pretrain_steps"]
   _fit_to_steps(config, steps)
-  config.batch_size = (overrides or {}).get("batch_size", s["pretrain_batch_size"])
+  config.batch_size = s["pretrain_batch_size"]
   config.data.robot_weight = 0.0
   manifests = [entry["path"] for entry in config.data.vlm_sources]
   if blind:
@@ -374,5 +376,8 @@ def pretrain_config(
     vlm=_group(s["pretrain_lr"], max(steps // 20, 1), steps),
     action_expert=dict(_group(s["pretrain_lr"], 0, steps), frozen=True),
   )
+  # Overrides win over everything above, as in the arms (e.g. --override=batch_size=32 sets the
+  # pretraining's batch too; optimizer.groups.vlm.peak_lr its learning rate).
+  config.update_from_flattened_dict(overrides or {})
   config.lock()
   return config

@@ -90,6 +90,11 @@ def test_overrides_and_cotrain_weight_apply_to_every_arm_alike():
     )
     assert (config.batch_size, config.model.dtype) == (4, "float32")
     assert all(entry["weight"] == 0.5 for entry in config.data.vlm_sources)
+  # Overrides win over the schedules the experiment file sets, in the arms and the pretraining.
+  lr = {"optimizer.groups.vlm.peak_lr": 1e-5, "batch_size": 4}
+  assert ki_ablation.arm_config("smoke", "ki", overrides=lr).optimizer.groups.vlm.peak_lr == 1e-5
+  pretrain = ki_ablation.pretrain_config("smoke", overrides=lr)
+  assert (pretrain.optimizer.groups.vlm.peak_lr, pretrain.batch_size) == (1e-5, 4)
   with pytest.raises(ValueError, match="key=value"):
     runner.parse_overrides(["batch_size"])
 
