@@ -37,3 +37,11 @@ def pytest_configure(config):
 def compilation_cache() -> str:
   """The run's persistent compilation cache folder, for tests that pass it on explicitly."""
   return os.environ["JAX_COMPILATION_CACHE_DIR"]
+
+
+def pytest_collection_modifyitems(items):
+  """The tests marked slow (the ones that take tens of seconds: subprocess runs, end-to-end
+  training) run first, the rest after them in their usual order. xdist's loadgroup hands out one
+  test (or xdist group) at a time to whichever worker is free, so longest-first keeps both
+  workers busy to the end instead of leaving one long test alone at the tail."""
+  items.sort(key=lambda item: item.get_closest_marker("slow") is None)
