@@ -41,6 +41,7 @@ import numpy as np
 from PIL import Image
 
 from ki import batch as batch_lib
+from ki import checkpoint as checkpoint_lib
 from ki.ablation import probes, report
 from ki.data import droid, normalize, pipeline, synthetic_cache
 from ki.model import params as params_lib
@@ -99,8 +100,47 @@ def write_blind_manifests(manifests, blind_name) -> None:
     os.replace(blind + ".tmp", blind)
 
 
+# What a cached pretrained VLM must share with the pretraining asked for, besides its length
+# (--pretrain_steps may grow it: the schedule's lengths and the checkpoint cadence follow it).
+PRETRAIN_FIELDS = ("model", "optimizer", "batch_size", "seed")
+_LENGTH_KEYS = ("decay_steps", "warmup_steps")
+
+
+def _flat(tree, prefix=""):
+  if isinstance(tree, dict):
+    return {k: v for key, sub in tree.items() for k, v in _flat(sub, f"{prefix}{key}.").items()}
+  return {prefix[:-1]: tree}
+
+
+def check_pretrained(config: ml_collections.ConfigDict, workdir: str) -> None:
+  """Refuses, naming the settings, to reuse a pretrained VLM in `workdir` that was trained with
+  other model, optimizer, batch or seed settings (e.g. an --override given this time only):
+  resuming it would fail on the optimizer state, or quietly mix two pretrainings."""
+  try:
+    step_dir = checkpoint_lib.resolve_step_dir(workdir)
+  except FileNotFoundError:
+    return  # nothing trained yet
+  saved = json.loads((step_dir / "assets" / "config.json").read_text())
+  current = json.loads(config.to_json_best_effort())
+  changed = []
+  for field in PRETRAIN_FIELDS:
+    old, new = _flat(saved.get(field)), _flat(current.get(field))
+    for key in sorted(set(old) | set(new)):
+      if key.rsplit(".", 1)[-1] not in _LENGTH_KEYS and old.get(key) != new.get(key):
+        name = f"{field}.{key}" if key else field
+        changed.append(f"{name}: {old.get(key)!r} there, {new.get(key)!r} now")
+  if changed:
+    raise ValueError(
+      f"The pretrained VLM in {workdir} was trained with other settings:\n  "
+      + "\n  ".join(changed)
+      + "\nGive this run its own --cache (the data is generated again there), or drop the "
+      "overrides that change the pretraining."
+    )
+
+
 def pretrain(config: ml_collections.ConfigDict, workdir: str) -> str:
   """Trains (or reuses) a pretrained VLM in `workdir`; returns that workdir."""
+  check_pretrained(config, workdir)
   trainer = trainer_lib.Trainer.from_config(config, workdir)
   trainer.run()  # nothing to do when the workdir already holds the finished pretraining
   trainer.close()

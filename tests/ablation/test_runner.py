@@ -119,3 +119,18 @@ def test_quick_ablation_writes_its_table_and_plots(tmp_path, compilation_cache):
     assert f"| {arm} |" in table
   assert "blind" in table and "sample_fast" in table and "ki - joint" in table
   assert results["latency"]["fast"]["median_ms"] > 0
+
+
+def test_a_cached_pretraining_with_other_settings_is_refused_by_name(tmp_path):
+  experiment = runner.load_experiment(EXPERIMENT)
+  config = experiment.pretrain_config("smoke", 100)
+  assets = tmp_path / "checkpoints" / "100" / "assets"
+  (tmp_path / "checkpoints" / "100" / "params").mkdir(parents=True)
+  assets.mkdir()
+  (assets / "config.json").write_text(config.to_json_best_effort())
+  runner.check_pretrained(config, str(tmp_path))  # the same settings: reused
+  runner.check_pretrained(experiment.pretrain_config("smoke", 300), str(tmp_path))  # longer
+  other = experiment.pretrain_config("smoke", 100, {"optimizer.clip_norm": 0.0})
+  with pytest.raises(ValueError, match=r"optimizer.clip_norm: 1.0 there, 0.0 now"):
+    runner.check_pretrained(other, str(tmp_path))
+  runner.check_pretrained(other, str(tmp_path / "nothing_trained_yet"))
