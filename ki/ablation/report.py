@@ -66,6 +66,14 @@ def series(runs: list[dict], key: str) -> tuple[np.ndarray, np.ndarray]:
   return np.array(steps), values
 
 
+def acting_error(runs: list[dict]) -> tuple[np.ndarray, np.ndarray]:
+  """Eval steps [T] and held-out action error [seeds, T], NaN where most FAST chunks did not
+  decode: there the error is the zero chunk's (the median action), not a policy's."""
+  steps, error = series(runs, "action_mae")
+  failures = np.nan_to_num(series(runs, "fast_decode_failures")[1])
+  return steps, np.where(failures > 0.5, np.nan, error)
+
+
 def steps_to_fraction(steps: np.ndarray, error: np.ndarray, target: float) -> float:
   """The first step at which `error` [T] reaches `target` or below, linearly interpolated
   between evaluations; NaN if it never does."""
@@ -113,14 +121,8 @@ def summarise(results: dict, comparisons) -> dict:
   """Per arm and seed: speed and final values; per comparison (arm A, arm B): paired
   differences A - B with bootstrap intervals."""
   arms = results["arms"]
-  # The common target: the best final action error of any run whose policy acts (a FAST-decoded
-  # run whose chunks mostly do not decode predicts zeros: the median action, not a policy).
-  finals = []
-  for runs in arms.values():
-    if runs:
-      error = series(runs, "action_mae")[1][:, -1]
-      failures = series(runs, "fast_decode_failures")[1][:, -1]
-      finals.append(np.where(np.nan_to_num(failures) > 0.5, np.nan, error))
+  # The common target: the best final action error of any run whose policy acts.
+  finals = [acting_error(runs)[1][:, -1] for runs in arms.values() if runs]
   best = float(np.nanmin(np.concatenate(finals)))
   summary = {"best_final_action_mae": best, "arms": {}, "comparisons": {}}
   # Per seed, the common starting error: the worst step-0 error of that seed's arms (a fresh
@@ -132,11 +134,7 @@ def summarise(results: dict, comparisons) -> dict:
   for arm, runs in arms.items():
     if not runs:
       continue
-    steps, error = series(runs, "action_mae")
-    # Evaluations where most FAST chunks did not decode measure the zero chunk, not the policy:
-    # no speed is credited for them.
-    failures = np.nan_to_num(series(runs, "fast_decode_failures")[1])
-    error = np.where(failures > 0.5, np.nan, error)
+    steps, error = acting_error(runs)  # no speed is credited for the zero chunk
     row = {
       "steps_to_50": [
         steps_to_fraction(steps, e, e0 - 0.5 * (e0 - best)) for e, e0 in zip(error, starts)
@@ -290,10 +288,7 @@ def plot(results: dict, out: str, arm_switches: dict) -> list[str]:
   figure, axes = plt.subplots(2, 3, figsize=(17, 9))
   for axis, (key, title, _) in zip(axes.flat, CURVES):
     for arm, runs in results["arms"].items():
-      steps, values = series(runs, key)
-      if key == "action_mae":  # only where the policy acts (its FAST chunks decode)
-        failures = np.nan_to_num(series(runs, "fast_decode_failures")[1])
-        values = np.where(failures > 0.5, np.nan, values)
+      steps, values = acting_error(runs) if key == "action_mae" else series(runs, key)
       if not runs or np.all(np.isnan(values)):
         continue
       mean = np.nanmean(values, axis=0)

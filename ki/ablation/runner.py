@@ -106,12 +106,6 @@ PRETRAIN_FIELDS = ("model", "optimizer", "batch_size", "seed")
 _LENGTH_KEYS = ("decay_steps", "warmup_steps")
 
 
-def _flat(tree, prefix=""):
-  if isinstance(tree, dict):
-    return {k: v for key, sub in tree.items() for k, v in _flat(sub, f"{prefix}{key}.").items()}
-  return {prefix[:-1]: tree}
-
-
 def check_pretrained(config: ml_collections.ConfigDict, workdir: str) -> None:
   """Refuses, naming the settings, to reuse a pretrained VLM in `workdir` that was trained with
   other model, optimizer, batch or seed settings (e.g. an --override given this time only):
@@ -120,15 +114,17 @@ def check_pretrained(config: ml_collections.ConfigDict, workdir: str) -> None:
     step_dir = checkpoint_lib.resolve_step_dir(workdir)
   except FileNotFoundError:
     return  # nothing trained yet
-  saved = json.loads((step_dir / "assets" / "config.json").read_text())
-  current = json.loads(config.to_json_best_effort())
-  changed = []
-  for field in PRETRAIN_FIELDS:
-    old, new = _flat(saved.get(field)), _flat(current.get(field))
-    for key in sorted(set(old) | set(new)):
-      if key.rsplit(".", 1)[-1] not in _LENGTH_KEYS and old.get(key) != new.get(key):
-        name = f"{field}.{key}" if key else field
-        changed.append(f"{name}: {old.get(key)!r} there, {new.get(key)!r} now")
+  saved, current = (
+    trainer_lib.flat_config(ml_collections.ConfigDict(json.loads(text)))
+    for text in ((step_dir / "assets" / "config.json").read_text(), config.to_json_best_effort())
+  )
+  changed = [
+    f"{key}: {saved.get(key)!r} there, {current.get(key)!r} now"
+    for key in sorted(set(saved) | set(current))
+    if key.split(".")[0] in PRETRAIN_FIELDS
+    and key.rsplit(".", 1)[-1] not in _LENGTH_KEYS
+    and saved.get(key) != current.get(key)
+  ]
   if changed:
     raise ValueError(
       f"The pretrained VLM in {workdir} was trained with other settings:\n  "

@@ -331,7 +331,7 @@ class Trainer:
       logging.info("Already at step %d of %d; nothing to do.", step, config.total_steps)
       return self.step_metrics
     if jax.process_index() == 0:
-      self.metrics.write_hparams({k: v for k, v in _flat_config(config).items()})
+      self.metrics.write_hparams({k: v for k, v in flat_config(config).items()})
     # One process: our own handler. Several: jax's preemption service owns SIGTERM (a handler
     # installed here would replace its notifier).
     single = jax.process_count() == 1
@@ -379,13 +379,14 @@ class Trainer:
     self.metrics.close()
 
 
-def _flat_config(config: ml_collections.ConfigDict, prefix: str = "") -> dict[str, Any]:
-  """Scalar config values as {"a.b": value} for TensorBoard's hparams view."""
+def flat_config(config: ml_collections.ConfigDict, prefix: str = "") -> dict[str, Any]:
+  """Scalar config values as {"a.b": value} (others as JSON text): TensorBoard's hparams view,
+  and comparing two configs field by field."""
   flat = {}
   for key, value in config.items():
     name = f"{prefix}{key}"
     if isinstance(value, ml_collections.ConfigDict):
-      flat.update(_flat_config(value, f"{name}."))
+      flat.update(flat_config(value, f"{name}."))
     elif isinstance(value, (int, float, str, bool)):
       flat[name] = value
     else:
