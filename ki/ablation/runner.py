@@ -10,18 +10,21 @@ the latency of both decoders (ki.serve.latency), then the table and plots (ki.ab
 
 What the arms are and how each is configured is the experiment file's business; this runner loads
 it by path (--experiment, as ki.main loads --config), never by import, and reads from it:
-  ARMS               {arm: {"knowledge_insulation", "token_loss", "cotrain", "label"}}, in order
-  QUICK_ARMS         the arms of --quick
+  ARMS               {arm: {"knowledge_insulation", "flow_weight", "token_weight", "cotrain",
+                     "stress", "decoder", "label"}}, in order
+  COMPARISONS        the paired comparisons of the report, (arm A, arm B)
+  QUICK_ARMS, QUICK_DATA, QUICK_PROBES   what --quick runs, on which data, with which held-out sets
   SIZE_DEFAULTS      {size: {"steps", "eval_every"}}: the sizes it can run and their defaults
   PRETRAIN_STEPS     {size: VLM pretraining steps}
-  COTRAIN_WEIGHT     recorded in results.json
-  cache_dir(size)    $KI_CACHE/<size>: synthetic data and the pretrained VLM
-  pretrain_workdir(size), pretrain_config(size, steps, overrides)
-  arm_config(size, arm, *, init_path, seed, total_steps, eval_every, overrides)
+  PROBES             {size: held-out set sizes}
+  COTRAIN_WEIGHT, MIN_VQA_MARGIN   defaults of --cotrain_weight and --min_vqa_margin
+  cache_dir(size), base_config(size, overrides), blind_manifest(manifest)
+  pretrain_workdir(size, *, blind), pretrain_config(size, steps, overrides, *, blind)
+  arm_config(size, arm, *, init_path, seed, total_steps, eval_every, cotrain_weight, overrides)
 The experiment file's docstring (experiments/ki_ablation.py) says what the ablation tests.
 
-Outputs in --out: ablation.md (the table), curves.png, latency.png, results.json, runs/ (one
-workdir per arm and seed; a finished run is reused when the command is repeated).
+Outputs in --out: ablation.md (the table), curves.png, following.png, latency.png, results.json,
+runs/ (one workdir per arm and seed; a finished run is reused when the command is repeated).
 """
 
 import argparse
