@@ -19,9 +19,16 @@ from ml_collections import config_flags
 
 from ki.train import distributed
 
-_CONFIG = config_flags.DEFINE_config_file(
-  "config", None, "Experiment file[:variant].", lock_config=True
-)
+
+def define_config_flag(flag_values: flags.FlagValues = flags.FLAGS):
+  """The --config flag: an experiment file[:variant], its fields overridden by --config.a.b=value
+  (every field can be: tests/test_experiments.py overrides each leaf through this flag)."""
+  return config_flags.DEFINE_config_file(
+    "config", None, "Experiment file[:variant].", flag_values=flag_values, lock_config=True
+  )
+
+
+_CONFIG = define_config_flag()
 _WORKDIR = flags.DEFINE_string("workdir", None, "Checkpoints, TensorBoard logs and assets.")
 _COORDINATOR = flags.DEFINE_string(
   "coordinator_address", None, "HOST:PORT of process 0 (multi-host without SLURM)."

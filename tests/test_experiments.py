@@ -1,15 +1,19 @@
-"""Every experiment file loads through the same flag path as ki.main, validates, and its
-optimizer rules cover the model's full-size parameter tree (checked with eval_shape only)."""
+"""Every experiment file loads, validates, and its optimizer rules cover the model's full-size
+parameter tree (checked with eval_shape only); every field of every experiment's config can be
+overridden through ki.main's --config flag."""
 
 import glob
 import importlib
 import os
+import sys
 
+from absl import flags
 import jax
 import ml_collections
 import pytest
 
 from experiments import droid_ki
+from ki import main as ki_main
 from ki.model import params as params_lib
 from ki.model import pi05
 from ki.train import optimizer, state
@@ -112,3 +116,55 @@ def test_medium_variant_keeps_pi05_proportions():
   assert medium.synthetic_data.episodes > smoke.synthetic_data.episodes
   assert medium.data.arrayrecord_dir.startswith(medium.synthetic_data.dir)
   assert medium.eval.vlm_heldout.startswith(medium.synthetic_data.dir)
+
+
+def _leaves(config, prefix=""):
+  for key, value in config.items():
+    if isinstance(value, ml_collections.ConfigDict):
+      yield from _leaves(value, f"{prefix}{key}.")
+    else:
+      yield f"{prefix}{key}", value
+
+
+def _other_value(value_type, value):
+  """A value of `value_type` different from `value`."""
+  if value_type is bool:
+    return not value
+  if value_type is int:
+    return value + 1
+  if value_type is float:
+    return (value or 0.0) * 2 + 0.5
+  if value_type is str:
+    return value + "_other"
+  if value_type is tuple:
+    return tuple(value) + (1,)
+  # A bare None: config_flags refuses any override of it ("Type NoneType of field ... is not
+  # supported for overriding"), which is what this test is for.
+  return 1
+
+
+@pytest.mark.parametrize("path", EXPERIMENTS, ids=os.path.basename)
+@pytest.mark.parametrize("variant", sorted(droid_ki.VARIANTS))
+def test_every_field_can_be_overridden_on_the_command_line(path, variant, monkeypatch):
+  """Each leaf of the config, overridden at once through ki.main's own --config flag (absl +
+  ml_collections config_flags), comes out with the value given. A field whose value is None
+  has no type for config_flags ("Type NoneType ... is not supported for overriding"): optional
+  fields must be typed placeholders (ml_collections.config_dict.placeholder)."""
+  from ml_collections.config_flags import config_path  # pylint: disable=g-import-not-at-top
+
+  config = _load(path, variant)
+  expected, argv = {}, ["ki.main", f"--config={path}:{variant}"]
+  for field, value in _leaves(config):
+    value_type = config_path.get_type(field, config)
+    expected[field] = _other_value(value_type, value)
+    text = repr(expected[field]) if value_type is tuple else str(expected[field])
+    argv.append(f"--config.{field}={text}")
+  # config_flags reads the overrides from sys.argv, as when ki.main runs.
+  monkeypatch.setattr(sys, "argv", argv)
+  flag_values = flags.FlagValues()
+  holder = ki_main.define_config_flag(flag_values)
+  flag_values(argv)
+  overridden = dict(_leaves(holder.value))
+  assert set(overridden) == set(expected)
+  for field, value in expected.items():
+    assert overridden[field] == value, field

@@ -4,9 +4,15 @@ Experiment files (experiments/*.py) take `default_config()`, change what they ne
 The defaults are full-size pi0.5 fine-tuning with openpi's DROID settings (pi05_droid_finetune):
 AdamW b=(0.9, 0.95), weight decay 1e-10, 1k warm-up to 5e-5 then a cosine that barely decays,
 gradients clipped to global norm 1.0 over all parameters, FSDP over every device.
+
+Every field can be overridden on ki.main's command line (--config.a.b=value): a field that may be
+unset is a typed placeholder (`config_dict.placeholder(type)`), never a bare None, which
+ml_collections could not parse a value for. Which fields may change when a run resumes is
+ki/train/resume.py's table.
 """
 
 import ml_collections
+from ml_collections import config_dict
 
 from ki.data import pipeline
 from ki.model import sizes
@@ -51,7 +57,9 @@ def default_config() -> ml_collections.ConfigDict:
       groups=dict(vlm=dict(OPENPI_GROUP), action_expert=dict(OPENPI_GROUP)),
       # Clip the gradient of all parameters together to this global norm (openpi); 0 = off.
       clip_norm=1.0,
-      ema_decay=None,
+      # Off (None) or the decay of an EMA of the weights, which checkpoints then serve. A typed
+      # placeholder, so that --config.optimizer.ema_decay=0.999 can switch it on.
+      ema_decay=config_dict.placeholder(float),
     )
   )
   # kind: scratch | openpi | paligemma | ki (see ki/model/weights.py).
