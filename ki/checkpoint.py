@@ -293,8 +293,9 @@ class Checkpointer:
     checkpoints.
 
     check_assets: called with (step folder, its assets) before the state is read; raising
-      refuses the checkpoint (e.g. the trainer's `check_resumable`: other data settings are the
-      user's decision, not damage), and the error propagates.
+      refuses the checkpoint (the trainer's `ki.train.resume.check_resumable`: a changed setting
+      the checkpoint cannot continue with is the user's decision, not damage), and the error
+      propagates: nothing is restored, nothing is called damaged or moved.
     """
     damaged = []
     for step in sorted(self.all_steps(), reverse=True):

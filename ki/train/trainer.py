@@ -3,7 +3,8 @@
 Order of setup (`Trainer.from_config`), so that mistakes surface before anything expensive:
   1. config checks (model, mesh, batch divisibility) and the step built: ki/train/setup.py;
   2. tokenizer (vocabulary checked against the model) and data streams (data config validated);
-  3. state: restored from the latest checkpoint in the workdir, or born sharded (optionally from
+  3. state: restored from the latest checkpoint in the workdir (once ki/train/resume.py found
+     nothing changed that the checkpoint cannot continue with), or born sharded (optionally from
      pretrained weights);
   4. first batch fetched (drops from a too-small max_token_len show up here), the train step
      compiled once, its memory estimate printed before step 1.
@@ -26,7 +27,7 @@ from ki.data import normalize, pipeline
 from ki.model import pi05
 from ki.tokenizers import fast as fast_lib
 from ki.tokenizers import prompt as prompt_lib
-from ki.train import evaluation
+from ki.train import evaluation, resume
 from ki.train import metrics as metrics_lib
 from ki.train import setup as setup_lib
 from ki.train import sharding as sharding_lib
@@ -84,46 +85,6 @@ def _read_assets(config: ml_collections.ConfigDict) -> dict[str, bytes]:
   return assets
 
 
-# The config fields the data iterator's saved state depends on. Resuming with one of them changed
-# cannot continue the same data stream (and Grain's restore fails obscurely, or not at all).
-DATA_STATE_FIELDS = (
-  "seed",
-  "batch_size",
-  "data.source",
-  "data.num_workers",
-  "data.robot_weight",
-  "data.vlm_sources",
-  "data.shuffle_window",
-  "data.num_epochs",
-)
-
-
-def check_resumable(
-  saved_config_json: str | bytes, config_json: str | bytes, checkpoint_dir: str
-) -> None:
-  """Refuses to resume from a checkpoint whose data settings (DATA_STATE_FIELDS) differ; both
-  configs as the JSON a checkpoint's assets/config.json holds."""
-  saved, current = json.loads(saved_config_json), json.loads(config_json)
-
-  def get(tree, dotted):
-    for key in dotted.split("."):
-      tree = tree.get(key) if isinstance(tree, dict) else None
-    return tree
-
-  changed = [
-    f"{field}: {get(saved, field)!r} in the checkpoint, {get(current, field)!r} now"
-    for field in DATA_STATE_FIELDS
-    if get(saved, field) != get(current, field)
-  ]
-  if changed:
-    raise ValueError(
-      f"Cannot resume from {checkpoint_dir}: the data stream it saved was made with other "
-      "settings:\n  " + "\n  ".join(changed) + "\nResume with the settings in its "
-      "assets/config.json, or start a new workdir from its weights (--config.init.kind=ki "
-      f"--config.init.path={checkpoint_dir})."
-    )
-
-
 class Trainer:
   """One training run in `workdir`; resumes from the latest checkpoint there.
 
@@ -171,17 +132,27 @@ class Trainer:
       model_config=self.model_config,  # LoRA: the served params item holds the adapters merged
     )
     # The newest checkpoint that restores; damaged newer ones are logged and set aside, and none
-    # restoring (with checkpoints present) is an error, never a silent start from scratch.
-    self.state = self.checkpointer.restore_newest_good(
-      setup.abstract_state(),
-      data_iterator=self.train_iterator,
-      check_assets=lambda step_dir, assets: check_resumable(
+    # restoring (with checkpoints present) is an error, never a silent start from scratch. A
+    # changed setting the checkpoint cannot continue with is refused before any state is read.
+    safe_changes = []
+
+    def check_assets(step_dir, assets):
+      safe_changes[:] = resume.check_resumable(
         assets["config.json"], self.assets["config.json"], step_dir
-      ),
+      )
+
+    self.state = self.checkpointer.restore_newest_good(
+      setup.abstract_state(), data_iterator=self.train_iterator, check_assets=check_assets
     )
     if self.state is None:
       self.state = setup.init_state(setup_lib.pretrained_weights(setup))
     self.start_step = int(jax.device_get(self.state.step))
+    if safe_changes:  # those of the checkpoint that restored
+      logging.warning(
+        "Checkpoint %d: resuming with changed settings:\n  %s",
+        self.start_step,
+        "\n  ".join(safe_changes),
+      )
 
     self._compiled_step = None
     self.evaluator = None

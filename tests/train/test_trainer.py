@@ -2,14 +2,15 @@
 faults with real processes: tests/train/test_faults.py."""
 
 import json
+import logging
 
 import jax
-import ml_collections
 import numpy as np
 import pytest
 
+from ki import checkpoint as checkpoint_lib
+from ki.train import resume, sharding
 from ki.train import setup as setup_lib
-from ki.train import sharding
 from ki.train import trainer as trainer_lib
 from tests.train.tiny import fake_iterator, make_trainer, tiny_train_config
 
@@ -46,7 +47,7 @@ def test_resume_is_exact(tmp_path, compilation_cache):
 def test_resume_with_other_data_settings_is_refused(tmp_path, compilation_cache):
   first, _ = _train(tmp_path / "run", 2)
   config = tiny_train_config(total_steps=4, seed=1)  # the seed orders the data stream
-  with pytest.raises(ValueError, match=r"seed: 0 in the checkpoint, 1 now") as error:
+  with pytest.raises(resume.ResumeConfigError, match=r"seed: 0 in the checkpoint, 1 now") as error:
     make_trainer(config, tmp_path / "run")
   assert "init.path=" in str(error.value)
   # Nothing was lost: the checkpoint is still there, and the same settings resume from it.
@@ -54,21 +55,69 @@ def test_resume_with_other_data_settings_is_refused(tmp_path, compilation_cache)
   assert second.start_step == 2 and sorted(resumed) == [3, 4]
 
 
-def test_resumable_compares_only_the_data_stream_fields():
-  saved = tiny_train_config().to_dict()
-  saved["data"] = {"num_workers": 0, "vlm_sources": [], "robot_weight": 1.0}
-  saved_json = ml_collections.ConfigDict(saved).to_json_best_effort()
-  # Step counts, logging and the like may change on resume.
-  trainer_lib.check_resumable(
-    saved_json,
-    ml_collections.ConfigDict(dict(saved, total_steps=99, log_every=7)).to_json_best_effort(),
-    "/ckpt/2",
+def test_resume_with_a_changed_state_structure_is_refused_before_restoring(
+  tmp_path, compilation_cache, monkeypatch, caplog
+):
+  """Another model width, EMA on, LoRA adapters, a frozen group and the clip off: each breaks the
+  train state's structure, so orbax would fail on every checkpoint and the run would call them all
+  damaged. Refused up front instead, naming each; nothing restored, called damaged or moved."""
+  _train(tmp_path / "run", 2)
+  checkpoints = tmp_path / "run" / "checkpoints"
+  before = sorted(p.name for p in checkpoints.iterdir())
+  changed = tiny_train_config(
+    total_steps=4,
+    **{
+      "model.vlm_variant": "dummy",
+      "model.expert_variant": "dummy",
+      "model.vlm_lora_rank": 2,
+      "optimizer.ema_decay": 0.999,
+      "optimizer.groups.action_expert.frozen": True,
+      "optimizer.clip_norm": 0.0,
+    },
   )
-  workers = ml_collections.ConfigDict(
-    dict(saved, data=dict(saved["data"], num_workers=8))
-  ).to_json_best_effort()
-  with pytest.raises(ValueError, match="data.num_workers: 0 in the checkpoint, 8 now"):
-    trainer_lib.check_resumable(saved_json, workers, "/ckpt/2")
+
+  def must_not_restore(*args, **kwargs):
+    raise AssertionError("a checkpoint was restored")
+
+  with monkeypatch.context() as patch:
+    patch.setattr(checkpoint_lib.Checkpointer, "restore", must_not_restore)
+    with pytest.raises(resume.ResumeConfigError) as error:
+      make_trainer(changed, tmp_path / "run")
+  message = str(error.value)
+  for line in (
+    "model.vlm_variant: 'tiny' in the checkpoint, 'dummy' now",
+    "model.expert_variant: 'tiny' in the checkpoint, 'dummy' now",
+    "model.vlm_lora_rank: 0 in the checkpoint, 2 now",
+    "optimizer.ema_decay: None in the checkpoint, 0.999 now",
+    "optimizer.groups.action_expert.frozen: False in the checkpoint, True now",
+    "optimizer.clip_norm: 1.0 in the checkpoint, 0.0 now",
+  ):
+    assert f"\n  {line} (" in message, message
+  assert f"--config.init.kind=ki --config.init.path={checkpoints / '2'}" in message
+  assert "damaged" not in message.lower()
+  assert sorted(p.name for p in checkpoints.iterdir()) == before
+  assert not (tmp_path / "run" / checkpoint_lib.DAMAGED_DIR).exists()
+
+  # Safe changes resume, logged once.
+  safe = tiny_train_config(
+    total_steps=8,
+    log_every=4,
+    **{"optimizer.groups.vlm.peak_lr": 5e-4, "optimizer.clip_norm": 0.5, "checkpoint.every": 4},
+  )
+  with caplog.at_level(logging.INFO):
+    trainer = make_trainer(safe, tmp_path / "run")
+  trainer.close()
+  assert trainer.start_step == 2
+  [logged] = [r.getMessage() for r in caplog.records if "with changed settings" in r.getMessage()]
+  assert logged.startswith("Checkpoint 2: resuming with changed settings:\n  ")
+  for line in (
+    "total_steps: 2 in the checkpoint, 8 now",
+    "optimizer.groups.vlm.peak_lr: 0.001 in the checkpoint, 0.0005 now",
+    "optimizer.clip_norm: 1.0 in the checkpoint, 0.5 now",
+    "log_every: 2 in the checkpoint, 4 now",
+    "checkpoint.every: 2 in the checkpoint, 4 now",
+  ):
+    assert f"\n  {line}" in logged, logged
 
 
 class _PoisonedIterator:
