@@ -9,10 +9,14 @@ frames of a chosen subset of episodes (one host's share); item i is
    "prompt": str, "episode_index": int, "frame_index": int}
 
 or `Dropped(reason)` for bad input, counted by the pipeline (ki/data/pipeline.py):
-  corrupt_video  an mp4 that cannot be opened or decoded (truncated, not a video)
-  missing_frame  no video frame within half a frame period of the row's timestamp, or an
-                 episode whose rows do not run 0..length-1 (a dropped row)
+  corrupt_video  a damaged mp4, whatever part of it is missing: it does not open, does not
+                 decode, or ends before the end its own index declares (a file cut short whose
+                 index was written first, as lerobot's encoder does, still opens)
+  missing_frame  a readable video with no frame within half a frame period of the row's
+                 timestamp, or an episode whose rows do not run 0..length-1 (a dropped row)
   corrupt_image  a parquet-embedded image that does not decode
+  bad_shape      an episode's parquet file that cannot be read, lacks the spec's columns or
+                 holds values of the wrong shape
   short_episode  an episode shorter than the action horizon
   no_instruction the frame's task index names no task (or an empty one)
   non_finite     (in the transform) NaN/inf in state or actions
@@ -114,10 +118,7 @@ def open_dataset(root: str) -> LeRobotDataset:
     raise NotALeRobotDatasetError(f"{root}: meta/info.json is unreadable: {error}") from None
   version = info.get("codebase_version") if isinstance(info, dict) else None
   if version not in SUPPORTED_VERSIONS:
-    raise NotALeRobotDatasetError(
-      f"{root}: meta/info.json has codebase_version {version!r}; this reader supports "
-      f"{SUPPORTED_VERSIONS} (convert older datasets with lerobot's conversion scripts)"
-    )
+    raise NotALeRobotDatasetError(f"{root}: {_unsupported_version(version)}")
   missing = [k for k in ("fps", "features", "data_path") if k not in info]
   if missing:
     raise NotALeRobotDatasetError(f"{root}: meta/info.json lacks {missing} (has {sorted(info)})")
@@ -137,6 +138,35 @@ def open_dataset(root: str) -> LeRobotDataset:
   if not episodes:
     raise NotALeRobotDatasetError(f"{root}: the dataset lists no episodes")
   return LeRobotDataset(root, version, float(info["fps"]), features, tasks, tuple(episodes))
+
+
+def _version_key(version) -> tuple[int, ...] | None:
+  """ "v2.1" -> (2, 1); None for anything else."""
+  if not isinstance(version, str) or not version.startswith("v"):
+    return None
+  parts = version[1:].split(".")
+  return tuple(int(p) for p in parts) if all(p.isdigit() for p in parts) else None
+
+
+def _unsupported_version(version) -> str:
+  """Why `version` is refused: newer than this reader, older, or not a version."""
+  readable = ", ".join(SUPPORTED_VERSIONS)
+  key = _version_key(version)
+  if key is not None and key > max(_version_key(v) for v in SUPPORTED_VERSIONS):
+    return (
+      f"meta/info.json has codebase_version {version!r}, newer than this reader supports: it "
+      f"reads {readable}. Use a copy of the dataset in one of those, or teach "
+      "ki/data/lerobot.py the new layout"
+    )
+  if key is not None:
+    return (
+      f"meta/info.json has codebase_version {version!r}, older than this reader supports: it "
+      f"reads {readable}. Convert the dataset with lerobot's conversion scripts"
+    )
+  return (
+    f"meta/info.json has codebase_version {version!r}, not a version this reader knows: it "
+    f"reads {readable}"
+  )
 
 
 def _read_v21(root: str, info: dict, video_keys: list[str]):
@@ -224,6 +254,31 @@ class EpisodeRows:
   images: dict[str, list]
 
 
+class DamagedVideoError(RuntimeError):
+  """A video file whose frames end before the end its own index declares."""
+
+
+def _declared_end(stream) -> float | None:
+  """The end of the video stream in seconds as the file's index (the mp4 moov box) declares it,
+  or None when the file does not say."""
+  if stream.duration is None:
+    return None
+  start = stream.start_time or 0
+  return float((start + stream.duration) * stream.time_base)
+
+
+def _ends_early(stream, frames: list[tuple[float, np.ndarray]]) -> bool:
+  """Whether decoding ran out of frames before the declared end: more than half a frame period
+  short of it (the last frame's time + one period is the end of a complete file)."""
+  end = _declared_end(stream)
+  rate = stream.average_rate or stream.guessed_rate
+  if end is None or not rate:
+    return False
+  period = 1.0 / float(rate)
+  last = frames[-1][0] if frames else None
+  return last is None or last + period < end - period / 2
+
+
 class VideoDecoder:
   """Decodes single frames by timestamp from mp4 files; caches open files and the frames of the
   last decoded stretch of each file (per process)."""
@@ -264,8 +319,13 @@ class VideoDecoder:
     """uint8 [H, W, 3]: the frame of `path` nearest to `time` seconds.
 
     Decodes from the keyframe before `time` up to `lookahead` frames past it (kept for the next
-    calls). Raises av.FFmpegError / OSError for a file that does not open or decode and
-    LookupError when no frame lies within `tolerance`.
+    calls).
+
+    Raises:
+      av.FFmpegError / OSError: the file does not open or decode.
+      DamagedVideoError: the frames run out before the end the file's index declares (a file cut
+        short whose index comes first still opens, and its decoder simply stops).
+      LookupError: a readable file with no frame within `tolerance` of `time`.
     """
     cached = self._nearest(self._decoded.get(path), time, tolerance)
     if cached is not None:
@@ -274,7 +334,7 @@ class VideoDecoder:
       container = self._container(path)
       stream = container.streams.video[0]
       container.seek(max(0, int((time - tolerance) / stream.time_base)), stream=stream)
-      frames, past = [], 0
+      frames, past, ran_out = [], 0, True
       for frame in container.decode(stream):
         if frame.time is None:
           continue
@@ -282,6 +342,7 @@ class VideoDecoder:
           past += 1
         frames.append((float(frame.time), frame.to_ndarray(format="rgb24")))
         if past > lookahead:
+          ran_out = False
           break
     except Exception:
       self._drop(path)
@@ -289,6 +350,12 @@ class VideoDecoder:
     self._decoded[path] = frames
     found = self._nearest(frames, time, tolerance)
     if found is None:
+      if ran_out and _ends_early(stream, frames):
+        self._drop(path)
+        raise DamagedVideoError(
+          f"{path}: decoding stops at t={frames[-1][0] if frames else time:.4f}s but the file's "
+          f"index declares {_declared_end(stream):.4f}s: the file is cut short or damaged"
+        )
       raise LookupError(f"{path}: no frame within {tolerance:.4f}s of t={time:.4f}s")
     return found
 
@@ -442,7 +509,7 @@ class LeRobotFrames:
         )
       except LookupError:
         return Dropped("missing_frame")
-      except (av.FFmpegError, OSError, IndexError, ValueError):
+      except (av.FFmpegError, OSError, IndexError, ValueError, DamagedVideoError):
         return Dropped("corrupt_video")
     return {
       "images": images,

@@ -33,15 +33,21 @@ from ki.data import droid, normalize
 from ki.data import images as image_lib
 
 # Every reason an example can be dropped, in the order of the counts vector carried by batches.
+# The trainer logs each as data/dropped/<reason> from a run's first step, zeros included.
 DROP_REASONS = (
   "corrupt_image",  # a JPEG that does not decode, or a missing image
   "non_finite",  # NaN or inf in state or actions
-  "bad_shape",  # state/actions of the wrong shape, or a malformed record
+  # state/actions of the wrong shape, or a malformed record (a LeRobot parquet that cannot be
+  # read or lacks the spec's columns)
+  "bad_shape",
   "no_instruction",  # all instructions empty (or an empty VLM prompt/answer)
   "too_long",  # the tokenizer returned None: prompt + FAST tokens exceed max_token_len
-  # LeRobot datasets (ki/data/lerobot.py):
-  "corrupt_video",  # an mp4 that does not open or decode (truncated, not a video)
-  "missing_frame",  # no video frame at the row's timestamp, or a row missing from the episode
+  # LeRobot datasets (ki/data/lerobot.py, whose docstring lists the reasons it returns):
+  # a damaged mp4, whatever part is missing: it does not open or decode, or ends before the end
+  # its own index declares
+  "corrupt_video",
+  # a readable video with no frame at the row's timestamp, or a row missing from the episode
+  "missing_frame",
   "short_episode",  # an episode shorter than the action horizon
   # Only with data.skip_unreadable_records (ki/data/sources.py ArrayRecordShards):
   "unreadable_record",  # a record its shard could not give back (corrupt, truncated, deleted)

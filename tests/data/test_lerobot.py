@@ -1,8 +1,10 @@
 """LeRobot datasets (v2.1 and v3.0): the synthetic writer, the reader, the robot spec and the
 pipeline around them (drop counting, per-host episodes, exact resume with workers, mixing)."""
 
+import inspect
 import json
 import os
+import re
 import shutil
 
 import av
@@ -15,6 +17,7 @@ import pytest
 from ki.batch import BASE_SLOT, LEFT_WRIST_SLOT, Batch
 from ki.data import lerobot, normalize, pipeline, robot_spec
 from ki.data import synthetic_lerobot as synthetic
+from ki.data.transforms import DROP_REASONS
 from ki.model import pi05
 from ki.tokenizers import fast, prompt
 from tests.data import pipeline_fixtures as fixtures
@@ -214,16 +217,34 @@ def test_not_a_lerobot_folder_names_folder_and_contents(tmp_path):
 
 
 def test_unsupported_version_is_named(data):
-  root = copy(data, "v2.1", "old_version")
+  root = copy(data, "v2.1", "other_version")
   info_path = os.path.join(root, "meta", "info.json")
   with open(info_path) as f:
     info = json.load(f)
-  info["codebase_version"] = "v1.6"
-  with open(info_path, "w") as f:
-    json.dump(info, f)
-  with pytest.raises(lerobot.NotALeRobotDatasetError, match=r"v1\.6.*supports") as error:
-    lerobot.open_dataset(root)
-  assert root in str(error.value)
+  readable = "it reads v2.0, v2.1, v3.0"
+  for version, says in (
+    ("v1.6", "older than this reader supports"),
+    ("v9.9", "newer than this reader supports"),
+    ("next", "not a version this reader knows"),
+  ):
+    with open(info_path, "w") as f:
+      json.dump(dict(info, codebase_version=version), f)
+    with pytest.raises(lerobot.NotALeRobotDatasetError) as error:
+      lerobot.open_dataset(root)
+    message = str(error.value)
+    assert root in message and f"codebase_version {version!r}, {says}: {readable}" in message
+    # Converting is advice for older datasets only.
+    assert ("conversion scripts" in message) == (version == "v1.6"), message
+
+
+def test_every_reason_the_reader_returns_is_documented():
+  # The reasons LeRobotFrames can return, read off its source.
+  source = inspect.getsource(lerobot)
+  returned = set(re.findall(r'Dropped\("(\w+)"\)', source))
+  assert {"corrupt_video", "missing_frame", "bad_shape"} <= returned
+  listed = set(re.findall(r"^  (\w+) ", lerobot.__doc__, flags=re.MULTILINE))
+  assert returned <= listed, f"not in ki/data/lerobot.py's docstring: {returned - listed}"
+  assert returned <= set(DROP_REASONS)
 
 
 def _rewrite_parquet(path, change):
@@ -326,6 +347,39 @@ def test_truncated_and_unreadable_videos_count_as_corrupt_video(data):
     f.write(b"not a video at all")
   kept, drops = _drops_of(data, root)
   assert drops == {"corrupt_video": lengths[0]} and kept == lengths[1] + lengths[2]
+
+
+def _index_first(path):
+  """Rewrites an mp4 with its index (moov box) before the frames, as lerobot's encoder writes
+  them (ffmpeg's +faststart), so that the file still opens when its end is cut off."""
+  moved = path + ".faststart.mp4"
+  with av.open(path) as source, av.open(moved, "w", options={"movflags": "faststart"}) as target:
+    stream = target.add_stream_from_template(source.streams.video[0])
+    for packet in source.demux(source.streams.video[0]):
+      if packet.dts is None:  # the demuxer's flush packet
+        continue
+      packet.stream = stream
+      target.mux(packet)
+  os.replace(moved, path)
+  with open(path, "rb") as f:
+    assert f.read(64).find(b"moov") >= 0
+
+
+def test_truncated_video_with_its_index_first_counts_as_corrupt_video(data):
+  """A file cut short still opens when its index comes first, and its decoder simply stops:
+  the frames past the cut are corrupt_video (the file is damaged), not missing_frame."""
+  lengths = [len(e["state"]) for e in data["episodes"]]
+  root = copy(data, "v3.0", "truncated_index_first")
+  path = os.path.join(root, "videos", "image", "chunk-000", "file-000.mp4")  # episodes 0 and 1
+  _index_first(path)
+  _truncate(path)
+  with av.open(path) as container:
+    assert container.streams.video[0].frames == lengths[0] + lengths[1]  # it opens
+  kept, drops = _drops_of(data, root)
+  assert set(drops) == {"corrupt_video"}, drops
+  # The frames before the cut decode and are kept.
+  assert (lengths[0] + lengths[1]) // 3 <= drops["corrupt_video"] < lengths[0] + lengths[1]
+  assert kept + drops["corrupt_video"] == sum(lengths)
 
 
 def test_missing_frame_at_a_timestamp(data):
