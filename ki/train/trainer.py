@@ -264,7 +264,10 @@ class Trainer:
       )
     self.step_metrics[step] = metrics
     self.metrics.add_step(metrics, data_wait)
-    if step % self.config.log_every == 0 or step == self.config.total_steps:
+    # The run's first step too: every counter (the data's drop counts, zeros included) exists
+    # from the start, and the first progress line comes right after compiling.
+    first = step == self.start_step + 1
+    if first or step % self.config.log_every == 0 or step == self.config.total_steps:
       extra = {}
       if hasattr(self.train_iterator, "metrics"):
         extra = {k: float(v) for k, v in self.train_iterator.metrics().items()}

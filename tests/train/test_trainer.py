@@ -9,9 +9,11 @@ import numpy as np
 import pytest
 
 from ki import checkpoint as checkpoint_lib
+from ki.data.transforms import DROP_REASONS
 from ki.train import resume, sharding
 from ki.train import setup as setup_lib
 from ki.train import trainer as trainer_lib
+from tests.train.fake_data import FakeIterator
 from tests.train.tiny import fake_iterator, make_trainer, tiny_train_config
 
 # One xdist worker runs these and tests/train/test_faults.py, so the in-process trainers and the
@@ -118,6 +120,28 @@ def test_resume_with_a_changed_state_structure_is_refused_before_restoring(
     "checkpoint.every: 2 in the checkpoint, 4 now",
   ):
     assert f"\n  {line}" in logged, logged
+
+
+class _CountingIterator(FakeIterator):
+  """FakeIterator with the pipeline's drop counters (all zero: nothing is dropped)."""
+
+  def metrics(self):
+    return {f"data/dropped/{reason}": 0 for reason in DROP_REASONS}
+
+
+def test_every_drop_counter_is_written_from_the_first_step(tmp_path, compilation_cache):
+  config = tiny_train_config(total_steps=4)  # the resume test's setup: compiled once
+  assert config.log_every == 2
+  iterator = _CountingIterator(setup_lib.training_model(config), batch_size=config.batch_size)
+  trainer = make_trainer(config, tmp_path, iterator)
+  written = {}
+  write = trainer.metrics.write
+  trainer.metrics.write = lambda step, extra=None: written.setdefault(step, write(step, extra))
+  trainer.run()
+  trainer.close()
+  assert sorted(written) == [1, 2, 4]
+  for reason in DROP_REASONS:
+    assert written[1][f"data/dropped/{reason}"] == 0, reason
 
 
 class _PoisonedIterator:
