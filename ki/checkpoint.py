@@ -250,11 +250,14 @@ class Checkpointer:
       items[ASSETS_ITEM] = AssetsSave(assets)
     if data_iterator is not None:
       items[DATA_ITEM] = grain.checkpoint.CheckpointSave(data_iterator)
-    # A failure of the previous background write surfaces here (orbax raises it on the next save).
+    # A failure of the previous background write surfaces here, named as that step's (orbax's
+    # save would wait for it too, after its hosts' sync for this step).
+    self.wait()
+    self._saving_step = step
     with self._reporting_save_errors():
       saved = self.manager.save(step, args=ocp.args.Composite(**items), force=force)
-    if saved:
-      self._saving_step = step
+    if not saved:
+      self._saving_step = None
     return saved
 
   def restore(self, step: int, abstract_state, *, data_iterator=None):
@@ -364,7 +367,8 @@ class Checkpointer:
   @contextlib.contextmanager
   def _reporting_save_errors(self):
     """Turns a failed checkpoint write (disk full, workdir unwritable, quota) into one error
-    naming the step and its path, and saying what is intact and what to run next."""
+    naming the step and its path, and saying what is intact and what to run next. A collective
+    between the processes that fails while saving is a lost process, not a full disk."""
     try:
       yield
     except Exception as error:  # pylint: disable=broad-except
@@ -375,6 +379,16 @@ class Checkpointer:
         if latest is not None
         else "No checkpoint was committed yet"
       )
+      if isinstance(error, jax.errors.JaxRuntimeError) and jax.process_count() > 1:
+        raise CheckpointSaveError(
+          f"Could not save checkpoint {step if step is not None else '(unknown step)'}: a "
+          f"collective between the {jax.process_count()} processes failed "
+          f"({describe_error(error)}), so another process has stopped or cannot be reached. "
+          "jax's coordination service ends this process too; its 'Terminating process' line "
+          "says what was lost ('the leader task' is the coordinator, process 0). "
+          f"{intact}. Restart every process with the same command: they "
+          + ("resume from it." if latest is not None else "start from the beginning.")
+        ) from error
       raise CheckpointSaveError(
         f"Could not write checkpoint {step if step is not None else '(unknown step)'} to "
         f"{self.directory / str(step)}: {describe_error(error)}. {intact}; the unfinished one "

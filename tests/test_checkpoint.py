@@ -193,3 +193,35 @@ def test_lora_with_ema_serves_the_merged_ema_and_restores_both_exactly(tmp_path)
   # Merging changes exactly the adapted weights (ki.model.lora's tests check its arithmetic).
   for name, value in served.items():
     assert np.array_equal(value, ema[name]) == (name not in ema_kept), name
+
+
+def test_a_save_that_fails_in_a_collective_blames_a_lost_process_not_the_disk(
+  tmp_path, monkeypatch
+):
+  """With several processes, orbax's save starts with an all-gather between them; when another
+  process has died, gloo fails it ("Connection reset by peer"). That is a lost process: the
+  message must not send the user to free disk space, and names the step being saved."""
+  checkpointer = checkpoint.Checkpointer(str(tmp_path))
+  gloo = jax.errors.JaxRuntimeError(
+    "UNKNOWN: Gloo AllGather failed: [external/gloo/gloo/transport/tcp/pair.cc:538] Read error "
+    "[127.0.0.1]:184: Connection reset by peer"
+  )
+
+  def failing_save(step, *args, **kwargs):
+    raise gloo
+
+  monkeypatch.setattr(checkpointer.manager, "save", failing_save)
+  monkeypatch.setattr(checkpoint.jax, "process_count", lambda: 2)
+  state, _ = _state(sharding.make_mesh((("data", -1), ("fsdp", 1))), 1.0, ema=False)
+  with pytest.raises(checkpoint.CheckpointSaveError) as error:
+    checkpointer.save(4, state)
+  message = str(error.value)
+  assert message.startswith("Could not save checkpoint 4: a collective between the 2 processes")
+  assert "Connection reset by peer" in message and "another process has stopped" in message
+  assert "'the leader task' is the coordinator, process 0" in message
+  assert (
+    "No checkpoint was committed yet. Restart every process with the same command: they start "
+    "from the beginning." in message
+  )
+  assert "Free space" not in message
+  checkpointer.close()

@@ -1,7 +1,9 @@
 """A real two-process run: jax.distributed over localhost with gloo CPU collectives, 2 devices per
-process, (data=2, fsdp=2) mesh. One host killed with SIGKILL mid-training: the other exits non-zero
-within the heartbeat timeout instead of hanging. Restarted, both resume from the last checkpoint,
-train, see the same losses, and stop together at one step when only one of them gets SIGTERM."""
+process, (data=2, fsdp=2) mesh. The coordinator (process 0) killed with SIGKILL mid-training, then
+on the next start the other process: each time the survivor exits non-zero within the heartbeat
+bound, saying what was lost, instead of hanging, and the restarted pair resumes from the last
+committed checkpoint. The last start trains, sees the same losses on both hosts, and stops together
+at one step when only one of them gets SIGTERM."""
 
 import json
 import os
@@ -26,8 +28,8 @@ def _free_port():
 HEARTBEAT_TIMEOUT_S = 10
 
 
-def _start(tmp_path, total_steps, cache_dir):
-  port = _free_port()
+def _start(tmp_path, total_steps, cache_dir, port=None):
+  port = port or _free_port()
   env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
   return [
     subprocess.Popen(
@@ -87,34 +89,76 @@ def _wait_for(processes, condition, message, timeout=400):
     raise AssertionError(f"{error}\n{outputs}") from None
 
 
+def _kill_and_wait_for_the_survivor(processes, index):
+  """SIGKILLs processes[index] (no notice: the host is gone); returns (the survivor's return code,
+  seconds it outlived the killed one, the survivor's output, the killed one's output)."""
+  processes[index].kill()
+  killed_at = time.time()
+  killed_output = processes[index].communicate()[0]
+  survivor = processes[1 - index]
+  try:
+    output = survivor.communicate(timeout=120)[0]
+  finally:
+    survivor.kill()
+  return survivor.returncode, time.time() - killed_at, output, killed_output
+
+
+def _committed(checkpoints) -> int:
+  return max(int(p.name) for p in checkpoints.iterdir() if p.name.isdigit())
+
+
 # Never beside the other multi-process test: four JAX processes with gloo on two cores can miss
 # gloo's 30 s rendezvous deadline.
 @pytest.mark.xdist_group("multiprocess")
 @pytest.mark.multiprocess
 @pytest.mark.slow
-def test_two_processes_survive_a_dead_host_and_stop_together_on_sigterm(
+def test_two_processes_survive_a_dead_coordinator_and_a_dead_host_and_stop_together_on_sigterm(
   tmp_path, compilation_cache
 ):
   checkpoints = tmp_path / "checkpoints"
-  processes = _start(tmp_path, 10_000, compilation_cache)
+  port = _free_port()
+  processes = _start(tmp_path, 10_000, compilation_cache, port)
   _wait_for(processes, lambda: (checkpoints / "2").exists(), "training did not reach step 2")
-  processes[1].kill()  # no notice: the host is gone
-  killed_at = time.time()
-  processes[1].communicate()
-  try:
-    output = processes[0].communicate(timeout=120)[0]
-  finally:
-    processes[0].kill()
-  survived = time.time() - killed_at
-  # jax's coordination service noticed the silent host and ended the survivor, which would
-  # otherwise sit in a gloo collective or a checkpoint barrier (jax's default timeout: 100 s).
-  assert processes[0].returncode != 0, output[-3000:]
-  assert survived < 4 * HEARTBEAT_TIMEOUT_S, f"the survivor took {survived:.0f} s\n{output[-3000:]}"
-  assert "JAX distributed service detected fatal errors" in output, output[-3000:]
-  committed = max(int(p.name) for p in checkpoints.iterdir() if p.name.isdigit())
+
+  # 1. The coordinator (process 0, which runs jax's coordination service) dies: the other notices
+  # at once, as its calls to the service fail.
+  returncode, survived, output, _ = _kill_and_wait_for_the_survivor(processes, 0)
+  assert returncode != 0, output[-3000:]
+  assert survived < HEARTBEAT_TIMEOUT_S, f"the survivor took {survived:.0f} s\n{output[-3000:]}"
+  # jax's last line names the lost coordinator as its "leader task"; ki's first line says which
+  # process and address that is.
+  assert "Either the leader task was preempted/died/restarted unexpectedly" in output, output[
+    -3000:
+  ]
+  assert (
+    f'Process 1 of 2. The coordinator (jax\'s "leader task") is process 0 at 127.0.0.1:{port};'
+    in output
+  ), output[:3000]
+  # Nothing blames the disk for a lost process.
+  assert "Free space" not in output, output[-3000:]
+  committed = _committed(checkpoints)
   assert committed >= 2
 
-  # The same command again: both hosts resume from the last committed checkpoint.
+  # 2. The same command again: both resume from the last committed checkpoint. Then the other
+  # process dies: jax's coordination service notices the silent host and ends the coordinator,
+  # which would otherwise sit in a gloo collective or a checkpoint barrier (jax's default
+  # timeout: 100 s).
+  processes = _start(tmp_path, 10_000, compilation_cache)
+  _wait_for(
+    processes,
+    lambda: (checkpoints / str(committed + 2)).exists(),
+    "the restarted run did not save a checkpoint",
+  )
+  returncode, survived, output, killed_output = _kill_and_wait_for_the_survivor(processes, 1)
+  for log in (output, killed_output):
+    assert f"Resuming from checkpoint {committed} in {checkpoints}." in log, log[-3000:]
+  assert returncode != 0, output[-3000:]
+  assert survived < 4 * HEARTBEAT_TIMEOUT_S, f"the survivor took {survived:.0f} s\n{output[-3000:]}"
+  assert "JAX distributed service detected fatal errors" in output, output[-3000:]
+  assert "Free space" not in output, output[-3000:]
+  committed = _committed(checkpoints)
+
+  # 3. Restarted again, both hosts resume from the last committed checkpoint.
   processes = _start(tmp_path, 10_000, compilation_cache)
   _wait_for(
     processes,

@@ -94,6 +94,7 @@ def main():
   if args.cache_dir:
     jax.config.update("jax_compilation_cache_dir", args.cache_dir)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+  logging.basicConfig(level=logging.INFO, stream=sys.stdout, force=True)
   if args.num_processes > 1:
     # CPU collectives across processes go through gloo.
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
@@ -105,7 +106,6 @@ def main():
       args.process_id,
       heartbeat_timeout_s=args.heartbeat_timeout_s,
     )
-  logging.basicConfig(level=logging.INFO, stream=sys.stdout, force=True)
 
   from tests.train import tiny  # pylint: disable=g-import-not-at-top
 
