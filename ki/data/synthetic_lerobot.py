@@ -19,13 +19,11 @@ import io
 import json
 import os
 
-import av
 import numpy as np
 from PIL import Image
 import pyarrow as pa
-import pyarrow.parquet as pq
 
-from ki.data import synthetic_scene
+from ki.data import lerobot_writer, synthetic_scene
 
 VERSIONS = ("v2.1", "v3.0")
 CAMERAS = ("image", "wrist_image")
@@ -106,27 +104,6 @@ def make_episode(seed: int, index: int, image_size: int | tuple[int, int]) -> di
   }
 
 
-def write_video(path: str, frames: np.ndarray, fps: int) -> None:
-  """uint8 [T, H, W, 3] -> an H.264 (yuv420p) mp4 with frame i at t = i / fps, a keyframe every
-  2 frames (lerobot's encoder setting: cheap seeks). Deterministic: one encoder thread and
-  bitexact muxing, so the bytes depend only on the frames."""
-  os.makedirs(os.path.dirname(path), exist_ok=True)
-  with av.open(path, mode="w", format="mp4", options={"fflags": "+bitexact"}) as container:
-    stream = container.add_stream("libx264", rate=fps)
-    stream.width, stream.height = frames.shape[2], frames.shape[1]
-    stream.pix_fmt = "yuv420p"
-    stream.codec_context.gop_size = 2
-    stream.codec_context.thread_count = 1
-    stream.options = {"crf": "18", "threads": "1", "bf": "0", "flags": "+bitexact"}
-    for i, array in enumerate(frames):
-      frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(array), format="rgb24")
-      frame.pts = i
-      for packet in stream.encode(frame):
-        container.mux(packet)
-    for packet in stream.encode():
-      container.mux(packet)
-
-
 def _png(array: np.ndarray) -> bytes:
   buffer = io.BytesIO()
   Image.fromarray(array).save(buffer, format="PNG")
@@ -204,32 +181,10 @@ def _frame_table(episodes: list[tuple[int, dict]], start_index: int, tasks: dict
   return pa.table(arrays)
 
 
-def _write_parquet(table: pa.Table, path: str) -> None:
-  os.makedirs(os.path.dirname(path), exist_ok=True)
-  pq.write_table(table, path)
-
-
-def _write_json(value, path: str) -> None:
-  os.makedirs(os.path.dirname(path), exist_ok=True)
-  with open(path, "w") as f:
-    json.dump(value, f, indent=2, sort_keys=True)
-    f.write("\n")
-
-
 def _write_jsonl(rows: list[dict], path: str) -> None:
   with open(path, "w") as f:
     for row in rows:
       f.write(json.dumps(row, sort_keys=True) + "\n")
-
-
-def _stats(values: np.ndarray) -> dict:
-  return {
-    "min": values.min(0).tolist(),
-    "max": values.max(0).tolist(),
-    "mean": values.mean(0).tolist(),
-    "std": values.std(0).tolist(),
-    "count": [len(values)],
-  }
 
 
 def generate(
@@ -285,7 +240,7 @@ def generate(
   else:
     info.update(data_files_size_in_mb=100, video_files_size_in_mb=500)
     _write_v30(out_dir, data, tasks, image_storage, episodes_per_file)
-  _write_json(info, os.path.join(out_dir, "meta", "info.json"))
+  lerobot_writer.write_json(info, os.path.join(out_dir, "meta", "info.json"))
   return {
     "episodes": [
       {"episode_index": i, "length": len(e[STATE_KEY]), "task": e["task"]} for i, e in data
@@ -301,13 +256,13 @@ def _write_v21(out_dir: str, data: list, tasks: dict, storage: str) -> None:
     chunk = episode_index // CHUNKS_SIZE
     table = _frame_table([(episode_index, episode)], index, tasks, storage)
     path = V21_DATA_PATH.format(episode_chunk=chunk, episode_index=episode_index)
-    _write_parquet(table, os.path.join(out_dir, path))
+    lerobot_writer.write_parquet(table, os.path.join(out_dir, path))
     if storage == "video":
       for key in CAMERAS:
         path = V21_VIDEO_PATH.format(
           episode_chunk=chunk, video_key=key, episode_index=episode_index
         )
-        write_video(os.path.join(out_dir, path), episode[key], FPS)
+        lerobot_writer.write_video(os.path.join(out_dir, path), episode[key], FPS)
     length = len(episode[STATE_KEY])
     index += length
     episode_rows.append(
@@ -316,7 +271,7 @@ def _write_v21(out_dir: str, data: list, tasks: dict, storage: str) -> None:
     stats_rows.append(
       {
         "episode_index": episode_index,
-        "stats": {key: _stats(episode[key]) for key in (STATE_KEY, ACTION_KEY)},
+        "stats": {key: lerobot_writer.stats(episode[key]) for key in (STATE_KEY, ACTION_KEY)},
       }
     )
   meta = os.path.join(out_dir, "meta")
@@ -342,7 +297,7 @@ def _write_v30(out_dir: str, data: list, tasks: dict, storage: str, episodes_per
     group = data[start : start + episodes_per_file]
     table = _frame_table(group, index, tasks, storage)
     path = V30_DATA_PATH.format(chunk_index=0, file_index=file_index)
-    _write_parquet(table, os.path.join(out_dir, path))
+    lerobot_writer.write_parquet(table, os.path.join(out_dir, path))
     offset = 0  # frames of this file's video before the episode
     for episode_index, episode in group:
       length = len(episode[STATE_KEY])
@@ -364,23 +319,23 @@ def _write_v30(out_dir: str, data: list, tasks: dict, storage: str, episodes_per
       for key in CAMERAS:
         path = V30_VIDEO_PATH.format(video_key=key, chunk_index=0, file_index=file_index)
         frames = np.concatenate([episode[key] for _, episode in group])
-        write_video(os.path.join(out_dir, path), frames, FPS)
+        lerobot_writer.write_video(os.path.join(out_dir, path), frames, FPS)
   for key in (STATE_KEY, ACTION_KEY):
     for stat in ("min", "max", "mean", "std"):
-      rows[f"stats/{key}/{stat}"] = [_stats(e[key])[stat] for _, e in data]
+      rows[f"stats/{key}/{stat}"] = [lerobot_writer.stats(e[key])[stat] for _, e in data]
   episodes_path = os.path.join(out_dir, V30_EPISODES_PATH.format(chunk_index=0, file_index=0))
-  _write_parquet(pa.table(rows), episodes_path)
+  lerobot_writer.write_parquet(pa.table(rows), episodes_path)
   # lerobot writes a pandas frame indexed by the task string; without pandas metadata the index
   # is a plain column, which readers accept under either name.
   names = list(tasks)
-  _write_parquet(
+  lerobot_writer.write_parquet(
     pa.table({"task_index": pa.array([tasks[n] for n in names], pa.int64()), "task": names}),
     os.path.join(out_dir, "meta", "tasks.parquet"),
   )
   everything = {key: np.concatenate([e[key] for _, e in data]) for key in (STATE_KEY, ACTION_KEY)}
   stats = {}
   for key, values in everything.items():
-    stats[key] = _stats(values)
+    stats[key] = lerobot_writer.stats(values)
     for q in (1, 10, 50, 90, 99):
       stats[key][f"q{q:02d}"] = np.quantile(values, q / 100, axis=0).tolist()
-  _write_json(stats, os.path.join(out_dir, "meta", "stats.json"))
+  lerobot_writer.write_json(stats, os.path.join(out_dir, "meta", "stats.json"))

@@ -59,6 +59,23 @@ SIZES: Mapping[str, Mapping[str, Any]] = {
     dtype="float32",
     remat_policy="none",
   ),
+  # Meta-World on the 2-core CPU (experiments/metaworld_ki.py:cpu): the ablation's VLM and expert,
+  # one 128 px camera (64 image tokens: Meta-World's goal markers are ~17 px at 128, 2 px at 64),
+  # Meta-World's 4-D actions in chunks of 16 (0.2 s at 80 Hz).
+  "metaworld_cpu": dict(
+    vlm_variant="mini",
+    expert_variant="dummy",
+    siglip_variant="mu/16",
+    image_keys=(batch_lib.BASE_SLOT,),
+    image_size=128,
+    action_horizon=16,
+    data_action_dim=4,
+    max_token_len=80,
+    max_loss_tokens=50,
+    vocab_size=SYNTHETIC_VOCAB_SIZE,
+    dtype="float32",
+    remat_policy="none",
+  ),
   # pi0.5's proportions scaled down, ~90M parameters: Gemma "small" 512-wide VLM, a 256-wide
   # expert, 8 layers each; SigLIP S/16 at 112 px. The size for one GPU.
   "medium": dict(

@@ -139,22 +139,36 @@ def _prompt(obs: Mapping[str, Any]) -> str:
   return prompt
 
 
-def parse_libero(obs: Any, state_dim: int) -> tuple[dict[str, np.ndarray], np.ndarray, str]:
-  """A checked LIBERO request -> (raw images by slot, raw state float32 [state_dim], prompt)."""
+def libero_required_keys(slots=tuple(LIBERO_IMAGE_SLOTS)) -> tuple[str, ...]:
+  """The LIBERO-format keys a policy reading camera `slots` needs (a one-camera policy, e.g.
+  Meta-World's, needs no wrist image)."""
+  cameras = tuple(key for slot, key in LIBERO_IMAGE_SLOTS.items() if slot in slots)
+  return (*cameras, LIBERO_STATE, PROMPT)
+
+
+def parse_libero(
+  obs: Any, state_dim: int, slots=tuple(LIBERO_IMAGE_SLOTS)
+) -> tuple[dict[str, np.ndarray], np.ndarray, str]:
+  """A checked LIBERO request -> (raw images by slot, raw state float32 [state_dim], prompt).
+  Only the cameras of `slots` (the slots the model reads) are required and read."""
   if not isinstance(obs, Mapping):
     raise InvalidObservationError(f"the observation must be a dict, got {type(obs).__name__}")
-  missing = [key for key in LIBERO_REQUIRED_KEYS if key not in obs]
+  missing = [key for key in libero_required_keys(slots) if key not in obs]
   if missing:
     raise InvalidObservationError(f"the observation lacks {missing} (it has {sorted(obs)})")
-  images = {slot: _image(obs, key) for slot, key in LIBERO_IMAGE_SLOTS.items()}
+  images = {
+    slot: _image(obs, key) for slot, key in LIBERO_IMAGE_SLOTS.items() if slot in tuple(slots)
+  }
   state = _real_vector(obs, LIBERO_STATE, state_dim, allow_scalar=False)
   return images, state, _prompt(obs)
 
 
-def parse_any(obs: Any, *, state_dim: int) -> tuple[dict[str, np.ndarray], np.ndarray, str]:
+def parse_any(
+  obs: Any, *, state_dim: int, slots=tuple(LIBERO_IMAGE_SLOTS)
+) -> tuple[dict[str, np.ndarray], np.ndarray, str]:
   """A LIBERO request (it has observation/image) or else a DROID one, checked and parsed."""
   if isinstance(obs, Mapping) and LIBERO_IMAGE in obs:
-    return parse_libero(obs, state_dim)
+    return parse_libero(obs, state_dim, slots)
   return parse(obs)
 
 

@@ -151,12 +151,13 @@ class Policy:
     self.metadata.update(
       action_horizon=model_config.action_horizon,
       action_dim=self.action_dims,
+      state_dim=self.state_dim,
       image_size=model_config.image_size,
       num_flow_steps=num_flow_steps,
       observation_keys=list(
         observation_lib.REQUIRED_KEYS
         if self.request_format == "droid"
-        else observation_lib.LIBERO_REQUIRED_KEYS
+        else observation_lib.libero_required_keys(model_config.image_keys)
       ),
       rtc={
         "keys": list(observation_lib.RTC_KEYS),
@@ -280,6 +281,26 @@ class Policy:
       schedule=self.rtc_schedule,
     )
 
+  def _parse(self, obs: dict[str, Any]) -> tuple[dict[str, np.ndarray], np.ndarray, str]:
+    images, state, prompt = observation_lib.parse_any(
+      obs, state_dim=self.state_dim, slots=self.model_config.image_keys
+    )
+    if len(state) != self.state_dim:
+      raise observation_lib.InvalidObservationError(
+        f"this policy was trained on a {self.state_dim}-D state; a DROID request gives "
+        f"{len(state)}-D (send {observation_lib.LIBERO_STATE} with {self.state_dim} values)"
+      )
+    return images, state, prompt
+
+  def _raw_actions(self, normalized: np.ndarray, state: np.ndarray) -> np.ndarray:
+    """The model's chunk [H, action_dim] -> the robot's raw units [H, A]."""
+    actions = normalize.quantile_unnormalize(
+      normalized[:, : self.action_dims], self.norm_stats["actions"]
+    )
+    if self.delta_action_mask:
+      actions = droid.to_absolute_actions(actions, state, self.delta_action_mask)
+    return actions.astype(np.float32)
+
   def infer(self, obs: dict[str, Any]) -> dict[str, Any]:
     """One DROID request -> {"actions": float32 [H, 8] (absolute joints + gripper, raw units),
     "policy_timing": {"infer_ms": float}}. Raises InvalidObservationError for a bad request.
@@ -287,12 +308,7 @@ class Policy:
     With the RTC keys (module docstring) the chunk continues the previous one and its first d rows
     are the previous chunk's rtc/previous_actions[s : s + d] exactly."""
     start = time.monotonic()
-    images, state, prompt = observation_lib.parse_any(obs, state_dim=self.state_dim)
-    if len(state) != self.state_dim:
-      raise observation_lib.InvalidObservationError(
-        f"this policy was trained on a {self.state_dim}-D state; a DROID request gives "
-        f"{len(state)}-D (send {observation_lib.LIBERO_STATE} with {self.state_dim} values)"
-      )
+    images, state, prompt = self._parse(obs)
     previous = observation_lib.parse_rtc(
       obs, horizon=self.model_config.action_horizon, action_dim=self.action_dims
     )
@@ -303,19 +319,39 @@ class Policy:
     else:
       chunk = self._previous_chunk(remaining, delay, state)
       normalized = self._sample_rtc(self.params, observation, self._next_rng(), chunk)
-    normalized = np.asarray(normalized)[0]
-    actions = normalize.quantile_unnormalize(
-      normalized[:, : self.action_dims], self.norm_stats["actions"]
-    )
-    if self.delta_action_mask:
-      actions = droid.to_absolute_actions(actions, state, self.delta_action_mask)
-    actions = actions.astype(np.float32)
+    actions = self._raw_actions(np.asarray(normalized)[0], state)
     if delay:  # the model's rows are equal in its space; these are equal in the robot's units
       actions[:delay] = remaining[:delay]
     return {
       "actions": actions,
       "policy_timing": {"infer_ms": 1000 * (time.monotonic() - start)},
     }
+
+  def infer_batch(
+    self, observations: list[dict[str, Any]], *, batch_size: int | None = None
+  ) -> list[dict[str, Any]]:
+    """Several requests (without RTC keys) in one sample_actions call: what `infer` returns for
+    each. `batch_size` pads the batch with copies of the first request, so one compiled program
+    serves any number of requests up to it (simulators with finished episodes)."""
+    start = time.monotonic()
+    if not observations:
+      return []
+    if any(key in obs for obs in observations for key in observation_lib.RTC_KEYS):
+      raise observation_lib.InvalidObservationError("infer_batch takes no RTC keys; use infer")
+    parsed = [self._parse(obs) for obs in observations]
+    inputs = [self._model_inputs(images, state, prompt) for images, state, prompt in parsed]
+    count = max(len(inputs), batch_size or 0)
+    inputs += [inputs[0]] * (count - len(inputs))
+    batch = jax.tree.map(lambda *parts: np.concatenate(parts), *inputs)
+    normalized = np.asarray(self._sample(self.params, batch, self._next_rng()))
+    elapsed_ms = 1000 * (time.monotonic() - start)
+    return [
+      {
+        "actions": self._raw_actions(normalized[i], state),
+        "policy_timing": {"infer_ms": elapsed_ms, "batch_size": count},
+      }
+      for i, (_, state, _) in enumerate(parsed)
+    ]
 
   def warmup(self, *, rtc_too: bool = False) -> float:
     """Compiles sample_actions with a fake request (and its RTC program when `rtc_too`); returns

@@ -10,6 +10,7 @@ import websockets.exceptions
 import websockets.sync.client
 
 from ki import msgpack_numpy
+from ki.serve import client as client_lib
 from ki.serve import observation as observation_lib
 from ki.serve import server as server_lib
 from tests.serve.client import MAX_MESSAGE_BYTES, OpenpiProtocolClient, small_observation
@@ -87,9 +88,10 @@ def test_every_bad_request_gets_an_error_and_the_connection_keeps_serving(client
 def test_message_over_the_hard_limit_closes_only_that_connection(server, client):
   huge = msgpack_numpy.packb(small_observation(side=600))
   assert len(huge) > server_lib.HARD_LIMIT_FACTOR * MAX_MESSAGE_BYTES
-  with pytest.raises(websockets.exceptions.ConnectionClosedError) as error:
+  with pytest.raises(client_lib.ServerUnreachableError) as error:
     client.send_raw(huge)
-  assert error.value.rcvd.code == 1009  # message too big
+  assert isinstance(error.value.__cause__, websockets.exceptions.ConnectionClosedError)
+  assert error.value.__cause__.rcvd.code == 1009  # message too big
   other = OpenpiProtocolClient(server.port)
   assert other.infer(small_observation())["actions"].shape == (4, 8)
   other.close()

@@ -1,0 +1,1 @@
+"""Simulated benchmarks that ki's policies are judged on in closed loop (Meta-World)."""
