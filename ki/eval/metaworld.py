@@ -195,14 +195,18 @@ def check_policy(metadata: dict[str, Any], settings: Settings) -> int:
 
 
 class LocalPolicy:
-  """A checkpoint in this process: batched `infer_batch`, RTC through `infer`."""
+  """A ki.serve.policy.Policy in this process: batched `infer_batch`, RTC through `infer`."""
 
-  def __init__(self, checkpoint: str, *, seed: int, batch_size: int):
+  def __init__(self, policy, *, batch_size: int):
+    self.policy = policy
+    self.batch_size = batch_size
+    self.metadata = policy.metadata
+
+  @classmethod
+  def from_checkpoint(cls, checkpoint: str, *, seed: int, batch_size: int) -> "LocalPolicy":
     from ki.serve import policy as policy_lib  # pylint: disable=g-import-not-at-top
 
-    self.policy = policy_lib.Policy.from_checkpoint(checkpoint, seed=seed)
-    self.batch_size = batch_size
-    self.metadata = self.policy.metadata
+    return cls(policy_lib.Policy.from_checkpoint(checkpoint, seed=seed), batch_size=batch_size)
 
   def infer_many(self, requests: list[dict]) -> list[np.ndarray]:
     if any(key.startswith("rtc/") for r in requests for key in r):
@@ -401,6 +405,41 @@ def _demos_by_task(root: str) -> dict[str, list[tuple[np.ndarray, np.ndarray]]]:
   return result
 
 
+def state_kind(state_key: str) -> str:
+  """The Settings.state of a policy trained on the dataset key `state_key`."""
+  return "environment_state" if state_key.endswith("environment_state") else "state"
+
+
+def settings_from_config(config) -> Settings:
+  """The evaluation a training run asks for in config.eval.sim (ki/train/config.py), checked:
+  task names, step counts, and a model that acts in Meta-World (4-D actions, one camera)."""
+  sim = config.eval.sim
+  settings = Settings(
+    tasks=metaworld.resolve_tasks(sim.suite),
+    episodes_per_task=sim.episodes_per_task,
+    seed=sim.seed,
+    max_steps=sim.max_steps,
+    execute_steps=sim.execute_steps,
+    image_size=sim.image_size,
+    state=state_kind(config.data.robot.state_key),
+    videos_per_outcome=0,
+  )
+  settings.validate(config.model.action_horizon)
+  if config.model.data_action_dim != metaworld.ACTION_DIM:
+    raise IncompatiblePolicyError(
+      f"eval.sim runs Meta-World, whose actions are {metaworld.ACTION_DIM}-D; this model's "
+      f"data_action_dim is {config.model.data_action_dim}"
+    )
+  if len(config.model.image_keys) != 1:
+    raise IncompatiblePolicyError(
+      f"eval.sim runs Meta-World, which renders one camera; the model reads "
+      f"{list(config.model.image_keys)}"
+    )
+  if sim.num_envs < 1 or sim.episodes_per_task < 1:
+    raise ValueError("eval.sim needs num_envs >= 1 and episodes_per_task >= 1")
+  return settings
+
+
 # ----------------------------------------------------------------------------- the report
 
 
@@ -536,7 +575,7 @@ def evaluate(
     title = f"baseline: {baseline}"
   else:
     if checkpoint is not None:
-      policy = LocalPolicy(checkpoint, seed=settings.seed, batch_size=num_envs)
+      policy = LocalPolicy.from_checkpoint(checkpoint, seed=settings.seed, batch_size=num_envs)
     else:
       policy = RemotePolicy(server, connections=num_envs)
     try:

@@ -85,4 +85,21 @@ def default_config() -> ml_collections.ConfigDict:
   config.eval = ml_collections.ConfigDict(
     dict(every=5_000, batch_size=256, max_batches=8, flow_steps=10, vlm_heldout="")
   )
+  # Closed-loop success in a simulator beside the losses (ki/eval/metaworld.py): every `every`
+  # steps (0 = off) and at the end, `episodes_per_task` episodes of each task of `suite` (mt10,
+  # mt50 or task names) in `num_envs` simulator processes; eval/sim/success (the average) and
+  # eval/sim/success/<task> in TensorBoard. The policy's state (4-D or 39-D) follows
+  # data.robot.state_key. Single-process runs (the params must be on one host).
+  config.eval.sim = ml_collections.ConfigDict(
+    dict(
+      every=0,
+      suite="mt10",
+      episodes_per_task=2,
+      max_steps=400,
+      execute_steps=8,
+      num_envs=2,
+      seed=1,
+      image_size=128,
+    )
+  )
   return config

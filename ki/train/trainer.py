@@ -164,6 +164,21 @@ class Trainer:
         action_stats=(norm_stats or {}).get("actions"),
         num_flow_steps=config.eval.flow_steps,
       )
+    # Closed-loop success in the simulator (config.eval.sim), checked here, before any compile.
+    self.norm_stats = norm_stats
+    self.sim_settings = None
+    self._sim_policy = None
+    if config.eval.sim.every:
+      from ki.eval import metaworld as sim_eval  # pylint: disable=g-import-not-at-top
+
+      if jax.process_count() > 1:
+        raise ValueError(
+          "eval.sim needs the whole model on one host and runs in single-process runs only; "
+          "evaluate a multi-host run's checkpoints with python -m ki.eval.metaworld"
+        )
+      if not norm_stats:
+        raise ValueError("eval.sim needs config.assets.norm_stats (the policy's units)")
+      self.sim_settings = sim_eval.settings_from_config(config)
     self.metrics = metrics_lib.MetricsLogger(
       workdir,
       total_steps=config.total_steps,
@@ -297,6 +312,56 @@ class Trainer:
     self.metrics.exclude_time(time.perf_counter() - start)
     return results
 
+  def evaluate_sim(self, step: int) -> dict[str, float]:
+    """Closed-loop success of the current weights (the EMA's when there is one, as served)."""
+    # pylint: disable=g-import-not-at-top
+    from ki.eval import metaworld as sim_eval
+    from ki.model import lora
+    from ki.serve import policy as policy_lib
+
+    # pylint: enable=g-import-not-at-top
+    start = time.perf_counter()
+    params = self.state.ema_params if self.state.ema_params is not None else self.state.params
+    model_config = self.model_config
+    if any(model_config.loras):  # the policy reads the adapters merged, as a checkpoint does
+      params = lora.merge(params, model_config)
+      model_config = lora.without_lora(model_config)
+    params = jax.device_get(params)
+    if self._sim_policy is None:
+      policy = policy_lib.Policy(
+        params,
+        model_config,
+        build_tokenizer(self.config, self.model_config),
+        self.norm_stats,
+        delta_action_mask=tuple(self.config.data.delta_action_mask) or None,
+        num_flow_steps=self.config.eval.flow_steps,
+        seed=self.config.seed,
+      )
+      self._sim_policy = sim_eval.LocalPolicy(policy, batch_size=self.config.eval.sim.num_envs)
+    self._sim_policy.policy.params = params
+    result = sim_eval.run_policy(
+      self._sim_policy,
+      self.sim_settings,
+      num_envs=self.config.eval.sim.num_envs,
+      progress=False,
+    )
+    summary = sim_eval.summarize(result["episodes"], self.sim_settings.tasks)
+    scalars = {"eval/sim/success": summary["average"]}
+    scalars.update(
+      {f"eval/sim/success/{task}": row["success_rate"] for task, row in summary["tasks"].items()}
+    )
+    self.metrics.write_scalars(step, scalars)
+    seconds = time.perf_counter() - start
+    logging.info(
+      "step %d | eval/sim/success %.3f (%d episodes, %.0f s)",
+      step,
+      summary["average"],
+      summary["episodes"],
+      seconds,
+    )
+    self.metrics.exclude_time(seconds)
+    return scalars
+
   def run(self) -> dict[int, dict[str, float]]:
     """Trains to config.total_steps (or until SIGTERM); returns {step: metrics} of this run."""
     config = self.config
@@ -329,7 +394,9 @@ class Trainer:
         evaluating = bool(
           self.eval_sets and config.eval.every and (step % config.eval.every == 0 or last)
         )
-        if saving or evaluating:
+        sim_every = config.eval.sim.every
+        simulating = bool(sim_every and (step % sim_every == 0 or last))
+        if saving or evaluating or simulating:
           # Never save a state whose loss has not been checked.
           self._record(*pending)
           pending = None
@@ -337,6 +404,8 @@ class Trainer:
           self._save(step, force=stop or last)
         if evaluating:
           self.evaluate(step)
+        if simulating:
+          self.evaluate_sim(step)
         if stop or last:
           break
         batch, data_wait = self._next_batch()

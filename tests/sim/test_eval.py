@@ -4,6 +4,7 @@ table, chart and videos are written; what cannot work is refused before any epis
 
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -37,10 +38,25 @@ def trained(demos, tmp_path_factory, compilation_cache):
     "--config=experiments/metaworld_ki.py:smoke",
     f"--workdir={workdir}",
     "--config.eval.every=0",
+    # Closed-loop success during training, at the last step: one short episode per task.
+    "--config.eval.sim.every=4",
+    f"--config.eval.sim.suite={','.join(TASKS)}",
+    "--config.eval.sim.episodes_per_task=1",
+    "--config.eval.sim.max_steps=16",
+    "--config.eval.sim.image_size=64",
     f"--config.compilation_cache_dir={compilation_cache}",
   ]
   result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
-  assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
+  output = result.stdout + result.stderr
+  assert result.returncode == 0, output[-4000:]
+  assert re.search(r"step 4 \| eval/sim/success 0\.\d+ \(2 episodes", output), output[-4000:]
+  events = "".join(
+    open(os.path.join(folder, name), "rb").read().decode("latin-1")
+    for folder, _, names in os.walk(workdir)
+    for name in names
+    if "tfevents" in name
+  )
+  assert "eval/sim/success/reach-v3" in events and "eval/sim/success" in events
   return workdir
 
 
@@ -142,3 +158,21 @@ def test_an_unreachable_server_is_an_error_not_a_hang():
     client_lib.PolicyClient(f"127.0.0.1:{silent.getsockname()[1]}", open_timeout_s=1)
   silent.close()
   assert time.monotonic() - start < 20
+
+
+def test_a_bad_sim_eval_config_is_refused_before_training():
+  from experiments import metaworld_ki  # pylint: disable=g-import-not-at-top
+
+  config = metaworld_ki.get_config("smoke")
+  config.unlock()
+  config.eval.sim.every = 4
+  assert evaluation.settings_from_config(config).tasks == evaluation.metaworld.MT10
+  config.eval.sim.suite = "reach-v9"
+  with pytest.raises(ValueError, match="reach-v3"):
+    evaluation.settings_from_config(config)
+  config.eval.sim.suite = "mt10"
+  config.data.robot.state_key = "observation.environment_state"
+  assert evaluation.settings_from_config(config).state == "environment_state"
+  config.model.data_action_dim = 7
+  with pytest.raises(evaluation.IncompatiblePolicyError, match="4-D"):
+    evaluation.settings_from_config(config)
