@@ -76,10 +76,12 @@ def test_smoke_trains_and_serves_a_libero_request(tmp_path, compilation_cache):
   output = result.stdout + result.stderr
   assert result.returncode == 0, output[-4000:]
   progress = [(int(s), float(ce), float(mse)) for s, ce, mse in _PROGRESS.findall(output)]
-  assert [p[0] for p in progress] == [20, 40]
-  (_, first_ce, first_mse), (_, last_ce, last_mse) = progress
+  # The first step is logged too (every counter exists from step 1), then every log_every.
+  assert [p[0] for p in progress] == [1, 20, 40]
+  (_, first_ce, first_mse), (_, last_ce, last_mse) = progress[0], progress[-1]
   assert last_ce < first_ce and last_mse < first_mse, progress
-  assert "data/dropped/corrupt_video=0" in output and "data/dropped/too_long=0" in output
+  assert re.search(r"\[1\] .*data/dropped/corrupt_video=0", output), output[-4000:]
+  assert "data/dropped/too_long=0" in output
   # Served from the checkpoint: openpi's LIBERO keys in, 7-D actions out.
   policy = policy_lib.Policy.from_checkpoint(str(tmp_path / "work"))
   assert policy.metadata["observation_keys"] == list(observation_lib.LIBERO_REQUIRED_KEYS)
