@@ -72,12 +72,17 @@ def describe_error(error: BaseException) -> str:
   return f"{type(error).__name__}: {text}"
 
 
-def latest_step(checkpoints_dir: str | epath.Path) -> int | None:
-  """The largest finished step in a checkpoints/ folder, or None. Orbax decides what is finished:
+def finished_steps(checkpoints_dir: str | epath.Path) -> list[int]:
+  """The finished steps in a checkpoints/ folder, ascending. Orbax decides what is finished:
   in-progress folders (temporary names, or no commit marker on object stores) are skipped."""
   paths = ocp.utils.checkpoint_steps_paths(epath.Path(checkpoints_dir))
-  steps = [int(p.name) for p in paths if p.name.isdigit()]
-  return max(steps) if steps else None
+  return sorted(int(p.name) for p in paths if p.name.isdigit())
+
+
+def latest_step(checkpoints_dir: str | epath.Path) -> int | None:
+  """The largest finished step in a checkpoints/ folder, or None."""
+  steps = finished_steps(checkpoints_dir)
+  return steps[-1] if steps else None
 
 
 def resolve_step_dir(path: str | epath.Path) -> epath.Path:
