@@ -2,7 +2,9 @@ r"""The KI paper's ablation: joint training (FAST CE + flow) without the stop-gr
 
 Same as experiments/droid_ki.py except model.knowledge_insulation=False: the expert's attention
 reads the VLM's keys and values without stop_gradient, so the flow loss's gradient flows back
-into SigLIP and the Gemma backbone.
+into SigLIP and the Gemma backbone. The clip stays droid_ki's (per optimizer group), so the
+stop-gradient is the only difference: here the VLM's gradient, and so its clip, carries the flow
+loss too.
 
   python -m ki.main --config=experiments/joint_no_stopgrad.py:full --workdir=/ckpt/joint_nosg \
     --config.data.arrayrecord_dir=... --config.assets.norm_stats=... \

@@ -18,6 +18,9 @@ This experiment tests each on synthetic DROID scenes (ki/data/synthetic_scene.py
            pretraining's with a real warm-up. The arms (ARMS) differ ONLY in ARM_FIELDS
            (tests/experiments/test_ki_ablation.py checks it); the stress arms add a 10x expert
            learning rate with no warm-up, which the method predicts hurts joint training only.
+           Every arm clips each optimizer group's gradient by its own norm, so under KI the
+           VLM's update is the token loss's alone, exactly pi0-FAST's on the same batches; the
+           ki_global_clip arm is KI with openpi's global clip, which couples the two groups.
   stage 3  measured at every evaluation (ki/ablation/probes.py): candidate-restricted VQA
            accuracy and answer loss with FAST ids excluded (beside the blind baseline), drift of
            the VLM's keys/values from the pretrained VLM, counterfactual language following
@@ -56,6 +59,9 @@ from ki.train import config as config_lib
 #   stress: the expert's learning rate x STRESS_EXPERT_LR_FACTOR, no warm-up in either group.
 #   decoder: how the policy's actions are evaluated: "flow" (sample_actions) or "fast"
 #     (sample_fast + FAST decoding, pi0-FAST).
+#   clip: optimizer.clip, how gradients are clipped: "per_group" (each group by its own norm:
+#     under KI the VLM's update is the token loss's alone, as pi0-FAST's) or "global" (openpi:
+#     all parameters together, so the expert's flow gradient rescales the VLM's update).
 ARMS = {
   "ki": dict(
     knowledge_insulation=True,
@@ -64,6 +70,7 @@ ARMS = {
     cotrain=False,
     stress=False,
     decoder="flow",
+    clip="per_group",
     label="KI: stop-gradient, FAST + flow",
   ),
   "ki_cotrain": dict(
@@ -73,6 +80,7 @@ ARMS = {
     cotrain=True,
     stress=False,
     decoder="flow",
+    clip="per_group",
     label="KI + VLM co-training",
   ),
   "joint": dict(
@@ -82,6 +90,7 @@ ARMS = {
     cotrain=False,
     stress=False,
     decoder="flow",
+    clip="per_group",
     label="joint (no stop-gradient), alpha 1",
   ),
   "joint_cotrain": dict(
@@ -91,6 +100,7 @@ ARMS = {
     cotrain=True,
     stress=False,
     decoder="flow",
+    clip="per_group",
     label="joint, alpha 1, + co-training",
   ),
   "joint_a10": dict(
@@ -100,6 +110,7 @@ ARMS = {
     cotrain=False,
     stress=False,
     decoder="flow",
+    clip="per_group",
     label="joint, alpha 10 (pi0.5's weight)",
   ),
   "pi0_fast": dict(
@@ -109,6 +120,7 @@ ARMS = {
     cotrain=False,
     stress=False,
     decoder="fast",
+    clip="per_group",
     label="pi0-FAST: FAST tokens only, FAST-decoded",
   ),
   "flow_only": dict(
@@ -118,7 +130,18 @@ ARMS = {
     cotrain=False,
     stress=False,
     decoder="flow",
+    clip="per_group",
     label="flow-only pi0.5 (no FAST loss)",
+  ),
+  "ki_global_clip": dict(
+    knowledge_insulation=True,
+    flow_weight=1.0,
+    token_weight=1.0,
+    cotrain=False,
+    stress=False,
+    decoder="flow",
+    clip="global",
+    label="KI with openpi's global clip",
   ),
   "ki_stress": dict(
     knowledge_insulation=True,
@@ -127,6 +150,7 @@ ARMS = {
     cotrain=False,
     stress=True,
     decoder="flow",
+    clip="per_group",
     label="KI, stress: 10x expert LR, no warm-up",
   ),
   "joint_stress": dict(
@@ -136,6 +160,7 @@ ARMS = {
     cotrain=False,
     stress=True,
     decoder="flow",
+    clip="per_group",
     label="joint, stress: 10x expert LR, no warm-up",
   ),
 }
@@ -149,6 +174,7 @@ ARM_FIELDS = (
   "optimizer.groups.action_expert.end_lr",
   "optimizer.groups.action_expert.warmup_steps",
   "optimizer.groups.vlm.warmup_steps",
+  "optimizer.clip",
 )
 # Paired comparisons the report makes (arm A minus arm B, per seed).
 COMPARISONS = (
@@ -159,6 +185,7 @@ COMPARISONS = (
   ("ki", "flow_only"),
   ("ki", "pi0_fast"),
   ("ki", "ki_cotrain"),
+  ("ki", "ki_global_clip"),
 )
 QUICK_ARMS = ("ki", "joint", "pi0_fast")
 MIN_VQA_MARGIN = 0.3  # pretrained minus blind candidate-restricted accuracy, or the runner stops
@@ -308,6 +335,7 @@ def arm_config(
   config.model.knowledge_insulation = switches["knowledge_insulation"]
   config.loss.flow_weight = switches["flow_weight"]
   config.loss.token_weight = switches["token_weight"]
+  config.optimizer.clip = switches["clip"]
   # Overrides win over everything above (the schedules included), for every arm alike.
   config.update_from_flattened_dict(overrides or {})
   config.lock()
@@ -333,6 +361,7 @@ def full_arm_config(arm: str) -> ml_collections.ConfigDict:
   config.model.knowledge_insulation = switches["knowledge_insulation"]
   config.loss.flow_weight = switches["flow_weight"]
   config.loss.token_weight = switches["token_weight"]
+  config.optimizer.clip = switches["clip"]
   config.lock()
   return config
 

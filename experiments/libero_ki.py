@@ -6,8 +6,8 @@ Variants:
   full   pi0.5 sizes on LIBERO as published for openpi (a LeRobot dataset: cameras `image` and
          `wrist_image` at 256x256, resized with padding to 224; 8-D `state`; 7-D `actions`, already
          end-effector deltas, so no delta mask), openpi's pi05_libero settings as the starting
-         point: horizon 10, actions padded to 32, batch 256, AdamW b=(0.9, 0.95) with global-norm
-         clipping 1.0, warm-up then cosine at peak 5e-5, EMA 0.999, 30k steps, initialised from
+         point: horizon 10, actions padded to 32, batch 256, AdamW b=(0.9, 0.95) with clipping
+         to norm 1.0, warm-up then cosine at peak 5e-5, EMA 0.999, 30k steps, initialised from
          openpi's pi05_base; plus KI (FAST token loss + flow loss, stop-gradient). The offline
          jobs first (the same keys and horizon as below):
            python -m data_prep.lerobot_norm_stats --dataset=/data/libero \
@@ -25,8 +25,11 @@ Variants:
          observation/image, observation/wrist_image, observation/state and prompt; replies are
          7-D actions [10, 7].
          Differences from openpi's pi05_libero: ki always puts the discretised state in the
-         prompt (pi0.5's format; openpi's pi05_libero sets discrete_state_input=False), and the
-         warm-up/decay lengths below are openpi's as we read its config, not re-checked here.
+         prompt (pi0.5's format; openpi's pi05_libero sets discrete_state_input=False), the
+         clip is per optimizer group (openpi's is global over all parameters: one value away,
+         --config.optimizer.clip=global; per group, the VLM's update under KI is the token
+         loss's alone), and the warm-up/decay lengths below are openpi's as we read its config,
+         not re-checked here.
   medium the ~90M model with pi0.5's proportions on a larger synthetic LIBERO-spec dataset (one
          GPU): python -m ki.main --config=experiments/libero_ki.py:medium --workdir=/tmp/libero_m
   smoke  a tiny model on a synthetic LIBERO-spec LeRobot dataset (v3.0, tabletop scenes, real
@@ -83,6 +86,7 @@ def base_config() -> ml_collections.ConfigDict:
   config.total_steps = 30_000
   config.batch_size = 256
   config.optimizer.ema_decay = 0.999
+  config.optimizer.clip = "per_group"  # KI's VLM: the token loss's update alone (see droid_ki)
   group = dict(config_lib.OPENPI_GROUP, warmup_steps=10_000, decay_steps=1_000_000)
   config.optimizer.groups = dict(vlm=dict(group), action_expert=dict(group))
   config.data.num_workers = 8

@@ -172,5 +172,6 @@ def get_config(variant: str = "cpu") -> ml_collections.ConfigDict:
       f"Unknown variant {variant!r} of metaworld_ki; choose from {sorted(VARIANTS)}."
     )
   config = VARIANTS[variant]()
+  config.optimizer.clip = "per_group"  # KI's VLM: the token loss's update alone (see droid_ki)
   config.lock()
   return config

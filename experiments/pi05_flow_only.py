@@ -5,7 +5,9 @@ loss trains (the model computes no token logits); the tokenizer is built without
 prompts carry no FAST postfix (no FAST tokenizer asset is needed).
 Without the cross-entropy the VLM receives gradient only through the expert's attention to it,
 which is why knowledge_insulation is off here (with the stop-gradient on, the VLM would get no
-gradient at all).
+gradient at all). Gradients are clipped over all parameters together, as openpi trains pi0.5
+(optimizer.clip="global"): with one loss driving both groups there is no insulation for a
+per-group clip to keep.
 
   python -m ki.main --config=experiments/pi05_flow_only.py:full --workdir=/ckpt/pi05_flow_only \
     --config.data.arrayrecord_dir=... --config.assets.norm_stats=... \
@@ -26,5 +28,6 @@ def get_config(variant: str = "full") -> ml_collections.ConfigDict:
   config.unlock()
   config.model.knowledge_insulation = False
   config.loss.token_weight = 0.0
+  config.optimizer.clip = "global"
   config.lock()
   return config

@@ -216,18 +216,18 @@ def markdown(results: dict, arm_switches: dict) -> str:
     "",
     "## Stage 2: the arms (mean ± std over seeds; start = step 0, final = last step)",
     "",
-    "| arm | stop-grad | flow w | token w | co-train | stress | action MAE final | steps to "
+    "| arm | stop-grad | flow w | token w | co-train | stress | clip | action MAE final | steps to "
     "50% | steps to 80% | AUC | VQA acc final | answer CE (no FAST) final | FAST mass final | "
     "following final | K/V drift final | flow grad in VLM | VLM update norm (mean) | FAST "
     "undecodable final |",
-    "|---" * 18 + "|",
+    "|---" * 19 + "|",
   ]
   for arm, row in summary["arms"].items():
     s = arm_switches[arm]
     lines.append(
       f"| {arm} | {'yes' if s['knowledge_insulation'] else 'no'} | {s['flow_weight']:g} | "
       f"{s['token_weight']:g} | {'yes' if s['cotrain'] else 'no'} | "
-      f"{'yes' if s['stress'] else 'no'} | "
+      f"{'yes' if s['stress'] else 'no'} | {s['clip']} | "
       f"{_mean_spread(row['final/action_mae'])} | {_mean_spread(row['steps_to_50'])} | "
       f"{_mean_spread(row['steps_to_80'])} | {_mean_spread(row['auc'])} | "
       f"{_mean_spread(row['final/vqa/accuracy'])} | {_mean_spread(row['final/vqa/ce_no_fast'])} | "

@@ -11,7 +11,7 @@ the latency of both decoders (ki.serve.latency), then the table and plots (ki.ab
 What the arms are and how each is configured is the experiment file's business; this runner loads
 it by path (--experiment, as ki.main loads --config), never by import, and reads from it:
   ARMS               {arm: {"knowledge_insulation", "flow_weight", "token_weight", "cotrain",
-                     "stress", "decoder", "label"}}, in order
+                     "stress", "decoder", "clip", "label"}}, in order
   COMPARISONS        the paired comparisons of the report, (arm A, arm B)
   QUICK_ARMS, QUICK_DATA, QUICK_PROBES   what --quick runs, on which data, with which held-out sets
   SIZE_DEFAULTS      {size: {"steps", "eval_every"}}: the sizes it can run and their defaults

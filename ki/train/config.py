@@ -55,8 +55,13 @@ def default_config() -> ml_collections.ConfigDict:
       # A name in ki.model.params.GROUP_RULES, or a tuple of (regex, group) pairs.
       group_rules="pi05",
       groups=dict(vlm=dict(OPENPI_GROUP), action_expert=dict(OPENPI_GROUP)),
-      # Clip the gradient of all parameters together to this global norm (openpi); 0 = off.
+      # Gradients are clipped to this norm (0 = off), in the structure `clip` names
+      # (ki.train.optimizer.CLIPS): "global" = all trainable parameters' gradient together, as
+      # openpi; "per_group" = each optimizer group's gradient by its own norm, so that under
+      # knowledge insulation the VLM's update is the token loss's alone (the global clip would
+      # rescale it by the expert's flow gradient). The KI experiment files use "per_group".
       clip_norm=1.0,
+      clip="global",
       # Off (None) or the decay of an EMA of the weights, which checkpoints then serve. A typed
       # placeholder, so that --config.optimizer.ema_decay=0.999 can switch it on.
       ema_decay=config_dict.placeholder(float),

@@ -11,10 +11,17 @@ partitions the params into the trainable leaves and the frozen ones; the train s
 gradient of the trainable part only (the frozen part is a constant to it), so a LoRA run computes
 no gradient for its frozen base, keeps no optimizer state for it, and never moves it.
 
-Before the groups, the gradient of all trainable parameters together is clipped to
-`config.optimizer.clip_norm` (global norm, as openpi does, which also differentiates only the
-trainable subset): one scale for the whole model, so a gradient spike in one group also damps the
-other's step, and a run's clipping means the same thing as openpi's.
+Gradients are clipped to the norm `config.optimizer.clip_norm` (0 = no clip), in one of two
+structures, `config.optimizer.clip` (CLIPS):
+  "global"     the gradient of all trainable parameters together, before the groups (openpi, which
+               also differentiates only the trainable subset): one scale for the whole model, so a
+               gradient spike in one group also damps the other's step.
+  "per_group"  each group's gradient by its own norm, first in that group's chain: a group's step
+               depends on its own gradient only. Under knowledge insulation the VLM's gradient is
+               the token loss's alone, and with this clip so is its update: KI's VLM then trains
+               exactly as a token-loss-only (pi0-FAST) run's would on the same batches
+               (tests/train/test_clip_insulation.py). The global clip would rescale it by a factor
+               that depends on the expert's flow gradient.
 """
 
 from collections.abc import Callable, Sequence
@@ -73,14 +80,22 @@ def make_schedule(group: ml_collections.ConfigDict) -> Callable[[jax.Array], jax
   )
 
 
-def _group_chain(group: ml_collections.ConfigDict) -> optax.GradientTransformation:
-  return optax.adamw(
+# The clipping structures of `config.optimizer.clip` (see the module docstring).
+CLIPS = ("global", "per_group")
+
+
+def _group_chain(
+  group: ml_collections.ConfigDict, clip_norm: float
+) -> optax.GradientTransformation:
+  """One group's AdamW, after clipping the group's own gradient to `clip_norm` (0: no clip)."""
+  adamw = optax.adamw(
     make_schedule(group),
     b1=group.b1,
     b2=group.b2,
     eps=group.eps,
     weight_decay=group.weight_decay,
   )
+  return optax.chain(optax.clip_by_global_norm(clip_norm), adamw) if clip_norm else adamw
 
 
 @dataclasses.dataclass(frozen=True)
@@ -118,9 +133,13 @@ class Optimizer:
 def make_optimizer(optimizer_config: ml_collections.ConfigDict, params_shape) -> Optimizer:
   """Builds the multi-group optimizer for a params tree (arrays or ShapeDtypeStructs).
 
-  Raises ValueError when a group named by the rules has no settings, or when every group is
-  frozen (nothing would train).
+  Raises ValueError when a group named by the rules has no settings, when every group is
+  frozen (nothing would train), or for an unknown clipping structure.
   """
+  if optimizer_config.clip not in CLIPS:
+    raise ValueError(
+      f"Unknown config.optimizer.clip {optimizer_config.clip!r}; choose from {list(CLIPS)}."
+    )
   labels = label_params(params_shape, params_lib.group_rules(optimizer_config.group_rules))
   groups = dict(optimizer_config.groups)
   # Sorted: the traced program (hence the compile cache key, and the order of collectives on
@@ -145,10 +164,14 @@ def make_optimizer(optimizer_config: ml_collections.ConfigDict, params_shape) ->
   }
   partition = Optimizer(optax.identity(), labels, trainable, schedules)
   trainable_labels, _ = partition.split(labels)
+  per_group = optimizer_config.clip == "per_group"
+  group_clip = optimizer_config.clip_norm if per_group else 0.0
+  # multi_transform hands each group's chain only that group's leaves, so a per-group clip's norm
+  # is the group's own.
   inner = optax.multi_transform(
-    {name: _group_chain(groups[name]) for name in trainable_groups}, trainable_labels
+    {name: _group_chain(groups[name], group_clip) for name in trainable_groups}, trainable_labels
   )
-  if optimizer_config.clip_norm:
+  if optimizer_config.clip_norm and not per_group:
     inner = optax.chain(optax.clip_by_global_norm(optimizer_config.clip_norm), inner)
   # State for the trainable part only, from the whole tree (ki.train.state initialises from it).
   tx = optax.GradientTransformation(

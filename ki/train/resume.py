@@ -4,9 +4,9 @@ A workdir resumes from its newest checkpoint, and the config it resumes with may
 one saved with it (`<step>/assets/config.json`). Some changes are what users do on purpose: a
 longer run, another learning rate, other eval or checkpoint cadences. Others make the checkpoint
 unreadable as this run's state (the model's shapes, EMA on/off, frozen groups, LoRA, the clip
-transform) or make its saved data position meaningless (the data stream's settings). Without this
-check the second kind surfaced as orbax failing to restore every checkpoint, which the trainer then
-had to call damage.
+transform on/off and where it sits) or make its saved data position meaningless (the data
+stream's settings). Without this check the second kind surfaced as orbax failing to restore every
+checkpoint, which the trainer then had to call damage.
 
 `RULES` classifies every field of `ki.train.config.default_config()` (a test checks that none is
 missing); `check_resumable` compares the saved config with the current one and refuses a breaking
@@ -17,6 +17,8 @@ from collections.abc import Callable
 import dataclasses
 import json
 from typing import Any
+
+_ABSENT = object()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -29,12 +31,16 @@ class Rule:
   why: what the field decides, for the messages.
   structure: for a field that breaks only through part of its value, that part (e.g. whether
     the EMA is on, not its decay): a change that keeps it is safe.
+  absent: for a breaking field added after checkpoints were written, the value those runs had
+    in effect (e.g. the clip was global before `optimizer.clip` existed): such a checkpoint
+    counts as saved with it, so a run that keeps that value still resumes.
   """
 
   pattern: str
   breaks: bool
   why: str
   structure: Callable[[Any], Any] | None = None
+  absent: Any = _ABSENT
 
   def matches(self, field: str) -> bool:
     if self.pattern.endswith("."):
@@ -47,8 +53,8 @@ def _safe(pattern: str, why: str) -> Rule:
   return Rule(pattern, False, why)
 
 
-def _breaks(pattern: str, why: str, structure=None) -> Rule:
-  return Rule(pattern, True, why, structure)
+def _breaks(pattern: str, why: str, structure=None, absent=_ABSENT) -> Rule:
+  return Rule(pattern, True, why, structure, absent)
 
 
 _DATA = "the data stream whose position the checkpoint saved"
@@ -71,6 +77,12 @@ RULES = (
   _breaks("optimizer.group_rules", "which parameters each optimizer group's state covers"),
   _breaks(
     "optimizer.clip_norm", "turning the clip on or off changes the optimizer state", structure=bool
+  ),
+  # Global: one clip before the groups; per group: one inside each group's chain.
+  _breaks(
+    "optimizer.clip",
+    "where the clip sits in the optimizer changes the optimizer state's structure",
+    absent="global",
   ),
   _breaks(
     "optimizer.ema_decay",
@@ -123,9 +135,6 @@ def rule_for(field: str) -> Rule | None:
 
 class ResumeConfigError(ValueError):
   """The config changed a field that the checkpoint cannot resume with; nothing was restored."""
-
-
-_ABSENT = object()
 
 
 def _flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
@@ -203,11 +212,16 @@ def check_resumable(
     if rule is None:
       breaking.append(_describe(field, old, new, "not classified in ki.train.resume.RULES"))
       continue
+    why = rule.why
+    if old is _ABSENT and rule.absent is not _ABSENT:
+      if rule.absent == new:
+        continue  # the value the checkpoint's run had, before the field existed
+      old, why = rule.absent, f"{why}; saved before the field existed, when it was {rule.absent!r}"
     breaks = rule.breaks
     if breaks and rule.structure is not None and _ABSENT not in (old, new):
       breaks = rule.structure(old) != rule.structure(new)
     if breaks:
-      breaking.append(_describe(field, old, new, rule.why))
+      breaking.append(_describe(field, old, new, why))
     else:
       safe.append(_describe(field, old, new))
   if breaking:

@@ -9,7 +9,7 @@ trace time.
 Only the trainable parameters are differentiated: the step splits the params by the optimizer's
 groups (`Optimizer.split`) and takes the gradient with respect to the trainable part, the frozen
 part (a LoRA run's base weights, a frozen VLM) entering the loss as a constant. So no gradient is
-computed or stored for a frozen leaf, and the global-norm clip sees the trainable gradients only.
+computed or stored for a frozen leaf, and the clip sees the trainable gradients only.
 The same code runs every config; with no frozen group the frozen part is empty.
 """
 
@@ -123,8 +123,9 @@ def train_step(
   """One optimizer update. batch: a ki.batch.Batch of global arrays [B, ...].
 
   Returns the new state and scalar metrics: loss terms, learning rate per group, gradient and
-  update norm per trainable group, the global gradient norm (the one the clip uses: trainable
-  leaves only), parameter norm (all leaves).
+  update norm per trainable group (`grad_norm/<group>`: the norm a per-group clip uses), the
+  global gradient norm (`grad_norm`: trainable leaves only, the norm the global clip uses),
+  parameter norm (all leaves). Gradient norms are before clipping.
   """
   rng = jax.random.fold_in(state.rng, state.step)
   trainable, frozen = optimizer.split(state.params)

@@ -40,6 +40,7 @@ def test_arms_differ_only_in_their_switches(size):
     assert config["loss.flow_weight"] == switches["flow_weight"]
     assert config["loss.token_weight"] == switches["token_weight"]
     assert bool(config["data.vlm_sources"]) == switches["cotrain"]
+    assert config["optimizer.clip"] == switches["clip"]
     # Every arm starts from the same pretrained VLM with a fresh expert of its seed.
     assert (config["init.kind"], config["init.path"], config["init.fresh_expert"]) == (
       "ki",
@@ -65,6 +66,10 @@ def test_arms_differ_only_in_their_switches(size):
     and not configs["joint"]["model.knowledge_insulation"]
   )
   assert configs["ki"]["data.vlm_sources"] != configs["ki_cotrain"]["data.vlm_sources"]
+  # Every arm clips per group but the one that keeps openpi's global clip.
+  clips = {arm: config["optimizer.clip"] for arm, config in configs.items()}
+  assert {arm for arm, clip in clips.items() if clip != "per_group"} == {"ki_global_clip"}
+  assert clips["ki_global_clip"] == "global"
   assert {a for a, _ in ki_ablation.COMPARISONS} | {b for _, b in ki_ablation.COMPARISONS} <= set(
     ki_ablation.ARMS
   )

@@ -30,6 +30,7 @@ def test_full_variant_follows_openpi_pi05_libero_plus_ki():
   assert config.model.data_action_dim == 7 and config.model.image_size == 224
   assert config.model.knowledge_insulation and config.loss.token_weight == 1.0
   assert config.optimizer.ema_decay == 0.999 and config.optimizer.clip_norm == 1.0
+  assert config.optimizer.clip == "per_group"  # openpi clips globally; KI's VLM: the token loss's
   for group in config.optimizer.groups.values():
     assert group.peak_lr == 5e-5 and (group.b1, group.b2) == (0.9, 0.95)
   assert config.init.kind == "openpi"

@@ -60,12 +60,13 @@ def _group(**overrides):
   return settings
 
 
-def _config(vlm=None, expert=None, rules="pi05", clip_norm=1.0):
+def _config(vlm=None, expert=None, rules="pi05", clip_norm=1.0, clip="global"):
   return ml_collections.ConfigDict(
     dict(
       group_rules=rules,
       groups=dict(vlm=vlm or _group(), action_expert=expert or _group()),
       clip_norm=clip_norm,
+      clip=clip,
     )
   )
 
@@ -178,6 +179,23 @@ def test_clipping_is_by_the_global_norm_of_all_groups():
   # Adam's first moment after one step is (1 - b1) * the gradient it was given.
   adam = state[1].inner_states["vlm"].inner_state[0]
   np.testing.assert_allclose(adam.mu["PaliGemma"]["w"], 0.1 * 0.05 / global_norm, rtol=1e-5)
+
+
+def test_per_group_clipping_scales_each_group_by_its_own_norm():
+  # The same gradients as above: the expert's spike is clipped by its own norm, the small VLM
+  # gradient (under the threshold) reaches Adam unchanged, whatever the expert's gradient is.
+  params = {"PaliGemma": {"w": jnp.zeros(4)}, "action_in_proj": {"kernel": jnp.zeros(4)}}
+  rules = (("action_in_proj/.*", "action_expert"), ("PaliGemma/.*", "vlm"))
+  tx = optimizer.make_optimizer(_config(rules=rules, clip="per_group"), params).tx
+  grads = {"PaliGemma": {"w": jnp.full(4, 0.05)}, "action_in_proj": {"kernel": jnp.full(4, 50.0)}}
+  _, state = tx.update(grads, tx.init(params), params)
+  # Each group's chain is (clip, AdamW); Adam's first moment is (1 - b1) * what it was given.
+  vlm = state.inner_states["vlm"].inner_state[1][0]
+  expert = state.inner_states["action_expert"].inner_state[1][0]
+  np.testing.assert_array_equal(vlm.mu["PaliGemma"]["w"], 0.1 * grads["PaliGemma"]["w"])
+  np.testing.assert_allclose(expert.mu["action_in_proj"]["kernel"], 0.1 * 0.5, rtol=1e-5)
+  with pytest.raises(ValueError, match=r"'per_layer'; choose from \['global', 'per_group'\]"):
+    optimizer.make_optimizer(_config(rules=rules, clip="per_layer"), params)
 
 
 def test_group_rules_by_name_or_as_pairs():

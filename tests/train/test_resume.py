@@ -74,6 +74,10 @@ def _check(saved, current):
     ({"optimizer.ema_decay": 0.999}, ["optimizer.ema_decay: None in the checkpoint, 0.999 now"]),
     ({"optimizer.clip_norm": 0.0}, ["optimizer.clip_norm: 1.0 in the checkpoint, 0.0 now"]),
     (
+      {"optimizer.clip": "per_group"},
+      ["optimizer.clip: 'global' in the checkpoint, 'per_group' now"],
+    ),
+    (
       {"optimizer.groups.action_expert.frozen": True},
       ["optimizer.groups.action_expert.frozen: False in the checkpoint, True now"],
     ),
@@ -141,3 +145,19 @@ def test_a_group_added_under_eval_is_safe():
   assert _check(config_lib.default_config(), current) == [
     "eval.added_later: absent in the checkpoint, present now"
   ]
+
+
+def test_a_checkpoint_from_before_the_clip_structure_existed_counts_as_global():
+  """Checkpoints written before optimizer.clip existed clipped globally: a run that still does
+  resumes from them, one that clips per group (another optimizer state) is refused, saying why."""
+  old = config_lib.default_config()
+  del old.optimizer["clip"]
+  assert "clip" not in old.optimizer
+  assert _check(old, config_lib.default_config()) == []
+  with pytest.raises(resume.ResumeConfigError) as error:
+    _check(old, _changed(**{"optimizer.clip": "per_group"}))
+  assert (
+    "optimizer.clip: 'global' in the checkpoint, 'per_group' now (where the clip sits in the "
+    "optimizer changes the optimizer state's structure; saved before the field existed, when it "
+    "was 'global')"
+  ) in str(error.value)

@@ -60,6 +60,7 @@ def _toy_setup(monkeypatch, **settings):
       group_rules=rules,
       groups=dict(vlm=group_settings(), action_expert=group_settings()),
       clip_norm=1.0,
+      clip="global",
     )
   )
   opt = optimizer.make_optimizer(config, params)
@@ -241,6 +242,7 @@ def test_lora_clips_by_the_trainable_gradients_only(monkeypatch):
       group_rules="pi05_lora",
       groups=dict(groups, frozen=dict(group, frozen=True)),
       clip_norm=None,
+      clip="global",
     )
   )
   batch = _toy_batch()

@@ -60,9 +60,10 @@ def test_resume_with_other_data_settings_is_refused(tmp_path, compilation_cache)
 def test_resume_with_a_changed_state_structure_is_refused_before_restoring(
   tmp_path, compilation_cache, monkeypatch, caplog
 ):
-  """Another model width, EMA on, LoRA adapters, a frozen group and the clip off: each breaks the
-  train state's structure, so orbax would fail on every checkpoint and the run would call them all
-  damaged. Refused up front instead, naming each; nothing restored, called damaged or moved."""
+  """Another model width, EMA on, LoRA adapters, a frozen group, the clip off or moved into the
+  groups: each breaks the train state's structure, so orbax would fail on every checkpoint and
+  the run would call them all damaged. Refused up front instead, naming each; nothing restored,
+  called damaged or moved."""
   _train(tmp_path / "run", 2)
   checkpoints = tmp_path / "run" / "checkpoints"
   before = sorted(p.name for p in checkpoints.iterdir())
@@ -75,6 +76,7 @@ def test_resume_with_a_changed_state_structure_is_refused_before_restoring(
       "optimizer.ema_decay": 0.999,
       "optimizer.groups.action_expert.frozen": True,
       "optimizer.clip_norm": 0.0,
+      "optimizer.clip": "per_group",
     },
   )
 
@@ -93,6 +95,7 @@ def test_resume_with_a_changed_state_structure_is_refused_before_restoring(
     "optimizer.ema_decay: None in the checkpoint, 0.999 now",
     "optimizer.groups.action_expert.frozen: False in the checkpoint, True now",
     "optimizer.clip_norm: 1.0 in the checkpoint, 0.0 now",
+    "optimizer.clip: 'global' in the checkpoint, 'per_group' now",
   ):
     assert f"\n  {line} (" in message, message
   assert f"--config.init.kind=ki --config.init.path={checkpoints / '2'}" in message
