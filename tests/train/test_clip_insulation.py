@@ -38,7 +38,7 @@ def _train(**overrides):
   return init, vlm(state.params), norms, config.optimizer.clip_norm
 
 
-@pytest.mark.slow  # three tiny train steps to compile: ~35 s on 2 busy cores, ~50 s under load
+@pytest.mark.slow  # three tiny train steps to compile: 50 s cold on 2 cores at load 5-6
 def test_ki_vlm_is_the_token_only_vlm_exactly_with_per_group_clipping():
   # The token-only run's expert gets no gradient (no flow loss, and the token loss never reaches
   # the expert), so its global norm is its VLM's: one run is the reference for both clips.
