@@ -10,7 +10,7 @@ The variants read that folder (or $KI_METAWORLD when set). Then train and evalua
 Variants:
   cpu              what the 2-core CPU trains in about an hour: the "metaworld_cpu" model size
                    (128-wide VLM, 64-wide expert, SigLIP mu/16 on one 128 px camera), camera +
-                   4-D robot state (LeRobot's observation.state), from scratch, batch 16, 5k steps.
+                   4-D robot state (LeRobot's observation.state), from scratch, batch 16, 4k steps.
   cpu_env_state    the same with the 39-D environment state (object and goal positions) as the
                    state: the robot-spec variant, where the camera matters less.
   medium           the ~90M model (pi0.5's proportions) for one GPU, camera + 4-D state:
@@ -92,7 +92,7 @@ def _cpu(state: str) -> ml_collections.ConfigDict:
   max_token_len = 80 if state == "state" else 224
   config = _small_run("metaworld_cpu", state, max_token_len=max_token_len)
   config.compilation_cache_dir = droid_ki.cache_dir("jax_cache")
-  config.total_steps = 5_000
+  config.total_steps = 4_000
   # Batch 16: on two cores more updates beat bigger batches for a model learning from scratch.
   config.batch_size = 16
   config.data.num_workers = 1
@@ -102,7 +102,7 @@ def _cpu(state: str) -> ml_collections.ConfigDict:
   config.log_every = 100
   config.eval.update(dict(every=1_000, batch_size=16, max_batches=8))
   config.optimizer.groups = _groups(
-    peak_lr=1e-3, warmup_steps=200, decay_steps=5_000, end_lr=5e-5, weight_decay=1e-4
+    peak_lr=1e-3, warmup_steps=200, decay_steps=4_000, end_lr=5e-5, weight_decay=1e-4
   )
   return config
 

@@ -222,11 +222,16 @@ class Trainer:
   # --------------------------------------------------------------------------------------------
   # Setup helpers.
 
-  def _check_drops(self, examples_seen: int):
-    counts = getattr(self.train_iterator, "drop_counts", None)
+  def _drop_counts(self) -> dict[str, int]:
+    return dict(getattr(self.train_iterator, "drop_counts", None) or {})
+
+  def _check_drops(self, examples_seen: int, before: dict[str, int]):
+    """Refuses a run whose first batch lost too many examples to the prompt length. `before`:
+    the iterator's totals before that batch (a resumed iterator carries the run's totals)."""
+    counts = self._drop_counts()
     if not counts:
       return
-    too_long = counts.get("too_long", 0)
+    too_long = counts.get("too_long", 0) - before.get("too_long", 0)
     if too_long > _MAX_TOO_LONG_FRACTION * (examples_seen + too_long):
       raise ValueError(
         f"{too_long} of the first {examples_seen + too_long} examples were dropped as longer "
@@ -376,8 +381,9 @@ class Trainer:
     single = jax.process_count() == 1
     previous_handler = signal.signal(signal.SIGTERM, self._on_sigterm) if single else None
     try:
+      drops_before = self._drop_counts()
       batch, data_wait = self._next_batch()
-      self._check_drops(self.per_host_batch_size)
+      self._check_drops(self.per_host_batch_size, drops_before)
       if self._compiled_step is None:
         self._compiled_step = self.setup.compile(self.state, batch)
       self.metrics.restart_clock()  # throughput excludes compilation

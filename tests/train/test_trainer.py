@@ -213,13 +213,44 @@ def test_tokenizer_vocabulary_must_match_the_model(tmp_path):
     trainer_lib.build_tokenizer(config, model_config)
 
 
+class _DroppingIterator:
+  """FakeIterator whose totals of too-long examples grow by `per_batch` with each batch, from
+  `carried` (what a resumed iterator restores: the run's totals since its start)."""
+
+  def __init__(self, parent, *, carried: int, per_batch: int):
+    self.parent, self.per_batch = parent, per_batch
+    self.drop_counts = {"too_long": carried}
+
+  def __iter__(self):
+    return self
+
+  def __next__(self):
+    self.drop_counts = {"too_long": self.drop_counts["too_long"] + self.per_batch}
+    return next(self.parent)
+
+  def get_state(self):
+    return self.parent.get_state()
+
+  def set_state(self, state):
+    self.parent.set_state(state)
+
+
 def test_too_many_overlong_examples_are_refused(tmp_path):
   config = tiny_train_config()
-  iterator = fake_iterator(config)
-  iterator.drop_counts = {"too_long": 5}
+  iterator = _DroppingIterator(fake_iterator(config), carried=0, per_batch=5)
   trainer = make_trainer(config, tmp_path, iterator)
-  with pytest.raises(ValueError, match="raise model.max_token_len"):
+  with pytest.raises(ValueError, match="5 of the first 13 examples .* raise model.max_token_len"):
     trainer.run()
+  trainer.close()
+
+
+def test_drops_carried_by_a_resumed_stream_do_not_refuse_it(tmp_path, compilation_cache):
+  """A resumed iterator restores its totals since the start of training (50 over many batches);
+  only what its first batch dropped counts (it refused every such resume before)."""
+  config = tiny_train_config(total_steps=1)
+  iterator = _DroppingIterator(fake_iterator(config), carried=50, per_batch=0)
+  trainer = make_trainer(config, tmp_path, iterator)
+  trainer.run()
   trainer.close()
 
 
