@@ -3,12 +3,14 @@ r"""The learning curve of closed-loop success: each kept checkpoint of a run, on
   python -m benchmarks.metaworld_curve --workdir=/tmp/mw_cpu --suite=mt10 --episodes_per_task=10 \
     [--steps=1000,2000,...] [--state=state] --out=docs/metaworld/curve
 
-Each checkpoint is one `ki.eval.metaworld.evaluate` run (the same initial configurations for all);
+Each checkpoint is one `ki.eval.metaworld.evaluate` run (the same initial configurations for all),
+skipped when <out>/step_<N>/results.json already holds one with the same settings;
 writes <out>/curve.json, <out>/curve.md and <out>/curve.png (average success against steps, with
 the pooled 95% Wilson interval, and one thin line per task); each run's report lands in
 <out>/step_<N>/.
 """
 
+import dataclasses
 import json
 import os
 
@@ -51,6 +53,18 @@ def plot(rows: list[dict], path: str) -> None:
   plt.close(figure)
 
 
+def _finished(folder: str, settings: evaluation.Settings) -> dict | None:
+  """The summary of an evaluation already in `folder` with the same settings (the curve resumes:
+  checkpoints evaluated while the run trained are not evaluated again)."""
+  path = os.path.join(folder, "results.json")
+  if not os.path.exists(path):
+    return None
+  with open(path) as f:
+    report = json.load(f)
+  wanted = json.loads(json.dumps(dataclasses.asdict(settings)))
+  return report["summary"] if report["settings"] == wanted else None
+
+
 def main(argv):
   del argv
   checkpoints = epath.Path(_WORKDIR.value) / "checkpoints"
@@ -59,14 +73,14 @@ def main(argv):
   rows = []
   for step in steps:
     settings = evaluation.Settings(
-      tasks=tasks, episodes_per_task=_EPISODES.value, state=_STATE.value, videos_per_outcome=0
+      tasks=tasks, episodes_per_task=_EPISODES.value, state=_STATE.value
     )
-    summary = evaluation.evaluate(
-      settings,
-      os.path.join(_OUT.value, f"step_{step}"),
-      checkpoint=str(checkpoints / str(step)),
-      num_envs=_NUM_ENVS.value,
-    )
+    folder = os.path.join(_OUT.value, f"step_{step}")
+    summary = _finished(folder, settings)
+    if summary is None:
+      summary = evaluation.evaluate(
+        settings, folder, checkpoint=str(checkpoints / str(step)), num_envs=_NUM_ENVS.value
+      )
     rows.append(
       {
         "step": step,
