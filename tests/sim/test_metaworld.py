@@ -9,6 +9,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from ki.data import lerobot
+from ki.eval import metaworld as evaluation
 from ki.sim import metaworld, metaworld_demos
 from tests.sim.conftest import EPISODES_PER_TASK, IMAGE_SIZE, TASKS
 
@@ -56,6 +57,12 @@ def test_demos_are_a_lerobot_dataset_of_successful_expert_episodes(demos):
     assert (pathlib.Path(metaworld_demos.assets_dir(str(root))) / name).exists()
 
 
+def _simulator(seed: int = 0):
+  """One simulator process (ki.eval.metaworld.Simulators): rendering in a process that also runs
+  JAX can crash it, so tests render where the evaluation does, in a worker process."""
+  return evaluation.Simulators(1, image_size=IMAGE_SIZE, seed=seed)
+
+
 def test_stored_episodes_replay_to_success_from_their_first_frame(demos):
   """What is stored is what was executed: replaying the stored actions open loop from the same
   configuration reproduces the stored states and succeeds at the last action; the first stored
@@ -63,31 +70,37 @@ def test_stored_episodes_replay_to_success_from_their_first_frame(demos):
   what the camera shows at reset."""
   root, _ = demos
   _, episodes = _episodes(root)
-  envs = {task: metaworld.Env(task, seed=0, image_size=IMAGE_SIZE) for task in TASKS}
-  for task, configuration, rows, first_frame in episodes:
-    env = envs[task]
-    observation = env.reset(configuration)
-    np.testing.assert_allclose(rows.state[0], observation.environment_state, atol=1e-5)
-    # The first frame is not stale: the object moves less than 1 cm in the first step.
-    assert np.abs(rows.state[1][4:7] - rows.state[0][4:7]).max() < 0.01, task
-    assert np.abs(first_frame.astype(int) - observation.image).mean() < 8  # H.264 is lossy
-    success = False
-    for t, action in enumerate(rows.actions):
-      np.testing.assert_allclose(rows.state[t], observation.environment_state, atol=1e-4)
-      assert not success, "succeeded before the stored episode ended"
-      observation, success = env.step(action)
-    assert success, task
-  for env in envs.values():
-    env.close()
+  simulator = _simulator()
+  try:
+    for task, configuration, rows, first_frame in episodes:
+      simulator.send(0, "reset", task, configuration, False)
+      observation = simulator.receive(0)
+      np.testing.assert_allclose(rows.state[0], observation.environment_state, atol=1e-5)
+      # The first frame is not stale: the object moves less than 1 cm in the first step.
+      assert np.abs(rows.state[1][4:7] - rows.state[0][4:7]).max() < 0.01, task
+      assert np.abs(first_frame.astype(int) - observation.image).mean() < 8  # H.264 is lossy
+      success = False
+      for t, action in enumerate(rows.actions):
+        np.testing.assert_allclose(rows.state[t], observation.environment_state, atol=1e-4)
+        assert not success, "succeeded before the stored episode ended"
+        simulator.send(0, "act", action[None])
+        observation, success, _ = simulator.receive(0)
+      assert success, task
+  finally:
+    simulator.close()
 
 
 def test_the_camera_image_is_upright():
   """Raising the hand moves it up in the image: the rows where the red arm appears move up."""
-  env = metaworld.Env("reach-v3", image_size=IMAGE_SIZE)
-  before = env.reset(0).image
-  for _ in range(15):
-    after, _ = env.step(np.array([0.0, 0.0, 1.0, 0.0]))
-  env.close()
+  simulator = _simulator()
+  try:
+    simulator.send(0, "reset", "reach-v3", 0, False)
+    before = simulator.receive(0).image
+    simulator.send(0, "act", np.tile(np.array([0.0, 0.0, 1.0, 0.0], np.float32), (15, 1)))
+    after, _, steps = simulator.receive(0)
+  finally:
+    simulator.close()
+  assert steps == 15
 
   def red(image):
     return (image[..., 0] > 100) & (image[..., 1] < 60) & (image[..., 2] < 60)
