@@ -279,8 +279,7 @@ def run_policy(policy, settings: Settings, *, num_envs: int, progress: bool = Tr
   """Runs every (task, episode) with `policy` (LocalPolicy or RemotePolicy) in `num_envs`
   simulator processes; returns the per-episode records and the recorded videos."""
   metaworld.check_rendering(settings.image_size, settings.image_size)
-  horizon = check_policy(policy.metadata, settings)
-  del horizon
+  check_policy(policy.metadata, settings)
   queue = [(task, k) for task in settings.tasks for k in range(settings.episodes_per_task)]
   queue.reverse()
   simulators = Simulators(num_envs, image_size=settings.image_size, seed=settings.seed)
