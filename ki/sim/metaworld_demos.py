@@ -19,7 +19,8 @@ episode ends at its first success (LeRobot's evaluation stops there too).
 `build_assets` writes what ki's Meta-World experiments read next to the dataset: quantile norm
 stats per state key (`norm_stats_state.json`, `norm_stats_environment_state.json`), a FAST
 tokenizer fitted on the normalised chunks, and a small SentencePiece model in PaliGemma's layout
-trained on the dataset's prompts (for the models trained from scratch; `full` uses PaliGemma's).
+trained on the dataset's prompts and the stage-1 scene questions (ki.sim.metaworld_questions), for
+the models trained from scratch (`full` uses PaliGemma's).
 """
 
 import dataclasses
@@ -33,7 +34,7 @@ import numpy as np
 import tqdm
 
 from ki.data import lerobot_writer
-from ki.sim import metaworld
+from ki.sim import metaworld, metaworld_questions
 
 IMAGE_KEY = "observation.image"
 STATE_KEY = "observation.state"
@@ -229,16 +230,26 @@ def build_assets(
   tokenizer, report = fast_fit.fit(chunks, vocab_size=FAST_VOCAB_SIZE, scale=FAST_SCALE)
   tokenizer.save(os.path.join(out_dir, "fast_tokenizer"))
   logging.info("FAST tokenizer: %s", report)
-  # The prompts the model will read: every task with states spread over the 256 bins.
   dataset = lerobot.open_dataset(dataset_dir)
+  prompt.build_sentencepiece_model(
+    tokenizer_texts(dataset.tasks.values()),
+    os.path.join(out_dir, "tokenizer.model"),
+    text_vocab_size=TEXT_VOCAB_SIZE,
+  )
+  return out_dir
+
+
+def tokenizer_texts(instructions) -> list[str]:
+  """What the SentencePiece model is trained on: the prompts the policy reads (every instruction
+  with states spread over the 256 bins) and every scene question and answer, so one tokenizer
+  serves the demonstrations and the stage-1 questions (ki.sim.metaworld_questions)."""
+  from ki.tokenizers import prompt  # pylint: disable=g-import-not-at-top
+
   rng = np.random.default_rng(0)
   texts = [
-    prompt.robot_prompt_text(task, rng.uniform(-1, 1, size))
-    for task in dataset.tasks.values()
+    prompt.robot_prompt_text(instruction, rng.uniform(-1, 1, size))
+    for instruction in instructions
     for size in (metaworld.STATE_DIM, metaworld.ENVIRONMENT_STATE_DIM)
     for _ in range(20)
   ]
-  prompt.build_sentencepiece_model(
-    texts, os.path.join(out_dir, "tokenizer.model"), text_vocab_size=TEXT_VOCAB_SIZE
-  )
-  return out_dir
+  return texts + metaworld_questions.corpus_texts()
