@@ -90,7 +90,11 @@ def _small_run(size: str, state: str, **model) -> ml_collections.ConfigDict:
 def _cpu(state: str) -> ml_collections.ConfigDict:
   # 39 state bins take ~4 tokens each in the prompt (digits are split): a longer prompt.
   max_token_len = 80 if state == "state" else 224
-  config = _small_run("metaworld_cpu", state, max_token_len=max_token_len)
+  model = dict(max_token_len=max_token_len)
+  if state == "environment_state":
+    # The state is padded to the model's action width (openpi's 32): 39 dims need 40.
+    model["action_dim"] = 40
+  config = _small_run("metaworld_cpu", state, **model)
   config.compilation_cache_dir = droid_ki.cache_dir("jax_cache")
   config.total_steps = 4_000
   # Batch 16: on two cores more updates beat bigger batches for a model learning from scratch.

@@ -8,9 +8,11 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from ki.data import lerobot
+from experiments import metaworld_ki
+from ki.data import lerobot, robot_spec
 from ki.eval import metaworld as evaluation
 from ki.sim import metaworld, metaworld_demos
+from ki.train import setup as setup_lib
 from tests.sim.conftest import EPISODES_PER_TASK, IMAGE_SIZE, TASKS
 
 pytestmark = pytest.mark.xdist_group("metaworld")  # one worker makes the demos once
@@ -127,6 +129,21 @@ def test_demos_do_not_depend_on_the_number_of_workers(demos, tmp_path):
     "meta/info.json",
   ):
     assert (root / relative).read_bytes() == (again / relative).read_bytes(), relative
+
+
+@pytest.mark.parametrize("variant", sorted(metaworld_ki.VARIANTS))
+def test_every_experiment_variant_fits_the_demos(demos, variant, monkeypatch):
+  """Each variant's robot spec and model fit the dataset the demos job writes (the 39-D state
+  variant once asked for more state dims than its model's action width)."""
+  root, _ = demos
+  monkeypatch.setenv("KI_METAWORLD", str(root))
+  config = metaworld_ki.get_config(variant)
+  robot_spec.validate(
+    config.data.robot,
+    lerobot.open_dataset(str(root)),
+    setup_lib.training_model(config),
+    delta_action_mask=config.data.delta_action_mask,
+  )
 
 
 def test_unknown_task_lists_the_valid_ones():
