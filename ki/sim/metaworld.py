@@ -286,6 +286,11 @@ class Env:
   def _observation(self, raw: np.ndarray) -> Observation:
     image = None
     if self.image_size:
+      # Each rendering Env owns a GL context, and gymnasium makes one current only when it
+      # creates it: once a second Env exists in the process, drawing this one without making its
+      # context current draws with the other's (garbage images).
+      renderer = self._env.mujoco_renderer
+      renderer._get_viewer("rgb_array").make_context_current()  # pylint: disable=protected-access
       image = np.ascontiguousarray(np.flip(self._env.render(), (0, 1)), dtype=np.uint8)
     return Observation(image, raw[:STATE_DIM].astype(np.float32), np.array(raw, np.float64))
 

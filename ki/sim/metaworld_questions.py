@@ -156,14 +156,8 @@ def _init_worker() -> None:
 
 
 def _render(env: metaworld.Env) -> np.ndarray:
-  """The current state through Env's camera and flip, uint8 [S, S, 3].
-
-  Each rendering Env owns a GL context and gymnasium makes one current only when it creates it:
-  after a second Env is made, drawing the first without this draws with the wrong context
-  (garbage images)."""
-  # pylint: disable=protected-access
-  env._env.mujoco_renderer._get_viewer("rgb_array").make_context_current()
-  return env._observation(env._env._get_obs()).image
+  """The current state through Env's camera and flip, uint8 [S, S, 3]."""
+  return env._observation(env._env._get_obs()).image  # pylint: disable=protected-access
 
 
 def _changed_pixels(env: metaworld.Env, image: np.ndarray, *, bodies=(), sites=()) -> np.ndarray:

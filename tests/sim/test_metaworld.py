@@ -92,17 +92,25 @@ def test_stored_episodes_replay_to_success_from_their_first_frame(demos):
     simulator.close()
 
 
-def test_the_camera_image_is_upright():
-  """Raising the hand moves it up in the image: the rows where the red arm appears move up."""
+def test_the_camera_image_is_upright_and_each_env_draws_its_own_scene():
+  """Raising the hand moves it up in the image: the rows where the red arm appears move up. A
+  worker that returns to a task after making another task's Env draws the same first frame
+  (each Env renders with its own GL context)."""
   simulator = _simulator()
   try:
     simulator.send(0, "reset", "reach-v3", 0, False)
     before = simulator.receive(0).image
     simulator.send(0, "act", np.tile(np.array([0.0, 0.0, 1.0, 0.0], np.float32), (15, 1)))
     after, _, steps = simulator.receive(0)
+    simulator.send(0, "reset", "window-close-v3", 0, False)
+    other = simulator.receive(0).image
+    simulator.send(0, "reset", "reach-v3", 0, False)
+    again = simulator.receive(0).image
   finally:
     simulator.close()
   assert steps == 15
+  assert not np.array_equal(other, before)
+  np.testing.assert_array_equal(again, before)
 
   def red(image):
     return (image[..., 0] > 100) & (image[..., 1] < 60) & (image[..., 2] < 60)
