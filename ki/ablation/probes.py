@@ -71,9 +71,17 @@ class VqaSet:
   answer: np.ndarray  # int32 [N]: index of the true answer among the candidates
 
 
-def vqa_set(manifest: str, tokenizer, model_config, *, limit: int) -> VqaSet:
-  """The first `limit` questions of a typed VQA manifest (synthetic_droid.write_vlm_set), read
-  and tokenized by the training transform (no augmentation)."""
+def vqa_set(
+  manifest: str,
+  tokenizer,
+  model_config,
+  *,
+  limit: int,
+  question_types: dict[str, tuple[str, ...]] = synthetic_droid.QUESTION_TYPES,
+) -> VqaSet:
+  """The first `limit` questions of a typed VQA manifest (synthetic_droid.write_vlm_set, or
+  ki.sim.metaworld_questions.write_vlm_set with its QUESTION_TYPES), read and tokenized by the
+  training transform (no augmentation). `question_types`: each type's candidate answers."""
   root = os.path.dirname(manifest)
   with open(manifest) as f:
     entries = [json.loads(line) for line in f if line.strip()][:limit]
@@ -86,7 +94,7 @@ def vqa_set(manifest: str, tokenizer, model_config, *, limit: int) -> VqaSet:
     image_size=model_config.image_size,
   )
   first_ids = {}
-  for kind, words in synthetic_droid.QUESTION_TYPES.items():
+  for kind, words in question_types.items():
     ids = [tokenizer.prompt_tokenizer.encode(word)[0] for word in words]
     if len(set(ids)) != len(ids):
       raise ValueError(f"Answers of question type {kind!r} share a first token: {words} -> {ids}")
@@ -94,16 +102,21 @@ def vqa_set(manifest: str, tokenizer, model_config, *, limit: int) -> VqaSet:
   width = max(len(ids) for ids in first_ids.values())
   examples, types, candidates, answers = [], [], [], []
   for entry in entries:
+    kind = entry["type"]
+    if kind not in question_types:
+      raise ValueError(
+        f"VQA question {entry} has type {kind!r}, not one of {sorted(question_types)} (another "
+        "question set's manifest?)."
+      )
     with open(os.path.join(root, entry["image"]), "rb") as f:
       record = {"image": f.read(), "prompt": entry["prompt"], "answer": entry["answer"]}
     example = transform(record, np.random.default_rng(0))
     if isinstance(example, transforms.Dropped):
       raise ValueError(f"VQA question {entry} was dropped ({example.reason}).")
-    kind = entry["type"]
     examples.append(example)
     types.append(kind)
     candidates.append(first_ids[kind] + [-1] * (width - len(first_ids[kind])))
-    answers.append(list(synthetic_droid.QUESTION_TYPES[kind]).index(entry["answer"]))
+    answers.append(list(question_types[kind]).index(entry["answer"]))
   return VqaSet(_stack(examples), types, np.array(candidates, np.int32), np.array(answers))
 
 
@@ -392,10 +405,9 @@ class Probes:
       "ce_no_fast": float(r["ce_no_fast"].mean()),
       "fast_mass": float(r["fast_mass"].mean()),
     }
-    for kind in synthetic_droid.QUESTION_TYPES:
+    for kind in dict.fromkeys(vqa.types):  # the set's own types, in first-seen order
       rows = np.array([t == kind for t in vqa.types])
-      if rows.any():
-        result[f"accuracy/{kind}"] = float(correct[rows].mean())
+      result[f"accuracy/{kind}"] = float(correct[rows].mean())
     return result
 
   def vqa_metrics(self, params, *, blind: bool = False) -> dict[str, float]:

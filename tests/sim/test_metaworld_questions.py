@@ -9,8 +9,11 @@ import json
 import numpy as np
 import pytest
 
-from ki.sim import metaworld, metaworld_demos, metaworld_questions
-from ki.tokenizers import prompt
+from experiments import metaworld_ki
+from ki.ablation import probes
+from ki.sim import metaworld_questions
+from ki.train import setup as setup_lib
+from ki.train import trainer as trainer_lib
 
 pytestmark = pytest.mark.xdist_group("metaworld")
 
@@ -80,17 +83,34 @@ def test_the_set_does_not_depend_on_the_number_of_workers(question_set, tmp_path
     assert (root / relative).read_bytes() == (again / relative).read_bytes(), relative
 
 
-def test_answers_of_a_type_start_with_distinct_tokens(tmp_path):
-  """What ki.ablation.probes scores: the first token of each candidate answer, under the
-  tokenizer the Meta-World assets train (demo prompts + these questions)."""
-  texts = metaworld_demos.tokenizer_texts(metaworld.INSTRUCTIONS[t] for t in metaworld.MT10)
-  model = prompt.build_sentencepiece_model(
-    texts, tmp_path / "tokenizer.model", text_vocab_size=metaworld_demos.TEXT_VOCAB_SIZE
+def test_the_ablation_scores_the_questions_with_the_demos_tokenizer(
+  question_set, demos, monkeypatch, tmp_path
+):
+  """What ki.ablation.probes scores: each question's candidates by their first token, under the
+  tokenizer the Meta-World assets train (demo prompts + these questions); vqa_set refuses answers
+  of a type sharing a first token, and a question of a type it was not given."""
+  root, _ = question_set
+  monkeypatch.setenv("KI_METAWORLD", str(demos[0]))
+  config = metaworld_ki.get_config("smoke")
+  model_config = setup_lib.training_model(config)
+  tokenizer = trainer_lib.build_tokenizer(config, model_config)
+  manifest = root / "heldout.jsonl"
+  lines = _lines(manifest)
+  vqa = probes.vqa_set(
+    str(manifest),
+    tokenizer,
+    model_config,
+    limit=len(lines),
+    question_types=metaworld_questions.QUESTION_TYPES,
   )
-  tokenizer = prompt.PromptTokenizer(model)
-  for kind, words in metaworld_questions.QUESTION_TYPES.items():
-    first = [tokenizer.encode(word)[0] for word in words]
-    assert len(set(first)) == len(words), (kind, [tokenizer.id_to_piece(i) for i in first])
+  assert vqa.types == [line["type"] for line in lines]
+  for kind, candidates, answer in zip(vqa.types, vqa.candidates, vqa.answer):
+    words = metaworld_questions.QUESTION_TYPES[kind]
+    ids = candidates[candidates >= 0]
+    assert len(ids) == len(words) == len(set(ids.tolist())), kind
+    assert 0 <= answer < len(words)
+  with pytest.raises(ValueError, match="not one of"):
+    probes.vqa_set(str(manifest), tokenizer, model_config, limit=len(lines))
 
 
 def test_left_and_right_are_the_images(question_set):
