@@ -38,8 +38,11 @@ def _train(**overrides):
   return init, vlm(state.params), norms, config.optimizer.clip_norm
 
 
+# The global-clip run is tests/train/test_step.py's 1-device step (the same config): in one
+# process, whichever test runs second reads it from the persistent compilation cache.
+@pytest.mark.xdist_group("tiny_step_1_device")
 @pytest.mark.slow  # three tiny train steps to compile: 50 s cold on 2 cores at load 5-6
-def test_ki_vlm_is_the_token_only_vlm_exactly_with_per_group_clipping():
+def test_ki_vlm_is_the_token_only_vlm_exactly_with_per_group_clipping(compilation_cache):
   # The token-only run's expert gets no gradient (no flow loss, and the token loss never reaches
   # the expert), so its global norm is its VLM's: one run is the reference for both clips.
   init, token_only, token_norms, clip_norm = _train(**{"loss.flow_weight": 0.0})

@@ -175,6 +175,9 @@ def _run_tiny(mesh_config, devices, steps=2):
   return losses, state
 
 
+# tests/train/test_clip_insulation.py's global-clip run is this 1-device step: in one process, the
+# second compile is a read from the persistent compilation cache.
+@pytest.mark.xdist_group("tiny_step_1_device")
 @pytest.mark.slow
 def test_fsdp_on_8_devices_gives_the_same_losses_as_1_device(compilation_cache):
   single, _ = _run_tiny((("data", 1), ("fsdp", 1)), jax.devices()[:1])
