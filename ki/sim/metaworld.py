@@ -19,6 +19,7 @@ EGL (Debian: libegl1 libegl-mesa0 libgl1-mesa-dri) or OSMesa (libosmesa6), chose
 """
 
 import dataclasses
+import multiprocessing.util
 import os
 import subprocess
 import sys
@@ -352,3 +353,28 @@ def describe() -> dict[str, Any]:
 
     version = metadata.version("metaworld")
   return {"metaworld": version, "mujoco": mujoco.__version__, "MUJOCO_GL": _gl_backend()}
+
+
+# Pool workers (metaworld_demos, metaworld_questions): one Env per (task, seed, image size) in each
+# worker process, closed when the worker exits. Never used in a process that runs JAX.
+_WORKER_ENVS: dict[tuple, Env] = {}
+
+
+def worker_env(task: str, seed: int, image_size: int | None) -> Env:
+  """This worker process's Env for (task, seed, image_size), made on first use."""
+  key = (task, seed, image_size)
+  if key not in _WORKER_ENVS:
+    _WORKER_ENVS[key] = Env(task, seed=seed, image_size=image_size)
+  return _WORKER_ENVS[key]
+
+
+def _close_worker_envs() -> None:
+  for env in _WORKER_ENVS.values():
+    env.close()  # EGL complains at exit about renderers left open
+  _WORKER_ENVS.clear()
+
+
+def init_worker() -> None:
+  """multiprocessing.Pool initializer for rendering workers."""
+  os.environ.setdefault("LP_NUM_THREADS", "1")  # one llvmpipe thread per worker process
+  multiprocessing.util.Finalize(None, _close_worker_envs, exitpriority=10)

@@ -57,19 +57,9 @@ class EpisodeSpec:
   max_steps: int
 
 
-_ENVS: dict[tuple, metaworld.Env] = {}  # per worker process
-
-
-def _env(task: str, seed: int, image_size: int | None) -> metaworld.Env:
-  key = (task, seed, image_size)
-  if key not in _ENVS:
-    _ENVS[key] = metaworld.Env(task, seed=seed, image_size=image_size)
-  return _ENVS[key]
-
-
 def run_expert(spec: EpisodeSpec) -> tuple[np.ndarray, bool]:
   """The expert's clipped actions [T, 4] up to its first success (or the step limit), unrendered."""
-  env = _env(spec.task, spec.seed, None)
+  env = metaworld.worker_env(spec.task, spec.seed, None)
   policy = metaworld.expert(spec.task)
   observation = env.reset(spec.configuration)
   actions = []
@@ -85,7 +75,7 @@ def run_expert(spec: EpisodeSpec) -> tuple[np.ndarray, bool]:
 def replay(spec: EpisodeSpec, actions: np.ndarray) -> dict[str, np.ndarray] | None:
   """Replays `actions` with rendering: frame t is what was seen before action t. None when the
   replay does not succeed at the last action (it must: the simulator is deterministic)."""
-  env = _env(spec.task, spec.seed, spec.image_size)
+  env = metaworld.worker_env(spec.task, spec.seed, spec.image_size)
   observation = env.reset(spec.configuration)
   frames: dict[str, list] = {IMAGE_KEY: [], STATE_KEY: [], ENVIRONMENT_STATE_KEY: []}
   successes = []
@@ -110,17 +100,6 @@ def _episode(spec: EpisodeSpec) -> tuple[EpisodeSpec, str, dict | None]:
     return spec, "expert_failed", None
   episode = replay(spec, actions)
   return spec, ("kept" if episode is not None else "replay_mismatch"), episode
-
-
-def _close_envs() -> None:
-  for env in _ENVS.values():
-    env.close()  # EGL complains at exit about renderers left open
-  _ENVS.clear()
-
-
-def _init_worker() -> None:
-  os.environ.setdefault("LP_NUM_THREADS", "1")  # one llvmpipe thread per worker process
-  multiprocessing.util.Finalize(None, _close_envs, exitpriority=10)
 
 
 def generate(
@@ -160,7 +139,7 @@ def generate(
   }
   context = multiprocessing.get_context("spawn")
   bar = tqdm.tqdm(total=len(tasks) * episodes_per_task, disable=not progress, unit="episode")
-  with context.Pool(max(1, workers), initializer=_init_worker) as pool:
+  with context.Pool(max(1, workers), initializer=metaworld.init_worker) as pool:
     for task in tasks:
       attempt = 0
       while summary[task]["kept"] < episodes_per_task and attempt < 3 * episodes_per_task:

@@ -134,26 +134,6 @@ def corpus_texts() -> list[str]:
 # ----------------------------------------------------------------------------- simulator side
 # What follows runs in worker processes that never import JAX (`scenes` starts them).
 
-_ENVS: dict[tuple, metaworld.Env] = {}  # per worker process
-
-
-def _env(task: str, seed: int, image_size: int) -> metaworld.Env:
-  key = (task, seed, image_size)
-  if key not in _ENVS:
-    _ENVS[key] = metaworld.Env(task, seed=seed, image_size=image_size)
-  return _ENVS[key]
-
-
-def _close_envs() -> None:
-  for env in _ENVS.values():
-    env.close()  # EGL complains at exit about renderers left open
-  _ENVS.clear()
-
-
-def _init_worker() -> None:
-  os.environ.setdefault("LP_NUM_THREADS", "1")  # one llvmpipe thread per worker process
-  multiprocessing.util.Finalize(None, _close_envs, exitpriority=10)
-
 
 def _render(env: metaworld.Env) -> np.ndarray:
   """The current state through Env's camera and flip, uint8 [S, S, 3]."""
@@ -274,7 +254,7 @@ def sample_scene(seed: int, index: int, image_size: int = 128, tasks=metaworld.M
     if want_open:
       low, high = joint.open_above + 0.3 * (joint.open_max - joint.open_above), joint.open_max
     magnitude = rng.uniform(low, high)
-  env = _env(task, seed, image_size)
+  env = metaworld.worker_env(task, seed, image_size)
   raw = env._env  # pylint: disable=protected-access
   # The hand may push a drawer shut or end on the other side of the object: try again (new hand
   # target, same everything else) until the state says what the coins asked for, so answers stay
@@ -373,7 +353,7 @@ def scenes(
   jobs = [(seed, index, image_size, tuple(tasks)) for index in range(num_scenes)]
   context = multiprocessing.get_context("spawn")
   with (
-    context.Pool(max(1, workers), initializer=_init_worker) as pool,
+    context.Pool(max(1, workers), initializer=metaworld.init_worker) as pool,
     tqdm.tqdm(total=num_scenes, disable=not progress, unit="scene") as bar,
   ):
     for scene in pool.imap(_scene_job, jobs, chunksize=4):
